@@ -1,0 +1,22 @@
+# The README's commands. `make digits` trains the bundled default and writes samples; `make test` runs the tests.
+# Both create the virtual environment .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+WORKDIR ?= runs/digits
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: digits test venv
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+digits: $(VENV)/.installed
+	$(VENV)/bin/python -m flowar_jax train --config configs/digits.py --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest tests -q -n 2 --durations=10

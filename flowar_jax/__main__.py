@@ -1,0 +1,3 @@
+from flowar_jax.cli import run
+
+run()

@@ -1,0 +1,93 @@
+"""`sample`: class-conditional samples from a trained (or converted) FlowAR checkpoint."""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from flowar_jax.config import config_from_dict
+from flowar_jax.models.vae import decode_from_latents
+from flowar_jax.sampling.images import write_samples
+from flowar_jax.sampling.sampler import Sampler, SamplingSettings
+from flowar_jax.training.builders import build_flowar, load_params
+from flowar_jax.training.flowar_stage import stored_latent_scale
+from flowar_jax.training.checkpointing import Checkpointer
+from flowar_jax.training.progress import Progress
+from flowar_jax.training.vae_stage import load_vae
+from flowar_jax.training.workdir import checkpoint_dir
+
+
+def stored_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved with the latest FlowAR checkpoint in WORKDIR."""
+  directory = checkpoint_dir(workdir)
+  checkpointer = Checkpointer(directory)
+  try:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"no FlowAR checkpoint in {directory!r}: train one first, or give --config")
+    config = checkpointer.restore_config()
+  finally:
+    checkpointer.close()
+  if config is None:
+    raise FileNotFoundError(f"the checkpoint in {directory!r} stores no config: pass --config")
+  return config_from_dict(config.to_dict())
+
+
+def class_labels(num_samples: int, num_classes: int, labels: list[int] | None = None) -> np.ndarray:
+  """`labels` repeated to `num_samples`, or every class in turn (equal counts per class)."""
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  pool = np.arange(num_classes) if not labels else np.asarray(labels, np.int64)
+  return np.resize(pool, num_samples).astype(np.int32)
+
+
+def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndarray, seed: int,
+             settings: SamplingSettings, batch_size: int, use_ema: bool = True) -> np.ndarray:
+  """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i)."""
+  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema)
+  vae = load_vae(config, workdir)
+  latent_scale = config.vae.latent_scale
+  if latent_scale <= 0:  # measured during training and stored with the checkpoint
+    latent_scale = stored_latent_scale(workdir)
+    if latent_scale is None:
+      raise ValueError("vae.latent_scale is 0 (measure it) but the checkpoint in WORKDIR stores no measured value")
+  decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
+  sampler = Sampler(flowar, settings, decode=decode, decoder_module=vae)
+  sampler.check_labels(labels)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  batch_size = min(batch_size, len(labels))
+  out = []
+  progress = Progress(len(labels), desc="sample")
+  for start in range(0, len(labels), batch_size):
+    chunk = labels[start:start + batch_size]
+    real = len(chunk)
+    chunk = np.resize(chunk, batch_size)  # pad the last batch so one program serves every batch
+    out.append(sampler(chunk, seed, first_index=start)[:real])
+    progress.update(start + real, {})
+  progress.close()
+  return np.concatenate(out)
+
+
+def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int, seed: int,
+                      settings: SamplingSettings, labels: list[int] | None = None, batch_size: int = 64,
+                      use_ema: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Samples and writes WORKDIR/samples/{samples.npz, grid*.png}; returns (images, labels)."""
+  label_array = class_labels(num_samples, config.model.num_classes, labels)
+  images = generate(config, workdir, labels=label_array, seed=seed, settings=settings,
+                    batch_size=batch_size, use_ema=use_ema)
+  if jax.process_index() == 0:
+    paths = write_samples(os.path.join(workdir, "samples"), images, label_array)
+    logging.info("wrote %s", ", ".join(paths))
+    print("wrote " + ", ".join(paths), flush=True)
+  return images, label_array
+
+
+def settings_from(config: ml_collections.ConfigDict, **overrides) -> SamplingSettings:
+  values = dict(cfg=config.sampling.cfg, guidance=config.sampling.guidance, num_steps=config.sampling.num_steps,
+                solver=config.sampling.solver)
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return SamplingSettings(**values)

@@ -1,0 +1,207 @@
+"""The config schema: every key flowar_jax reads, with its default, and the checks run before any compute.
+
+Config files in `configs/` start from `base_config()` and override values; the result is locked, so a
+misspelt key (in a file or a `--config.key=value` override) fails loudly instead of being ignored.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every preset (FlowAR-S on ImageNet 256 with MAR's KL-16 VAE)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 2048  # global, across all devices and hosts
+  c.num_train_steps = 250_000
+  c.checkpoint_every_steps = 5_000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 100
+  # Which stages `train` runs: 'vae', 'flowar', or 'both' (VAE first, then FlowAR on its latents).
+  c.stage = "flowar"
+  # Workdir (or checkpoint directory) of a trained VAE; '' means WORKDIR/vae.
+  c.vae_checkpoint = ""
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "imagenet"  # 'digits' | 'image_folder' | 'imagenet'
+  c.data.data_dir = ""  # image folder root, or tfds manual download dir for imagenet
+  c.data.image_size = 256
+  c.data.resize_size = 288  # shorter side before cropping; 0 means image_size
+  c.data.random_crop = True
+  c.data.random_flip = True
+  c.data.eval_fraction = 0.1  # held-out share for datasets without an eval split
+  c.data.num_workers = 0
+  c.data.cache_latents = False  # encode the train set once and train FlowAR on cached latents
+
+  c.vae = ml_collections.ConfigDict()
+  c.vae.in_channels = 3
+  c.vae.base_channels = 128
+  c.vae.channel_multipliers = (1, 1, 2, 2, 4)
+  c.vae.encoder_blocks = 2
+  c.vae.decoder_blocks = 3
+  c.vae.latent_channels = 16
+  c.vae.norm_groups = 32
+  c.vae.dropout = 0.0
+  c.vae.latent_scale = 0.2325  # latents = posterior * scale; 0 = measure 1 / std on the train set
+  c.vae.sample_posterior = True  # training latents: posterior sample (True) or mean (False)
+  c.vae.train = ml_collections.ConfigDict()
+  c.vae.train.batch_size = 64
+  c.vae.train.num_train_steps = 100_000
+  c.vae.train.learning_rate = 1e-4
+  c.vae.train.warmup_steps = 1_000
+  c.vae.train.kl_weight = 1e-6
+  c.vae.train.l1_weight = 1.0
+  c.vae.train.l2_weight = 0.0
+  c.vae.train.disc_weight = 0.0  # > 0 turns on the patch discriminator
+  c.vae.train.disc_start_step = 50_000
+  c.vae.train.disc_channels = 64
+  c.vae.train.disc_layers = 3
+
+  c.model = ml_collections.ConfigDict()
+  c.model.scales = (1, 2, 4, 8, 16)  # sides of each scale; the last is the latent side
+  c.model.width = 768
+  c.model.depth = 6  # blocks per stack (two stacks: encoder and decoder)
+  c.model.num_heads = 12
+  c.model.mlp_ratio = 4.0
+  c.model.num_classes = 1000
+  c.model.label_drop_prob = 0.1
+  c.model.attn_dropout = 0.1
+  c.model.proj_dropout = 0.1
+  c.model.head = ml_collections.ConfigDict()
+  c.model.head.variant = "v1"  # 'v1' (spatial adaLN) | 'v2' (with cross-attention)
+  c.model.head.depth = 2
+  c.model.head.width = 1024
+  c.model.head.head_dim = 64
+  c.model.head.mlp_ratio = 4.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.base_lr = 5e-5  # lr = base_lr * batch_size / 256
+  c.optimizer.min_lr = 1e-5
+  c.optimizer.warmup_steps = 62_500
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.02
+  c.optimizer.grad_clip = 3.0
+  c.optimizer.ema_decay = 0.9999
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.cfg = 4.3
+  c.sampling.guidance = 0.9  # guidance applies where t <= this
+  c.sampling.num_steps = 25
+  c.sampling.solver = "euler"  # 'euler' | 'heun'
+  c.sampling.num_samples = 64
+  c.sampling.batch_size = 64
+  c.sampling.use_ema = True
+  c.lock()  # existing keys can change; new (misspelt) ones raise
+  return c
+
+
+def vae_stride(config: ml_collections.ConfigDict) -> int:
+  return 2 ** (len(config.vae.channel_multipliers) - 1)
+
+
+def latent_side(config: ml_collections.ConfigDict) -> int:
+  return config.data.image_size // vae_stride(config)
+
+
+_CHOICES = {
+    "stage": ("vae", "flowar", "both"),
+    "data.name": ("digits", "image_folder", "imagenet"),
+    "model.head.variant": ("v1", "v2"),
+    "sampling.solver": ("euler", "heun"),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Checks that need more than types, before any compute. Errors name the offending key."""
+  flat = {k: v for k, v in _flatten(config)}
+  for key, choices in _CHOICES.items():
+    if flat[key] not in choices:
+      raise ValueError(f"config.{key} must be one of {choices}, got {flat[key]!r}")
+  for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints",
+              "vae.train.batch_size", "vae.train.num_train_steps", "model.width", "model.depth",
+              "model.num_heads", "model.num_classes", "model.head.width", "model.head.depth",
+              "model.head.head_dim", "data.image_size", "sampling.num_steps", "sampling.num_samples",
+              "sampling.batch_size", "vae.latent_channels", "vae.base_channels"):
+    if int(flat[key]) < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {flat[key]}")
+  stride = vae_stride(config)
+  if config.data.image_size % stride:
+    raise ValueError(f"config.data.image_size {config.data.image_size} is not divisible by the VAE stride "
+                     f"{stride} (2 ** (len(vae.channel_multipliers) - 1))")
+  side = latent_side(config)
+  scales = tuple(config.model.scales)
+  if not scales or scales[-1] != side:
+    raise ValueError(f"config.model.scales must end at the latent side {side} (data.image_size / VAE stride "
+                     f"= {config.data.image_size} / {stride}), got {scales}")
+  if list(scales) != sorted(set(scales)) or scales[0] < 1:
+    raise ValueError(f"config.model.scales must be strictly increasing positive sides, got {scales}")
+  if config.model.width % config.model.num_heads:
+    raise ValueError(f"config.model.num_heads {config.model.num_heads} does not divide config.model.width "
+                     f"{config.model.width}")
+  if (config.model.width // config.model.num_heads) % 4:
+    raise ValueError("config.model.width / num_heads (the head dim) must be divisible by 4 for 2D RoPE")
+  if config.model.head.width % config.model.head.head_dim or config.model.head.head_dim % 4:
+    raise ValueError(f"config.model.head.head_dim {config.model.head.head_dim} must divide "
+                     f"config.model.head.width {config.model.head.width} and be divisible by 4")
+  groups = config.vae.norm_groups
+  for mult in config.vae.channel_multipliers:
+    if (config.vae.base_channels * mult) % groups:
+      raise ValueError(f"config.vae.norm_groups {groups} does not divide the VAE width "
+                       f"{config.vae.base_channels * mult}")
+  for key in ("model.label_drop_prob", "model.attn_dropout", "model.proj_dropout", "data.eval_fraction",
+              "sampling.guidance", "optimizer.ema_decay"):
+    if not 0.0 <= flat[key] <= 1.0:
+      raise ValueError(f"config.{key} must lie in [0, 1], got {flat[key]}")
+  if config.sampling.cfg < 0:
+    raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
+  if config.vae.latent_scale < 0:
+    raise ValueError(f"config.vae.latent_scale must be > 0, or 0 to measure it, got {config.vae.latent_scale}")
+  for key in ("batch_size", "vae.train.batch_size"):
+    if flat[key] % num_devices:
+      raise ValueError(f"config.{key} {flat[key]} is not divisible by the {num_devices} devices")
+
+
+def _flatten(config, prefix=""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flatten(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a locked config from a plain dict (e.g. the JSON stored with a checkpoint).
+
+  Keys the schema doesn't know raise an error naming them; lists become tuples where the schema has tuples.
+  """
+  config = base_config()
+
+  def fill(target: ml_collections.ConfigDict, source: dict, prefix: str):
+    for key, value in source.items():
+      if key not in target:
+        raise KeyError(f"unknown config key {prefix + key!r}")
+      if isinstance(target[key], ml_collections.ConfigDict):
+        fill(target[key], value, f"{prefix}{key}.")
+      elif isinstance(target[key], tuple):
+        target[key] = tuple(value)
+      else:
+        target[key] = type(target[key])(value) if target[key] is not None else value
+
+  fill(config, values, "")
+  return config
+
+
+def imagenet_preset(*, width: int, depth: int, num_heads: int, head_variant: str, head_depth: int,
+                    head_width: int, cfg: float, guidance: float, num_steps: int) -> ml_collections.ConfigDict:
+  """A FlowAR size on ImageNet 256 with the official recipe (400 epochs at batch 2048, 100 warmup)."""
+  c = base_config()
+  steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.batch_size
+  c.num_train_steps = 400 * steps_per_epoch
+  c.optimizer.warmup_steps = 100 * steps_per_epoch
+  c.model.width, c.model.depth, c.model.num_heads = width, depth, num_heads
+  c.model.head.variant, c.model.head.depth, c.model.head.width = head_variant, head_depth, head_width
+  c.sampling.cfg, c.sampling.guidance, c.sampling.num_steps = cfg, guidance, num_steps
+  return c

@@ -1,0 +1,122 @@
+"""The FlowAR backbone: two stacks of adaLN transformer blocks over all scales, scale-causal attention.
+
+Sequence: token 0 is the class embedding (the 1x1 scale's input); the tokens of scale k >= 1 are the
+projected inputs built from scale k - 1 (see `flowar_jax.scales.pyramid`). The output z holds one
+D-vector per token that conditions the flow head of that token's scale.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from flowar_jax.models.attention import SelfAttention, dot_product_attention
+from flowar_jax.models.layers import GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm, split_rng
+from flowar_jax.models.rope import sequence_rope_tables
+from flowar_jax.scales import ScaleSchedule
+
+KVCache = tuple[jax.Array, jax.Array]  # keys, values [B, N_seen, H, Dh]
+
+
+class BackboneBlock(nnx.Module):
+  """x += g1 * Attn(norm(x) * (1 + s1) + b1); x += g2 * MLP(norm(x) * (1 + s2) + b2), adaLN from the class."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_dropout: float, proj_dropout: float,
+               *, rngs: nnx.Rngs):
+    self.attn = SelfAttention(dim, num_heads, qkv_bias=True, attn_dropout=attn_dropout,
+                              proj_dropout=proj_dropout, rngs=rngs)
+    self.mlp = GatedMLP(dim, mlp_hidden(dim, mlp_ratio), dropout_rate=proj_dropout, rngs=rngs)
+    self.ada_lin = linear(dim, 6 * dim, rngs=rngs)
+
+  def _modulation(self, cond: jax.Array) -> list[jax.Array]:
+    """cond `[B, D]` -> gamma1, gamma2, scale1, scale2, shift1, shift2, each `[B, 1, D]`."""
+    mod = self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
+    return [mod[:, :, i] for i in range(6)]
+
+  def __call__(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced pass. x `[B, L, D]`, cond `[B, D]`, mask `[L, L]` -> `[B, L, D]`."""
+    r_attn, r_mlp = split_rng(rng, 2)
+    g1, g2, s1, s2, b1, b2 = self._modulation(cond)
+    x = x + self.attn(modulate(rms_norm(x), b1, s1), cos, sin, mask, r_attn) * g1
+    return x + self.mlp(modulate(rms_norm(x), b2, s2), r_mlp) * g2
+
+  def cached_step(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array,
+                  cache: KVCache | None) -> tuple[jax.Array, KVCache]:
+    """One scale with a KV cache: x `[B, n, D]` attends to every cached token and to its own scale."""
+    g1, g2, s1, s2, b1, b2 = self._modulation(cond)
+    q, k, v = self.attn.project_qkv(modulate(rms_norm(x), b1, s1), cos, sin)
+    if cache is not None:
+      k = jnp.concatenate([cache[0], k], axis=1)
+      v = jnp.concatenate([cache[1], v], axis=1)
+    x = x + self.attn.output(dot_product_attention(q, k, v), None) * g1
+    x = x + self.mlp(modulate(rms_norm(x), b2, s2)) * g2
+    return x, (k, v)
+
+
+class Backbone(nnx.Module):
+  """x + pos_enc -> RMSNorm -> encoder blocks -> RMSNorm -> Linear + pos_dec -> decoder blocks -> RMSNorm + pos_diff."""
+
+  def __init__(self, config: ml_collections.ConfigDict, latent_channels: int, *, rngs: nnx.Rngs):
+    """`config` is `config.model`; the last of `config.scales` is the latent side."""
+    self.schedule = ScaleSchedule(tuple(config.scales))
+    dim, length = config.width, self.schedule.num_tokens
+    self.num_classes = config.num_classes
+    self.num_heads = config.num_heads
+    embed_init = nnx.initializers.normal(0.02)
+    # One extra row: the null class used for label dropout and the unconditional branch of CFG.
+    self.class_emb = nnx.Embed(config.num_classes + 1, dim, embedding_init=embed_init, rngs=rngs)
+    self.z_proj = linear(latent_channels, dim, rngs=rngs)
+    self.z_proj_ln = RMSNorm(dim)
+    self.encoder_pos_embed_learned = nnx.Param(embed_init(rngs.params(), (1, length, dim)))
+    self.decoder_pos_embed_learned = nnx.Param(embed_init(rngs.params(), (1, length, dim)))
+    self.diffusion_pos_embed_learned = nnx.Param(embed_init(rngs.params(), (1, length, dim)))
+
+    def stack():
+      return nnx.List([BackboneBlock(dim, config.num_heads, config.mlp_ratio, config.attn_dropout,
+                                     config.proj_dropout, rngs=rngs) for _ in range(config.depth)])
+
+    self.encoder_blocks = stack()
+    self.encoder_norm = RMSNorm(dim)
+    self.decoder_embed = linear(dim, dim, rngs=rngs)
+    self.decoder_blocks = stack()
+    self.decoder_norm = RMSNorm(dim)
+
+  def _rope(self) -> tuple[jax.Array, jax.Array]:
+    head_dim = self.encoder_pos_embed_learned.shape[-1] // self.num_heads
+    return sequence_rope_tables(self.schedule.sides, self.schedule.latent_side, head_dim)
+
+  def embed_inputs(self, class_embedding: jax.Array, scale_inputs: jax.Array) -> jax.Array:
+    """class_embedding `[B, D]`, scale_inputs `[B, L - 1, C]` -> tokens `[B, L, D]`."""
+    return jnp.concatenate([class_embedding[:, None], self.z_proj(scale_inputs)], axis=1)
+
+  def __call__(self, class_embedding: jax.Array, scale_inputs: jax.Array,
+               rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced pass over all scales: -> z `[B, L, D]`. Dropout is on when `rng` is given."""
+    cos, sin = self._rope()
+    mask = self.schedule.visibility()
+    rngs = split_rng(rng, len(self.encoder_blocks) + len(self.decoder_blocks))
+    x = self.embed_inputs(class_embedding, scale_inputs)
+    x = self.z_proj_ln(x + self.encoder_pos_embed_learned[...])
+    for block, r in zip(self.encoder_blocks, rngs):
+      x = block(x, class_embedding, cos, sin, mask, r)
+    x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[...]
+    for block, r in zip(self.decoder_blocks, rngs[len(self.encoder_blocks):]):
+      x = block(x, class_embedding, cos, sin, mask, r)
+    return self.decoder_norm(x) + self.diffusion_pos_embed_learned[...]
+
+  def cached_step(self, k: int, tokens: jax.Array, class_embedding: jax.Array,
+                  caches: list[KVCache] | None) -> tuple[jax.Array, list[KVCache]]:
+    """Scale k of the KV-cached pass. tokens `[B, side_k**2, D]` (already embedded) -> z_k `[B, side_k**2, D]`."""
+    start, end = self.schedule.offsets[k], self.schedule.offsets[k + 1]
+    cos, sin = (t[start:end] for t in self._rope())
+    new_caches = []
+    blocks = list(self.encoder_blocks) + list(self.decoder_blocks)
+    x = self.z_proj_ln(tokens + self.encoder_pos_embed_learned[:, start:end])
+    for i, block in enumerate(blocks):
+      if i == len(self.encoder_blocks):
+        x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:, start:end]
+      x, cache = block.cached_step(x, class_embedding, cos, sin, None if caches is None else caches[i])
+      new_caches.append(cache)
+    return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, start:end], new_caches

@@ -1,0 +1,125 @@
+"""The flow-matching head: a small transformer over one scale's tokens that predicts the velocity
+v = eps - y at time t from x_t and the backbone's z. One set of weights serves every scale.
+
+Variant 'v1' (FlowAR-S): per-token adaLN from SiLU(t_emb + c). Variant 'v2' (FlowAR-L/H): self-attention
+modulated by t_emb only, cross-attention to the raw z, MLP modulated per token by SiLU(c + t_emb).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from flowar_jax.models.attention import CrossAttention, SelfAttention
+from flowar_jax.models.layers import GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm
+from flowar_jax.models.rope import rope_tables
+
+TIME_FREQUENCY_DIM = 256
+
+
+def timestep_frequencies(t: jax.Array, dim: int = TIME_FREQUENCY_DIM, max_period: float = 10000.0) -> jax.Array:
+  """t `[B]` in [0, 1] -> `[B, dim]` [cos | sin] of the integer timestep int(1000 t), as the official head."""
+  steps = jnp.floor(t.astype(jnp.float32) * 1000.0)
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = steps[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nnx.Module):
+  def __init__(self, width: int, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.02)
+    self.mlp = nnx.List([linear(TIME_FREQUENCY_DIM, width, rngs=rngs, kernel_init=init),
+                         linear(width, width, rngs=rngs, kernel_init=init)])
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    """t `[B]` -> `[B, W]`."""
+    return self.mlp[1](jax.nn.silu(self.mlp[0](timestep_frequencies(t))))
+
+
+class HeadBlockV1(nnx.Module):
+  def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs):
+    self.attn = SelfAttention(width, num_heads, qkv_bias=False, rngs=rngs)
+    self.mlp = GatedMLP(width, mlp_hidden(width, mlp_ratio), rngs=rngs)
+    self.ada_lin = linear(width, 6 * width, rngs=rngs)
+
+  def __call__(self, x, t_emb, c, z, cos, sin):
+    """x, c `[B, N, W]`, t_emb `[B, 1, W]`, z unused -> `[B, N, W]`."""
+    b, n, _ = x.shape
+    mod = self.ada_lin(jax.nn.silu(t_emb + c)).reshape(b, n, 6, -1)
+    g1, g2, s1, s2, b1, b2 = (mod[:, :, i] for i in range(6))
+    x = x + self.attn(modulate(rms_norm(x), b1, s1), cos, sin) * g1
+    return x + self.mlp(modulate(rms_norm(x), b2, s2)) * g2
+
+
+class HeadBlockV2(nnx.Module):
+  def __init__(self, width: int, cond_dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs):
+    self.attn = SelfAttention(width, num_heads, qkv_bias=False, rngs=rngs)
+    self.crossattn = CrossAttention(width, cond_dim, num_heads, rngs=rngs)
+    self.norm2_1 = RMSNorm(width)
+    self.norm2_2 = RMSNorm(cond_dim)
+    self.mlp = GatedMLP(width, mlp_hidden(width, mlp_ratio), rngs=rngs)
+    self.ada_lin_attn = linear(width, 3 * width, rngs=rngs)
+    self.ada_lin_mlp = linear(width, 3 * width, rngs=rngs)
+
+  def __call__(self, x, t_emb, c, z, cos, sin):
+    """x, c `[B, N, W]`, t_emb `[B, 1, W]`, z `[B, N, D]` -> `[B, N, W]`."""
+    b, n, _ = x.shape
+    mod_attn = self.ada_lin_attn(jax.nn.silu(t_emb)).reshape(b, 1, 3, -1)
+    mod_mlp = self.ada_lin_mlp(jax.nn.silu(c + t_emb)).reshape(b, n, 3, -1)
+    g1, s1, b1 = (mod_attn[:, :, i] for i in range(3))
+    g2, s2, b2 = (mod_mlp[:, :, i] for i in range(3))
+    x = x + self.attn(modulate(rms_norm(x), b1, s1), cos, sin) * g1
+    x = x + self.crossattn(self.norm2_1(x), self.norm2_2(z), cos, sin)
+    return x + self.mlp(modulate(rms_norm(x), b2, s2)) * g2
+
+
+class FinalLayer(nnx.Module):
+  def __init__(self, width: int, out_channels: int, *, rngs: nnx.Rngs):
+    self.linear = linear(width, out_channels, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
+    self.adaLN_modulation = linear(width, 2 * width, rngs=rngs)  # pylint: disable=invalid-name
+
+  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(cond)), 2, axis=-1)
+    return self.linear(modulate(rms_norm(x), shift, scale))
+
+
+class FlowHead(nnx.Module):
+  """Velocity field v(x_t, t | z) for the tokens of one scale."""
+
+  def __init__(self, config: ml_collections.ConfigDict, cond_dim: int, latent_channels: int, rope_grid: int,
+               *, rngs: nnx.Rngs):
+    """`config` is `config.model.head`; `cond_dim` the backbone width; `rope_grid` the latent side."""
+    width = config.width
+    if width % config.head_dim:
+      raise ValueError(f"model.head.width {width} is not divisible by model.head.head_dim {config.head_dim}")
+    num_heads = width // config.head_dim
+    self.rope_grid = rope_grid
+    self.head_dim = config.head_dim
+    self.time_embed = TimestepEmbedder(width, rngs=rngs)
+    self.cond_embed = linear(cond_dim, width, rngs=rngs)
+    self.input_proj = linear(latent_channels, width, rngs=rngs)
+    if config.variant == "v1":
+      blocks = [HeadBlockV1(width, num_heads, config.mlp_ratio, rngs=rngs) for _ in range(config.depth)]
+    elif config.variant == "v2":
+      blocks = [HeadBlockV2(width, cond_dim, num_heads, config.mlp_ratio, rngs=rngs) for _ in range(config.depth)]
+    else:
+      raise ValueError(f"model.head.variant must be 'v1' or 'v2', got {config.variant!r}")
+    self.res_blocks = nnx.List(blocks)
+    self.final_layer = FinalLayer(width, latent_channels, rngs=rngs)
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:
+    """x_t `[B, s*s, C]`, t `[B]`, z `[B, s*s, D]` -> velocity `[B, s*s, C]` (tokens of one s x s scale)."""
+    side = math.isqrt(x_t.shape[1])
+    if side * side != x_t.shape[1]:
+      raise ValueError(f"the flow head takes the s*s tokens of one scale, got {x_t.shape[1]} tokens")
+    cos, sin = rope_tables(side, self.rope_grid, self.head_dim)
+    x = self.input_proj(x_t)
+    t_emb = self.time_embed(t)[:, None]
+    c = self.cond_embed(z)
+    for block in self.res_blocks:
+      x = block(x, t_emb, c, z, cos, sin)
+    return self.final_layer(x, c + t_emb)

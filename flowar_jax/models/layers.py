@@ -1,0 +1,73 @@
+"""Small layers shared by the backbone and the flow head, matching the official computation."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+XAVIER = nnx.initializers.xavier_uniform()
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, bias: bool = True,
+           kernel_init=XAVIER) -> nnx.Linear:
+  """Linear layer with the official init: xavier-uniform kernel `[in, out]`, zero bias."""
+  return nnx.Linear(in_features, out_features, use_bias=bias, kernel_init=kernel_init,
+                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """RMS normalisation over the last axis, computed in float32 and cast back (as the official code)."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned per-channel weight (initialised to one)."""
+
+  def __init__(self, dim: int, eps: float = 1e-6):
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.eps) * self.weight[...].astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when `rng` is None (evaluation) or `rate` is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+  """n independent keys, or n Nones in evaluation."""
+  if rng is None:
+    return [None] * n
+  return list(jax.random.split(rng, n))
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1 + scale) + shift
+
+
+class GatedMLP(nnx.Module):
+  """Gated-GELU MLP (timm's SwiGLU with exact GELU): fc2(gelu(fc1_g x) * fc1_x x), biases on."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0):
+    self.fc1_g = linear(dim, hidden, rngs=rngs)
+    self.fc1_x = linear(dim, hidden, rngs=rngs)
+    self.fc2 = linear(hidden, dim, rngs=rngs)
+    self.dropout_rate = dropout_rate
+
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """[..., D] -> [..., D]."""
+    r1, r2 = split_rng(rng, 2)
+    h = jax.nn.gelu(self.fc1_g(x), approximate=False) * self.fc1_x(x)
+    h = dropout(h, self.dropout_rate, r1)
+    return dropout(self.fc2(h), self.dropout_rate, r2)
+
+
+def mlp_hidden(dim: int, mlp_ratio: float) -> int:
+  """Hidden width of the gated MLP: int(dim * ratio * 2 / 3), as the official blocks size it."""
+  return int(dim * mlp_ratio * 2 / 3.0)

@@ -1,0 +1,55 @@
+"""Writing samples: PNG grids and the `samples.npz` archive."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+GRID_MAX_IMAGES = 256
+
+
+def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+  """uint8 `[N, H, W, C]` -> one uint8 image `[rows * (H + pad) + pad, columns * (W + pad) + pad, C]`."""
+  n, h, w, c = images.shape
+  rows = math.ceil(n / columns)
+  grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+  return grid
+
+
+def grid_columns(labels: np.ndarray) -> int:
+  """One column per class when the labels cycle over at most 16 classes; else a square-ish grid."""
+  distinct = len(np.unique(labels))
+  if distinct <= 16 and len(labels) >= distinct:
+    return distinct
+  return max(1, min(16, math.ceil(math.sqrt(len(labels)))))
+
+
+def write_samples(directory: str, images: np.ndarray, labels: np.ndarray, upscale_to: int = 64) -> list[str]:
+  """Writes `samples.npz` (images uint8 [N, H, W, C], labels int [N]) and grids of at most 256 images.
+
+  Small images are enlarged (nearest neighbour) to at least `upscale_to` pixels so grids are viewable.
+  Returns the paths written.
+  """
+  os.makedirs(directory, exist_ok=True)
+  npz = os.path.join(directory, "samples.npz")
+  tmp = npz + ".tmp.npz"
+  np.savez(tmp, images=images, labels=np.asarray(labels, np.int64))
+  os.replace(tmp, npz)
+  paths = [npz]
+  factor = max(1, math.ceil(upscale_to / images.shape[1]))
+  columns = grid_columns(labels)
+  for start in range(0, len(images), GRID_MAX_IMAGES):
+    chunk = images[start:start + GRID_MAX_IMAGES]
+    if factor > 1:
+      chunk = chunk.repeat(factor, axis=1).repeat(factor, axis=2)
+    grid = make_grid(chunk, columns)
+    name = "grid.png" if len(images) <= GRID_MAX_IMAGES else f"grid_{start // GRID_MAX_IMAGES:03d}.png"
+    path = os.path.join(directory, name)
+    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
+    paths.append(path)
+  return paths

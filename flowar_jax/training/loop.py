@@ -1,0 +1,69 @@
+"""The training loop shared by the VAE and FlowAR stages: resume, step, log, checkpoint."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+import optax
+from absl import logging
+from flax import nnx
+
+from flowar_jax.training.checkpointing import Checkpointer
+from flowar_jax.training.metrics import MetricWriter
+from flowar_jax.training.progress import Progress
+from flowar_jax.training.state import LossFn, TrainState, init_train_state, make_train_step, split_params
+
+
+def create_or_restore(model_factory: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
+                      checkpointer: Checkpointer, data_iterator=None) -> tuple[nnx.GraphDef, TrainState]:
+  """Builds the state from the latest checkpoint when there is one (the iterator is restored too)."""
+  def init():
+    return init_train_state(model_factory(), tx, seed)
+
+  graphdef, _ = split_params(nnx.eval_shape(model_factory))
+  if checkpointer.latest_step() is not None:
+    abstract = jax.eval_shape(init)
+    state = checkpointer.restore(abstract, data_iterator=data_iterator)
+    logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
+    return graphdef, state
+  return graphdef, jax.jit(init)()
+
+
+def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
+          tx: optax.GradientTransformation, schedule: optax.Schedule, ema_decay: float,
+          data_iterator: Iterator[dict], num_steps: int, config: ml_collections.ConfigDict,
+          seed: int, checkpoint_every: int, keep: int, log_every: int, context: Any = None,
+          batch_to_device: Callable[[dict], dict] = lambda b: b, desc: str = "train",
+          on_checkpoint: Callable[[int, TrainState], None] | None = None) -> tuple[nnx.GraphDef, TrainState]:
+  """Trains to `num_steps` (resuming from `workdir/checkpoints`) and returns (graphdef, final state)."""
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
+  graphdef, state = create_or_restore(model_factory, tx, seed, checkpointer, data_iterator)
+  start = int(state.step)
+  if start >= num_steps:
+    logging.info("%s: already trained to step %d", desc, start)
+    checkpointer.close()
+    return graphdef, state
+  step_fn = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule)
+  writer = MetricWriter(workdir)
+  progress = Progress(num_steps, initial=start, desc=desc)
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = batch_to_device(next(data_iterator))
+      state, metrics = step_fn(state, batch, context)
+      if step % log_every == 0 or step == num_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        writer.write_scalars(step, scalars)
+        progress.update(step, scalars)
+      if step % checkpoint_every == 0 or step == num_steps:
+        checkpointer.save(step, state, data_iterator=data_iterator, config=config)
+        if on_checkpoint is not None:
+          on_checkpoint(step, state)
+  finally:
+    progress.close()
+    writer.close()
+    checkpointer.wait()
+    checkpointer.close()
+  return graphdef, state

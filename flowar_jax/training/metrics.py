@@ -1,0 +1,135 @@
+"""Metric logging for training runs: JSON lines always, TensorBoard when its backend is installed.
+
+Every `write_*` call appends one JSON object to WORKDIR/metrics.jsonl, e.g.
+`{"step": 100, "loss": 0.41, "learning_rate": 0.0001}`, flushed at once so the file survives a crash
+and can be tailed or loaded with `pandas.read_json(path, lines=True)`. Non-finite values are written
+as NaN / Infinity (Python's json reads them back).
+
+TensorBoard event files (WORKDIR/tensorboard/) come through clu's SummaryWriter, which needs
+tensorflow (the `tensorboard` extra: `pip install tensorflow-cpu`); clu's other backend needs torch.
+Without either, the writer keeps to JSON lines and image PNGs. Only process 0 writes anything, so
+multi-host runs don't race on the same files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from PIL import Image
+
+from flowar_jax.sampling.images import make_grid
+
+
+def _tensorboard_writer(logdir: str):
+  """clu's TensorBoard writer, or None when tensorflow is not installed."""
+  try:
+    from clu import metric_writers  # imports tensorflow
+  except ImportError as error:
+    logging.info("TensorBoard logging off (%s); metrics go to metrics.jsonl", error)
+    return None
+  except Exception as error:  # a broken tensorflow install must not stop training
+    logging.warning("TensorBoard logging off, importing its backend failed: %r", error)
+    return None
+  return metric_writers.SummaryWriter(logdir)
+
+
+def _to_float(name: str, value: Any) -> float:
+  array = np.asarray(jax.device_get(value))
+  if array.size != 1:
+    raise ValueError(f"metric {name!r} must be a scalar, got shape {array.shape}")
+  scalar = array.reshape(())[()]
+  if jnp.issubdtype(array.dtype, jnp.floating) and array.dtype.itemsize < 8:
+    # The shortest decimal of the float32 value: 0.001, not 0.0010000000474974513.
+    return float(str(scalar))
+  return float(scalar)
+
+
+class MetricWriter:
+  """Writes scalars and images of a run to WORKDIR (metrics.jsonl, images/, tensorboard/); process 0 only."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, log_scalars: bool = False):
+    """Opens WORKDIR/metrics.jsonl for appending (on process 0; other processes touch nothing).
+
+    Args:
+      workdir: the run's directory (created if missing).
+      tensorboard: also write TensorBoard event files, when the backend is installed.
+      log_scalars: also log each scalar call through absl logging (the progress bar usually shows them).
+    """
+    self.workdir = workdir
+    self.active = jax.process_index() == 0
+    self._log_scalars = log_scalars
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = None
+    self._tensorboard = None
+    if not self.active:
+      return
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    self._file = epath.Path(self.path).open("a")  # a resumed run continues the same file
+    if tensorboard:
+      self._tensorboard = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+
+  def _append(self, record: dict) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes `{"step": step, name: float(value), ...}`; values may be python, numpy or jax scalars."""
+    if not self.active:
+      return
+    values = {name: _to_float(name, value) for name, value in scalars.items()}
+    self._append({"step": int(step), **values})
+    if self._tensorboard is not None:
+      self._tensorboard.write_scalars(int(step), values)
+    if self._log_scalars:
+      logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in values.items()))
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """Saves each uint8 `[N, H, W, C]` batch as one grid PNG (WORKDIR/images/NAME_STEP.png) and to TensorBoard.
+
+    The JSON line maps each name to its PNG's path relative to WORKDIR.
+    """
+    if not self.active:
+      return
+    image_dir = epath.Path(self.workdir) / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    record, batches = {"step": int(step)}, {}
+    for name, batch in images.items():
+      batch = np.asarray(jax.device_get(batch))
+      if batch.ndim != 4 or batch.dtype != np.uint8:
+        raise ValueError(f"images {name!r} must be uint8 [N, H, W, C], got {batch.dtype} {batch.shape}")
+      grid = make_grid(batch, columns=math.ceil(math.sqrt(len(batch))))
+      filename = f"{name.replace('/', '_')}_{int(step):08d}.png"
+      with (image_dir / filename).open("wb") as f:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")
+      record[name] = os.path.join("images", filename)
+      batches[name] = batch
+    self._append(record)
+    if self._tensorboard is not None:
+      self._tensorboard.write_images(int(step), batches)
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+    if self._tensorboard is not None:
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,60 @@
+"""The train state pytree and the one jitted train step that both stages (VAE, FlowAR) use."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# loss_fn(model, batch, rng, context, step) -> (scalar loss, metrics). `context` holds frozen arrays
+# (e.g. the VAE's params while FlowAR trains) passed as an argument so they aren't baked into the program.
+LossFn = Callable[[nnx.Module, dict, jax.Array, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []
+  params: Any  # nnx.State of nnx.Param
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array  # typed PRNG key
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+  """Module -> (graphdef, params). Every variable of flowar_jax's modules is a parameter."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"model holds non-parameter state, which training does not carry: {rest}")
+  return graphdef, params
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  _, params = split_params(model)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.key(seed))
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
+                    ema_decay: float, schedule: optax.Schedule | None = None):
+  """-> jitted `step(state, batch, context) -> (state, metrics)`, donating the old state."""
+
+  def step(state: TrainState, batch: dict, context: Any) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def compute(params):
+      return loss_fn(nnx.merge(graphdef, params), batch, rng, context, state.step)
+
+    (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    if schedule is not None:
+      metrics["learning_rate"] = schedule(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)

@@ -1,0 +1,31 @@
+"""Where each stage keeps its files inside a workdir, and how the VAE checkpoint is found.
+
+WORKDIR/vae/{checkpoints,metrics.jsonl}   the VAE stage
+WORKDIR/{checkpoints,metrics.jsonl}       the FlowAR stage
+WORKDIR/samples/                          sample grids and samples.npz
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+
+def checkpoint_dir(stage_dir: str) -> str:
+  return os.path.join(stage_dir, "checkpoints")
+
+
+def vae_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The VAE stage directory: `config.vae_checkpoint` if set, else WORKDIR/vae."""
+  return config.vae_checkpoint or os.path.join(workdir, "vae")
+
+
+def find_vae_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The directory holding the VAE's Orbax checkpoints; a clear error when there is none."""
+  root = vae_dir(config, workdir)
+  for candidate in (checkpoint_dir(root), root):
+    if os.path.isdir(candidate) and any(name.isdigit() for name in os.listdir(candidate)):
+      return candidate
+  raise FileNotFoundError(
+      f"no VAE checkpoint found at {root!r}: train one first (--config.stage=vae or both), or point "
+      f"--config.vae_checkpoint at a VAE workdir or checkpoint directory")

@@ -1,0 +1,33 @@
+"""Install flowar_jax: `pip install -e .` (CPU), `pip install -e .[test]`, `.[tpu]`, `.[gpu]`, `.[torch]`."""
+from setuptools import find_packages, setup
+
+setup(
+    name="flowar_jax",
+    version="0.1.0",
+    description="Next-scale autoregressive image generation with flow-matching heads (FlowAR) in JAX/Flax NNX.",
+    packages=find_packages(include=["flowar_jax", "flowar_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "ml-collections>=1.0",
+        "clu>=0.0.12",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "scikit-learn",
+        "tensorflow-datasets>=4.9",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+        "tensorboard": ["tensorflow-cpu"],
+        "torch": ["torch", "safetensors"],
+    },
+    entry_points={"console_scripts": ["flowar-jax=flowar_jax.cli:run"]},
+)
