@@ -14,7 +14,7 @@ def get_config():
   c.seed = 0
   c.stage = "both"
   c.batch_size = 64
-  c.num_train_steps = 2000
+  c.num_train_steps = 1600
   c.checkpoint_every_steps = 500
   c.log_every_steps = 100
 
@@ -34,7 +34,7 @@ def get_config():
   c.vae.norm_groups = 8
   c.vae.latent_scale = 0.0  # measured after the VAE stage: 1 / std of the train latents
   c.vae.train.batch_size = 64
-  c.vae.train.num_train_steps = 600
+  c.vae.train.num_train_steps = 500
   c.vae.train.learning_rate = 2e-3
   c.vae.train.warmup_steps = 100
   c.vae.train.kl_weight = 1e-4

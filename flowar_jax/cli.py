@@ -4,6 +4,7 @@ Commands: train, sample, summary.
 """
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -23,6 +24,13 @@ _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "sample: ODE solv
 _LABELS = flags.DEFINE_list("labels", None, "sample: class labels, repeated to num_samples (default: all).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "sample: images per compiled batch.")
 _USE_EMA = flags.DEFINE_boolean("use_ema", True, "sample: use the EMA weights.")
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops Orbax's routine warnings (e.g. 'directory is read only' when sampling); keeps its errors."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.ERROR or "orbax" not in record.pathname
 
 
 def _need(value, name: str):
@@ -50,7 +58,9 @@ def main(argv: list[str]) -> None:
                          f"(got {' '.join(argv[1:]) or 'no command'})")
   command = argv[1]
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax writes many) only on request: -v 0
+    # Library logs only on request (-v 0): Orbax alone writes dozens of lines per checkpoint.
+    logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
     if command == "summary":
       from flowar_jax.commands.summary import summarize
