@@ -1,6 +1,6 @@
 """Command line: `python -m flowar_jax COMMAND --config CONFIG[:ARG] [--config.key=value ...] --workdir DIR`.
 
-Commands: train, sample, summary.
+Commands: train, sample, summary, convert (official PyTorch weights -> WORKDIR).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "summary")
+COMMANDS = ("train", "sample", "summary", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/digits.py), with "
                                           "--config.key=value overrides.", lock_config=True)
@@ -23,7 +23,10 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "sample: CFG applies where t <=
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "sample: ODE solver.")
 _LABELS = flags.DEFINE_list("labels", None, "sample: class labels, repeated to num_samples (default: all).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "sample: images per compiled batch.")
-_USE_EMA = flags.DEFINE_boolean("use_ema", True, "sample: use the EMA weights.")
+_USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample: use the EMA weights (default: yes). convert: take the "
+                                 "file's EMA weights (default: when it holds them).")
+_FROM_TORCH = flags.DEFINE_string("from_torch", None, "convert: official FlowAR checkpoint (.pth, .safetensors, .npz).")
+_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "convert: MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz).")
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -68,6 +71,10 @@ def main(argv: list[str]) -> None:
     elif command == "train":
       from flowar_jax.commands import train
       train.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"))
+    elif command == "convert":
+      from flowar_jax.commands import convert
+      convert.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"),
+                  flowar_path=_need(_FROM_TORCH.value, "from_torch"), vae_path=_VAE_TORCH.value, use_ema=_USE_EMA.value)
     else:
       from flowar_jax.commands import sample
       workdir = _need(_WORKDIR.value, "workdir")
@@ -76,8 +83,9 @@ def main(argv: list[str]) -> None:
                                       guidance=_GUIDANCE.value, solver=_SOLVER.value)
       sample.sample_to_workdir(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.sampling.num_samples),
                                seed=_SEED.value, settings=settings, labels=_parse_labels(_LABELS.value),
-                               batch_size=_default(_BATCH.value, config.sampling.batch_size), use_ema=_USE_EMA.value)
-  except (ValueError, FileNotFoundError) as e:
+                               batch_size=_default(_BATCH.value, config.sampling.batch_size),
+                               use_ema=_default(_USE_EMA.value, True))
+  except (ValueError, FileNotFoundError, ImportError) as e:
     print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -49,14 +49,22 @@ class FlowAR(nnx.Module):
       dropped = jax.random.bernoulli(r_drop, self.label_drop_prob, labels.shape)
       labels = jnp.where(dropped, self.num_classes, labels)
     z, targets = self.teacher_forced_z(latents, labels, r_net if train else None)
+    times, noises = [], []
+    for k, y in enumerate(targets):
+      r_t, r_eps = jax.random.split(jax.random.fold_in(r_flow, k))
+      times.append(jax.random.uniform(r_t, (y.shape[0],), jnp.float32))
+      noises.append(jax.random.normal(r_eps, (y.shape[0], y.shape[1] * y.shape[2], y.shape[3]), y.dtype))
+    return self.flow_matching_loss(z, targets, times, noises)
+
+  def flow_matching_loss(self, z: jax.Array, targets: list[jax.Array], times: list[jax.Array],
+                         noises: list[jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss for given flow times and noise: z `[B, L, D]`, per scale k: targets `[B, s, s, C]`, times `[B]`,
+    noises `[B, s*s, C]` (x_t = (1 - t) y + t noise, velocity target noise - y)."""
     metrics = {}
     total = jnp.zeros((), jnp.float32)
     full = self.schedule.latent_side ** 2
-    for k, (y, z_k) in enumerate(zip(targets, self.schedule.split(z))):
+    for k, (y, z_k, t, eps) in enumerate(zip(targets, self.schedule.split(z), times, noises)):
       y = y.reshape(y.shape[0], -1, y.shape[-1])
-      r_t, r_eps = jax.random.split(jax.random.fold_in(r_flow, k))
-      t = jax.random.uniform(r_t, (y.shape[0],), jnp.float32)
-      eps = jax.random.normal(r_eps, y.shape, y.dtype)
       x_t = (1 - t[:, None, None]) * y + t[:, None, None] * eps
       pred = self.flownet(x_t, t, z_k)
       loss_k = jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - y).astype(jnp.float32)))

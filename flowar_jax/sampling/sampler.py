@@ -51,8 +51,12 @@ def sample_keys(seed: int, first_index: int, batch: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first_index, first_index + batch))
 
 
-def sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: SamplingSettings) -> jax.Array:
-  """labels `[B]`, keys `[B]` -> latents `[B, S, S, C]` (in the model's latent units)."""
+def sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: SamplingSettings,
+                   noise: list[jax.Array] | None = None) -> jax.Array:
+  """labels `[B]`, keys `[B]` -> latents `[B, S, S, C]` (in the model's latent units).
+
+  `noise`, when given, replaces the drawn starting noise: one `[B, s*s, C]` array per scale.
+  """
   schedule = model.schedule
   b, c = labels.shape[0], model.latent_channels
   use_cfg = settings.cfg != 1.0
@@ -66,10 +70,13 @@ def sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: 
   for k in range(schedule.num_scales):
     z, caches = model.backbone.cached_step(k, tokens, class_emb, caches)
     n = schedule.lengths[k]
-    noise = jax.vmap(lambda key, k=k, n=n: jax.random.normal(jax.random.fold_in(key, k), (n, c)))(keys)
+    if noise is None:
+      x0 = jax.vmap(lambda key, k=k, n=n: jax.random.normal(jax.random.fold_in(key, k), (n, c)))(keys)
+    else:
+      x0 = noise[k]
     cfg_k = settings.cfg_at(k, schedule.num_scales)
     z_uncond = z[b:] if use_cfg and cfg_k != 1.0 else None
-    x = integrate(model.flownet, noise, z[:b], z_uncond, cfg_k, grid, settings.guidance, settings.solver)
+    x = integrate(model.flownet, x0, z[:b], z_uncond, cfg_k, grid, settings.guidance, settings.solver)
     if k == schedule.num_scales - 1:
       break
     side = schedule.sides[k]

@@ -1,0 +1,30 @@
+"""`convert`: official PyTorch FlowAR (S, L, H) and MAR KL-16 VAE checkpoints -> a flowar_jax workdir.
+
+`python -m flowar_jax convert --from_torch FlowAR-S.pth --vae_torch kl16.ckpt --config configs/flowar_s.py
+--workdir OUT`, then `python -m flowar_jax sample --workdir OUT` samples with the published settings
+stored in the config. Files: torch pickles (.pth, .ckpt, .pt), .safetensors, or .npz state dicts.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from flowar_jax.config import validate_config
+from flowar_jax.convert import load_state_dict, write_workdir
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, flowar_path: str, vae_path: str | None = None,
+        use_ema: bool | None = None) -> list[str]:
+  """Converts the files into WORKDIR; returns the checkpoint directories written.
+
+  use_ema: take the file's 'model_ema' weights (True), its 'model' weights (False), or the EMA ones when
+  present (None).
+  """
+  validate_config(config)
+  flowar, which = load_state_dict(flowar_path, use_ema=use_ema)
+  vae = load_state_dict(vae_path, use_ema=False)[0] if vae_path else None
+  written = write_workdir(config, workdir, flowar, vae)
+  print(f"converted the {which!r} weights of {flowar_path}" + (f" and the VAE {vae_path}" if vae_path else "")
+        + f" into {', '.join(written)}", flush=True)
+  if not vae_path:
+    print("no --vae_torch given: sampling needs a VAE in WORKDIR/vae or --config.vae_checkpoint", flush=True)
+  return written

@@ -1,0 +1,239 @@
+"""Converting official PyTorch state dicts (names, layouts, errors) and writing a workdir that `sample` reads.
+
+The official names and shapes come from tests/data/official_keys_tiny.txt (written from the official
+modules at tiny sizes); the weights are our own modules' parameters, renamed by the inverse mapping.
+"""
+import functools
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from flowar_jax.commands import convert, sample
+from flowar_jax.convert import load_state_dict, names, select_weights
+from flowar_jax.convert.params import state_dict_from_params
+from flowar_jax.convert.workdir import flowar_params, vae_params
+from flowar_jax.models.params import flat_params
+from flowar_jax.training.builders import build_flowar, load_params
+from flowar_jax.training.checkpointing import Checkpointer
+from flowar_jax.training.state import split_params
+from flowar_jax.training.vae_stage import VAETrainable
+from flowar_jax.training.workdir import checkpoint_dir
+
+_KEYS = os.path.join(os.path.dirname(__file__), "data", "official_keys_tiny.txt")
+
+
+def official_keys(section: str, variant: str | None = None) -> dict[str, tuple[int, ...]]:
+  out, current = {}, None
+  with open(_KEYS) as f:
+    for line in f:
+      line = line.strip()
+      if not line or line.startswith("#"):
+        continue
+      if line.startswith("["):
+        current = line[1:-1]
+        continue
+      name, shape, *which = line.split()
+      if current == section and (not which or which[0] in ("both", variant)):
+        out[name] = tuple(int(s) for s in shape.split("x"))
+  return out
+
+
+def flowar_config(variant: str):
+  """Sized like the official tiny model in the keys file."""
+  c = tiny_config(variant)
+  c.model.num_classes = 1000  # the official class embedding always has 1001 rows
+  c.model.head.width = c.model.head.head_dim = 64
+  return c
+
+
+def vae_config():
+  c = tiny_config()
+  c.vae.encoder_blocks, c.vae.decoder_blocks = 1, 2  # official num_res_blocks=1: the decoder has one more
+  return c
+
+
+def random_params(factory, seed=0):
+  """Our parameter tree with every leaf random (so no transpose or swap can hide behind a symmetric init)."""
+  _, abstract = split_params(nnx.eval_shape(factory))
+  rng = np.random.default_rng(seed)
+  leaves = [rng.standard_normal(leaf.shape).astype(np.float32) for leaf in jax.tree.leaves(abstract)]
+  return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+
+
+def official_flowar_state_dict(config, seed=0):
+  params = random_params(functools.partial(build_flowar, config), seed)
+  sd = state_dict_from_params(params, to_torch=names.flowar_to_torch)
+  sd["mask"] = np.zeros((1, 1, 21, 21), np.float32)  # buffers the converter must skip
+  sd["encoder_blocks.0.attn.rope.freqs"] = np.zeros((4,), np.float32)
+  return params, sd
+
+
+def official_vae_state_dict(config, seed=0):
+  params = random_params(functools.partial(VAETrainable, config), seed)["vae"]
+  sd = state_dict_from_params(params, to_torch=names.vae_to_torch)
+  sd["loss.logvar"] = np.zeros((), np.float32)  # training-loss entries the converter must skip
+  return params, sd
+
+
+def assert_same_tree(a, b):
+  fa, fb = flat_params(a), flat_params(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_flowar_names_and_shapes_match_the_official_state_dict(variant):
+  config = flowar_config(variant)
+  params, sd = official_flowar_state_dict(config)
+  # The RoPE frequencies and the mask are buffers the config determines: skipped, so not written back.
+  expected = {k: v for k, v in official_keys("flowar", variant).items() if not names.flowar_skipped(k)}
+  got = {k: tuple(v.shape) for k, v in sd.items() if not names.flowar_skipped(k)}
+  assert len(expected) < len(official_keys("flowar", variant))
+  assert got.keys() == expected.keys(), (sorted(got.keys() - expected.keys()), sorted(expected.keys() - got.keys()))
+  assert got == expected
+  flat = flat_params(params)
+  # Linear weights are [out, in]; the class embedding and norms keep their layout.
+  np.testing.assert_array_equal(sd["z_proj.weight"], flat["backbone.z_proj.kernel"].T)
+  np.testing.assert_array_equal(sd["encoder_blocks.0.ada_lin.1.weight"],
+                                flat["backbone.encoder_blocks.0.ada_lin.kernel"].T)
+  np.testing.assert_array_equal(sd["flownet.time_embed.mlp.2.weight"], flat["flownet.time_embed.mlp.1.kernel"].T)
+  np.testing.assert_array_equal(sd["flownet.final_layer.adaLN_modulation.1.bias"],
+                                flat["flownet.final_layer.adaLN_modulation.bias"])
+  np.testing.assert_array_equal(sd["class_emb.weight"], flat["backbone.class_emb.embedding"])
+  np.testing.assert_array_equal(sd["encoder_pos_embed_learned"], flat["backbone.encoder_pos_embed_learned"])
+  head_ada = "ada_lin_attn" if variant == "v2" else "ada_lin"
+  np.testing.assert_array_equal(sd[f"flownet.res_blocks.0.{head_ada}.weight"],
+                                flat[f"flownet.res_blocks.0.{head_ada}.kernel"].T)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_flowar_round_trip(variant):
+  config = flowar_config(variant)
+  params, sd = official_flowar_state_dict(config, seed=1)
+  assert_same_tree(flowar_params(config, sd), params)
+
+
+def test_vae_names_and_shapes_match_the_official_state_dict():
+  config = vae_config()
+  params, sd = official_vae_state_dict(config)
+  sd.pop("loss.logvar")
+  assert {k: tuple(v.shape) for k, v in sd.items()} == official_keys("vae")
+  flat = flat_params(params)
+  # Conv [O, I, kh, kw] <-> [kh, kw, I, O]; GroupNorm weight <-> scale.
+  np.testing.assert_array_equal(sd["encoder.conv_in.weight"], flat["encoder.conv_in.kernel"].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(sd["decoder.mid.attn_1.q.weight"][:, :, 0, 0],
+                                flat["decoder.mid.attn_1.q.kernel"][0, 0].T)
+  np.testing.assert_array_equal(sd["encoder.norm_out.weight"], flat["encoder.norm_out.scale"])
+
+
+def test_vae_round_trip():
+  config = vae_config()
+  params, sd = official_vae_state_dict(config, seed=2)
+  assert_same_tree(vae_params(config, sd)["vae"], params)
+
+
+def test_a_checkpoint_of_another_size_names_the_first_mismatch():
+  _, sd = official_flowar_state_dict(flowar_config("v1"))
+  bigger = flowar_config("v1")
+  bigger.model.width = 64
+  with pytest.raises(ValueError, match=r"parameter '[\w.]+' has shape \(.*\) in the checkpoint but the config builds"):
+    flowar_params(bigger, sd)
+  sd["encoder_blocks.0.attn.qkv.weight"] = np.zeros((5, 32), np.float32)
+  with pytest.raises(ValueError) as e:
+    flowar_params(flowar_config("v1"), sd)
+  assert "'encoder_blocks.0.attn.qkv.weight' has shape (5, 32)" in str(e.value)
+  assert "builds (96, 32)" in str(e.value)
+
+
+def test_missing_and_unexpected_keys_are_listed():
+  config = flowar_config("v1")
+  _, sd = official_flowar_state_dict(config)
+  del sd["decoder_norm.weight"], sd["flownet.final_layer.linear.bias"]
+  sd["extra.weight"] = np.zeros((2, 2), np.float32)
+  with pytest.raises(ValueError) as e:
+    flowar_params(config, sd, "the FlowAR checkpoint")
+  msg = str(e.value)
+  assert "the FlowAR checkpoint" in msg
+  assert "missing from the checkpoint: " in msg and "decoder_norm.weight" in msg
+  assert "flownet.final_layer.linear.bias" in msg
+  assert "not in the model: extra.weight" in msg
+  # A v1 checkpoint for a v2 config: the head's own names differ.
+  with pytest.raises(ValueError, match="crossattn"):
+    flowar_params(flowar_config("v2"), official_flowar_state_dict(config)[1])
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+  text = tmp_path / "notes.npz"
+  text.write_text("not a checkpoint")
+  with pytest.raises(ValueError, match="not a readable .npz"):
+    load_state_dict(str(text))
+  with pytest.raises(FileNotFoundError):
+    load_state_dict(str(tmp_path / "absent.pth"))
+  pth = tmp_path / "notes.pth"
+  pth.write_text("not a checkpoint")
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    with pytest.raises(ImportError, match=r"pip install flowar_jax\[torch\]"):
+      load_state_dict(str(pth))
+  else:
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+      load_state_dict(str(pth))
+  with pytest.raises(ValueError, match="not a checkpoint"):
+    select_weights([1, 2], use_ema=None)
+  with pytest.raises(ValueError, match="not a model checkpoint"):
+    select_weights({"epoch": 3, "args": None}, use_ema=None)
+
+
+def test_weight_selection():
+  model, ema = {"w": np.zeros(2)}, {"w": np.ones(2)}
+  assert select_weights({"model": model, "model_ema": ema, "epoch": 1}, use_ema=None) == (ema, "model_ema")
+  assert select_weights({"model": model, "model_ema": ema}, use_ema=False) == (model, "model")
+  assert select_weights({"model": model, "model_ema": None}, use_ema=None) == (model, "model")
+  with pytest.raises(ValueError, match="no 'model_ema'"):
+    select_weights({"model": model, "model_ema": None}, use_ema=True)
+  assert select_weights(model, use_ema=None) == (model, "state dict")
+  with pytest.raises(ValueError, match="without EMA"):
+    select_weights(model, use_ema=True)
+
+
+def test_convert_npz_then_sample(tmp_path):
+  config = flowar_config("v1")
+  config.vae.encoder_blocks, config.vae.decoder_blocks = 1, 2
+  config.sampling.cfg, config.sampling.guidance, config.sampling.num_steps = 3.5, 0.8, 2
+  raw, raw_sd = official_flowar_state_dict(config, seed=3)
+  ema, ema_sd = official_flowar_state_dict(config, seed=4)
+  vae, vae_sd = official_vae_state_dict(config, seed=5)
+  flowar_file, vae_file = str(tmp_path / "flowar.npz"), str(tmp_path / "kl16.npz")
+  np.savez(flowar_file, **{f"model/{k}": v for k, v in raw_sd.items()},
+           **{f"model_ema/{k}": v for k, v in ema_sd.items()})
+  np.savez(vae_file, **{f"model/{k}": v for k, v in vae_sd.items()})
+  workdir = str(tmp_path / "out")
+
+  convert.run(config, workdir, flowar_path=flowar_file, vae_path=vae_file)
+  stored = sample.stored_config(workdir)
+  assert stored.vae.latent_scale == pytest.approx(0.2325)
+  assert (stored.sampling.cfg, stored.sampling.guidance, stored.sampling.num_steps) == (3.5, 0.8, 2)
+  for use_ema in (True, False):  # the file's EMA weights, under both names
+    loaded = load_params(functools.partial(build_flowar, stored), checkpoint_dir(workdir), use_ema=use_ema)
+    assert_same_tree(split_params(loaded)[1], ema)
+  with Checkpointer(checkpoint_dir(os.path.join(workdir, "vae"))) as c:
+    assert c.all_steps() == [0]
+
+  images, labels = sample.sample_to_workdir(stored, workdir, num_samples=3, seed=0,
+                                            settings=sample.settings_from(stored), labels=[1, 2], batch_size=3)
+  assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, [1, 2, 1])
+  assert os.path.exists(os.path.join(workdir, "samples", "samples.npz"))
+
+  with pytest.raises(ValueError, match="already holds checkpoints"):
+    convert.run(config, workdir, flowar_path=flowar_file, vae_path=vae_file)
+  raw_dir = str(tmp_path / "raw")
+  convert.run(config, raw_dir, flowar_path=flowar_file, use_ema=False)
+  loaded = load_params(functools.partial(build_flowar, config), checkpoint_dir(raw_dir), use_ema=True)
+  assert_same_tree(split_params(loaded)[1], raw)
