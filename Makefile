@@ -1,5 +1,6 @@
 # The README's commands. `make digits` trains the bundled default and writes samples; `make test` runs the tests.
-# Both create the virtual environment .venv on first use.
+# Both create the virtual environment .venv on first use. The tests also install libtpu (the `tpu` extra) so
+# that TPU programs and Pallas TPU kernels compile ahead of time on this CPU; JAX itself still runs on the CPU.
 PYTHON ?= python3
 VENV := .venv
 WORKDIR ?= runs/digits
@@ -13,10 +14,14 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-tpu: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[test,tpu]'
+	touch $@
+
 venv: $(VENV)/.installed
 
 digits: $(VENV)/.installed
 	$(VENV)/bin/python -m flowar_jax train --config configs/digits.py --workdir $(WORKDIR)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-tpu
 	$(VENV)/bin/python -m pytest tests -q -n 2 --durations=10

@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]"],  # libtpu: run on TPUs, or compile for them ahead of time anywhere
         "gpu": ["jax[cuda12]"],
         "tensorboard": ["tensorflow-cpu"],
         "torch": ["torch", "safetensors"],
