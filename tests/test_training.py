@@ -14,6 +14,7 @@ from flowar_jax.commands import train
 from flowar_jax.config import config_from_dict, validate_config
 from flowar_jax.models.params import flat_params
 from flowar_jax.training.builders import build_flowar, load_params
+from flowar_jax.training import loop
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.optimizer import decay_mask, flowar_optimizer, warmup_cosine
 
@@ -50,6 +51,18 @@ def test_losses_fall_on_digits(trained):
     assert len(losses) == 40
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
     assert last < factor * first, (path, first, last)
+
+
+def test_logged_metrics_include_throughput(trained):
+  _, workdir, _ = trained
+  rates = [r["images_per_s"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+  assert len(rates) == 40 and all(rate > 0 for rate in rates)
+
+
+def test_periodic_actions_run_on_schedule():
+  runs = loop.Periodic(every=5, action=lambda step, state: None)
+  assert [s for s in range(1, 13) if runs.due(s, last_step=12)] == [5, 10, 12]
+  assert not any(loop.Periodic(every=0, action=print).due(s, 12) for s in range(1, 13))
 
 
 def test_training_writes_samples_and_digit_accuracy(trained):

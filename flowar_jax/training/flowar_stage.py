@@ -102,4 +102,5 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
       loss_fn=flowar_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
       ema_decay=config.optimizer.ema_decay, data_iterator=iterator, num_steps=config.num_train_steps,
       config=config, seed=config.seed, checkpoint_every=config.checkpoint_every_steps,
-      keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar")
+      keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar",
+      batch_size=config.batch_size)

@@ -1,8 +1,10 @@
 """The training loop shared by the VAE and FlowAR stages: resume, step, log, checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Callable, Iterator
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -14,6 +16,18 @@ from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.progress import Progress
 from flowar_jax.training.state import LossFn, TrainState, init_train_state, make_train_step, split_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  """An action the loop runs every `every` steps and at the last step, after that step's checkpoint
+  (e.g. writing sample grids, evaluating): `action(step, state)`; a non-positive `every` turns it off."""
+
+  every: int
+  action: Callable[[int, TrainState], None]
+
+  def due(self, step: int, last_step: int) -> bool:
+    return self.every > 0 and (step % self.every == 0 or step == last_step)
 
 
 def create_or_restore(model_factory: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
@@ -36,8 +50,12 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
           data_iterator: Iterator[dict], num_steps: int, config: ml_collections.ConfigDict,
           seed: int, checkpoint_every: int, keep: int, log_every: int, context: Any = None,
           batch_to_device: Callable[[dict], dict] = lambda b: b, desc: str = "train",
-          on_checkpoint: Callable[[int, TrainState], None] | None = None) -> tuple[nnx.GraphDef, TrainState]:
-  """Trains to `num_steps` (resuming from `workdir/checkpoints`) and returns (graphdef, final state)."""
+          batch_size: int | None = None, periodic: Sequence[Periodic] = ()) -> tuple[nnx.GraphDef, TrainState]:
+  """Trains to `num_steps` (resuming from `workdir/checkpoints`) and returns (graphdef, final state).
+
+  With `batch_size` (global), the logged metrics include throughput in images per second, measured
+  over the steps since the previous log line (the first line after a (re)start includes compilation).
+  """
   os.makedirs(workdir, exist_ok=True)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
   graphdef, state = create_or_restore(model_factory, tx, seed, checkpointer, data_iterator)
@@ -49,18 +67,24 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
   step_fn = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule)
   writer = MetricWriter(workdir)
   progress = Progress(num_steps, initial=start, desc=desc)
+  last_log = (start, time.perf_counter())
   try:
     for step in range(start + 1, num_steps + 1):
       batch = batch_to_device(next(data_iterator))
       state, metrics = step_fn(state, batch, context)
       if step % log_every == 0 or step == num_steps:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        if batch_size:
+          scalars["images_per_s"] = batch_size * (step - last_log[0]) / max(now - last_log[1], 1e-9)
+        last_log = (step, now)
         writer.write_scalars(step, scalars)
         progress.update(step, scalars)
       if step % checkpoint_every == 0 or step == num_steps:
         checkpointer.save(step, state, data_iterator=data_iterator, config=config)
-        if on_checkpoint is not None:
-          on_checkpoint(step, state)
+      for action in periodic:
+        if action.due(step, num_steps):
+          action.action(step, state)
   finally:
     progress.close()
     writer.close()

@@ -64,7 +64,8 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str):
       loss_fn=vae_stage_loss(train_config), tx=tx, schedule=schedule, ema_decay=VAE_EMA_DECAY,
       data_iterator=iterator, num_steps=train_config.num_train_steps, config=config, seed=config.seed,
       checkpoint_every=config.checkpoint_every_steps, keep=config.keep_checkpoints,
-      log_every=config.log_every_steps, desc="vae")
+      log_every=config.log_every_steps, desc="vae",
+      batch_size=train_config.batch_size)
 
 
 def load_vae(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderKL:
