@@ -305,6 +305,21 @@ def test_tpu_kernels_compile_for_v5e_inside_shard_map(head_dim, dtype):
   assert memory.temp_size_in_bytes < scores_per_device / 4, memory
 
 
+@pytest.mark.tpu_aot
+def test_tpu_decode_kernel_compiles_for_v5e():
+  """The sampler's decode step: each scale's queries against every key so far, short sequences in one block."""
+  topology = tpu_topology()
+  mesh = jax.sharding.Mesh(np.array(topology.devices[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  schedule = ScaleSchedule((1, 2, 4, 8, 16))
+  with jax.set_mesh(mesh):
+    for k in range(schedule.num_scales):
+      q = jax.ShapeDtypeStruct((2, schedule.lengths[k], 4, 64), jnp.bfloat16)
+      kv = jax.ShapeDtypeStruct((2, schedule.offsets[k + 1], 4, 64), jnp.bfloat16)
+      lowered = jax.jit(lambda q, k, v: decode_attention(q, k, v, impl="pallas")).trace(q, kv, kv).lower()
+      assert lowered.as_text().count("tpu_custom_call") == 1
+      lowered.compile()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sides", [(1, 2, 4, 8, 16), (1, 2, 4, 8, 16, 32)])
 def test_gpu_kernels_on_device(sides):

@@ -92,6 +92,8 @@ def scale_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Scale
   `rng` is given and `dropout_rate > 0`. `backend` ('tpu' | 'gpu') and `block_sizes` override the
   kernel choice for the Pallas path (tests, benchmarks); off the backend's platform it is interpreted.
   """
+  if backend is not None and impl == "xla":
+    raise ValueError(f"attention backend {backend!r} names a Pallas kernel, but impl is 'xla'")
   if isinstance(mask, ScaleSchedule):
     mask = ScaleCausalMask.from_schedule(mask)
   _check_shapes(q, k, v, mask)
@@ -99,14 +101,14 @@ def scale_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Scale
     raise ValueError(f"attention dropout_rate must lie in [0, 1), got {dropout_rate}")
   rate = dropout_rate if rng is not None else 0.0
   seed = seed_from_rng(rng) if rate > 0.0 else jnp.zeros((), jnp.int32)
-  if resolve_impl(impl) == "xla" and backend is None:
+  if backend is None and resolve_impl(impl) == "xla":
     return reference_attention(q, k, v, mask, dropout_rate=rate, seed=seed).astype(q.dtype)
 
   platform = target_platform()
   if backend is None:
     backend, interpret = kernel_backend(platform)
   else:
-    interpret = not (backend == "tpu" and platform == "tpu" or backend == "gpu" and platform in ("gpu", "cuda"))
+    interpret = kernel_backend(platform) != (backend, False)
   if block_sizes is None:
     block_sizes = _default_block_sizes(backend)
   config = FlashConfig(backend=backend, mask=mask, head_dim=q.shape[-1], dropout_rate=rate,

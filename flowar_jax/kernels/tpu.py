@@ -99,6 +99,13 @@ def _geometry(config: FlashConfig, q: jax.Array):
   mask = config.mask
   blocks = config.block_sizes.clipped(mask.q_len, mask.kv_len, lambda n: round_up(n, _SUBLANES))
   q_pad, kv_pad = blocks.padded_lengths(mask.q_len, mask.kv_len)
+  if not config.interpret:
+    # q blocks are the lane dim of the log-sum-exp rows, kv blocks the sublane dim of k and v.
+    for size, whole, unit in ((blocks.q, q_pad, 128), (blocks.q_bwd, q_pad, 128), (blocks.kv, kv_pad, _SUBLANES),
+                              (blocks.kv_bwd, kv_pad, _SUBLANES)):
+      if size % unit and size != whole:
+        raise ValueError(f"TPU attention blocks {blocks}: q blocks must be multiples of 128 and kv blocks of "
+                         f"{_SUBLANES} (or span the padded sequence, {q_pad} queries, {kv_pad} keys)")
   return blocks, q_pad, kv_pad, padded_head_dim(q.shape[-1])
 
 
