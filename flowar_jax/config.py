@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.label_drop_prob = 0.1
   c.model.attn_dropout = 0.1
   c.model.proj_dropout = 0.1
+  # Backbone attention: 'xla' (dense masked attention), 'pallas' (the scale-causal flash kernels of
+  # flowar_jax.kernels; interpreted on CPU) or 'auto' (the kernels on TPU and GPU, XLA elsewhere).
+  c.model.attention_impl = "xla"
   c.model.head = ml_collections.ConfigDict()
   c.model.head.variant = "v1"  # 'v1' (spatial adaLN) | 'v2' (with cross-attention)
   c.model.head.depth = 2
@@ -110,6 +113,7 @@ _CHOICES = {
     "stage": ("vae", "flowar", "both"),
     "data.name": ("digits", "image_folder", "imagenet"),
     "model.head.variant": ("v1", "v2"),
+    "model.attention_impl": ("xla", "pallas", "auto"),
     "sampling.solver": ("euler", "heun"),
 }
 
