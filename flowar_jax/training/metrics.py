@@ -40,6 +40,14 @@ def _tensorboard_writer(logdir: str):
   return TensorBoardWriter(logdir)
 
 
+def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl, given the file or the run directory holding it (e.g. to plot losses)."""
+  file = epath.Path(path)
+  if file.is_dir():
+    file = file / "metrics.jsonl"
+  return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
 def _to_float(name: str, value: Any) -> float:
   array = np.asarray(jax.device_get(value))
   if array.size != 1:
