@@ -151,7 +151,7 @@ def run_local(runs: Sequence[PointRun], config_path: str, parallel: int = 1) -> 
     run.status = f"done in {took:.0f}s" if code == 0 else f"failed (exit {code}), see {run.point.name}/{LOG_FILE}"
     return run
 
-  with Progress(len(todo), desc="sweep", unit="point", tty=False) as progress:
+  with Progress(len(todo), desc="sweep", unit="point") as progress:
     with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
       for finished, run in enumerate(pool.map(execute, todo), start=1):
         progress.update(finished, {"last": run.point.name, "status": run.status})
