@@ -2,6 +2,7 @@
 
   python docs/make_figures.py            # writes docs/architecture.png
   python docs/make_figures.py --scales 1,2,4   # the digits model instead
+  python docs/make_figures.py --loss_of runs/digits   # also docs/digits_loss.png (needs matplotlib)
 
 Columns are the scales (coarse to fine). Each scale's input tokens (the class token, then the previous
 scale's latent upsampled) go through one scale-causal transformer; a flow head per scale integrates an ODE
@@ -117,14 +118,40 @@ def architecture(scales: tuple[int, ...]) -> Image.Image:
   return image
 
 
+def loss_per_scale(workdir: str, out: str) -> None:
+  """Plots the FlowAR loss of every scale (and the total) logged in WORKDIR/metrics.jsonl."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+
+  records = [r for r in read_metrics(workdir) if "loss" in r]
+  steps = [r["step"] for r in records]
+  scales = sorted((k for k in records[0] if k.startswith("loss_scale_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+  fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+  for key in scales:
+    side = key.rsplit("_", 1)[1]
+    ax.plot(steps, [r[key] for r in records], label=f"scale {side}x{side}")
+  ax.plot(steps, [r["loss"] for r in records], "k--", label="total")
+  ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title="FlowAR loss per scale")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--scales", default="1,2,4,8,16", help="comma-separated sides, coarse to fine")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "architecture.png"))
+  parser.add_argument("--loss_of", default="", help="a FlowAR run directory: also plot its loss per scale")
   args = parser.parse_args()
   scales = tuple(int(s) for s in args.scales.split(","))
   architecture(scales).save(args.out, optimize=True)
   print(f"wrote {args.out}")
+  if args.loss_of:
+    out = os.path.join(os.path.dirname(args.out), "digits_loss.png")
+    loss_per_scale(args.loss_of, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

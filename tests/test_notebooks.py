@@ -22,7 +22,7 @@ TINY_RUN = {
     "num_train_steps": 6, "vae.train.num_train_steps": 6, "checkpoint_every_steps": 6, "log_every_steps": 2,
     "sample_every_steps": 6, "batch_size": 16, "vae.train.batch_size": 16, "model.width": 64,
     "model.depth": 1, "model.head.depth": 1, "model.head.width": 64, "data.cache_latents": False,
-    "sampling.num_samples": 10, "sampling.batch_size": 10, "sampling.num_steps": 2,
+    "vae.latent_scale": 1.0, "sampling.num_samples": 10, "sampling.batch_size": 10, "sampling.num_steps": 2,
 }
 
 
@@ -57,7 +57,9 @@ def test_notebooks_are_committed_clean(path):
   assert "find_spec('flowar_jax') is None" in setup
 
 
-def test_notebooks_run_top_to_bottom(tmp_path):
+def test_notebooks_run_top_to_bottom(tmp_path, monkeypatch):
+  # The kernels share compiled programs where they match (the sampler of both notebooks at cfg 3, batch 10).
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
   workdir = str(tmp_path / "run")
   train = _execute("train_digits.ipynb", {"WORKDIR": workdir, "OVERRIDES": TINY_RUN}, str(tmp_path))
   assert len(_outputs(train, "image/png")) == 4  # the data, reconstructions, the loss plot, samples
@@ -68,7 +70,7 @@ def test_notebooks_run_top_to_bottom(tmp_path):
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records if "samples" in r] == [6]  # the grid written during training
 
-  sample = _execute("sample.ipynb", {"WORKDIR": workdir, "NUM_STEPS": 2, "PER_CLASS": 2, "CFG": 2.0},
+  sample = _execute("sample.ipynb", {"WORKDIR": workdir, "NUM_STEPS": 2, "PER_CLASS": 1, "CFG": 3.0},
                     str(tmp_path))
   grids = _outputs(sample, "image/png")
   assert len(grids) == 2  # the class grid and the guidance comparison
