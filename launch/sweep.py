@@ -21,7 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone, uninstalled
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only plans and reads files; points run apart
+# This process only plans and reads files: it stays off accelerators, which the points get as this
+# environment had them.
+POINT_ENV = dict(os.environ)
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 from flowar_jax.config_files import load_config, parse_override  # noqa: E402
 from flowar_jax.sweeps import load_sweep  # noqa: E402
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> int:
     if args.pod:
       runner.run_commands(runs, config_path)
     else:
-      runner.run_local(runs, config_path, parallel=args.parallel)
+      runner.run_local(runs, config_path, parallel=args.parallel, env=POINT_ENV)
   print(runner.write_summary(args.workdir, runner.summarize(runs)))
   return 1 if any(run.status.startswith(("failed", "launch failed")) for run in runs) else 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import textwrap
 
 import pytest
@@ -170,3 +171,24 @@ def test_local_sweep_trains_every_point_resumes_and_summarizes(tmp_path, capsys)
     again = json.load(f)
   assert [r["status"] for r in again] == ["done (earlier)"] * 2
   assert [r["loss"] for r in again] == [r["loss"] for r in rows]
+
+
+def test_local_points_run_in_the_given_environment_with_a_shared_compile_cache(tmp_path):
+  """The sweep process itself keeps off accelerators; its points get the caller's environment."""
+  probe = "import os; print(os.environ.get('JAX_PLATFORMS'), os.environ['JAX_COMPILATION_CACHE_DIR'])"
+  points = Sweep(config=DIGITS, points=[{"seed": 0}, {"seed": 1}]).expand()
+  runs = runner.plan(points, str(tmp_path), DIGITS)
+  for run in runs:
+    run.command = [sys.executable, "-c", probe]
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")}
+  runner.run_local(runs, DIGITS, parallel=2, env=env)
+  for run in runs:
+    assert run.status.startswith("done in")
+    with open(os.path.join(run.workdir, runner.LOG_FILE)) as f:
+      assert f.read().split() == ["None", str(tmp_path / runner.COMPILE_CACHE)]
+    with open(os.path.join(run.workdir, runner.POINT_FILE)) as f:
+      assert json.load(f)["overrides"] == run.point.overrides
+  runs[0].command = [sys.executable, "-c", "raise SystemExit(3)"]
+  runs[0].status = "pending"
+  runner.run_local(runs[:1], DIGITS)
+  assert runs[0].status == f"failed (exit 3), see 00_seed=0/{runner.LOG_FILE}"

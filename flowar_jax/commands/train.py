@@ -11,9 +11,7 @@ from flowar_jax.commands.sample import sample_to_workdir, settings_from
 from flowar_jax.config import validate_config
 from flowar_jax.training.flowar_stage import train_flowar
 from flowar_jax.training.vae_stage import train_vae
-from flowar_jax.training.workdir import vae_dir
-
-REPORT_FILE = "report.json"  # written when `train` completes (sweeps read it, and take it as "finished")
+from flowar_jax.training.workdir import REPORT_FILE, vae_dir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

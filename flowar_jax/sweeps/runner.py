@@ -20,12 +20,12 @@ from typing import Any, Mapping, Sequence
 
 from etils import epath
 
-from flowar_jax.commands.train import REPORT_FILE
 from flowar_jax.config import validate_config
 from flowar_jax.config_files import load_config, override_flags
 from flowar_jax.sweeps.spec import Point, Sweep
 from flowar_jax.training.metrics import read_metrics
 from flowar_jax.training.progress import Progress
+from flowar_jax.training.workdir import REPORT_FILE
 
 POINT_FILE = "sweep_point.json"  # what the point is: name, config, overrides
 LOG_FILE = "train.log"  # a local point's output
@@ -130,15 +130,17 @@ def _start(run: PointRun, config_path: str) -> None:
                                                 "command": shlex.join(run.command)}, indent=1))
 
 
-def run_local(runs: Sequence[PointRun], config_path: str, parallel: int = 1) -> None:
-  """Trains the unfinished points, `parallel` at a time, each logging to WORKDIR/train.log."""
+def run_local(runs: Sequence[PointRun], config_path: str, parallel: int = 1,
+              env: Mapping[str, str] | None = None) -> None:
+  """Trains the unfinished points, `parallel` at a time, each logging to WORKDIR/train.log, in the
+  environment `env` (default: this process's)."""
   todo = [run for run in runs if run.status == "pending"]
   if not todo:
     return
 
   # Points share compiled programs where theirs match (e.g. seeds, sampling settings): a persistent
   # compilation cache in the sweep's directory, unless the environment names one.
-  env = dict(os.environ)
+  env = dict(os.environ if env is None else env)
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(todo[0].workdir), COMPILE_CACHE))
 
   def execute(run: PointRun) -> PointRun:
