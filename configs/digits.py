@@ -17,6 +17,7 @@ def get_config():
   c.num_train_steps = 1600
   c.checkpoint_every_steps = 500
   c.log_every_steps = 100
+  c.sample_every_steps = 400  # a 2 x 10 grid of EMA samples in TensorBoard and runs/digits/images/
 
   c.data.name = "digits"
   c.data.image_size = 16

@@ -19,6 +19,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3
   c.log_every_steps = 100
+  # Sample grids while FlowAR trains (TensorBoard images, WORKDIR/images/, metrics.jsonl): the EMA weights and
+  # the sampling settings below, from fixed noise, so the grids of successive steps compare.
+  c.sample_every_steps = 0  # 0 = off; the last step is always included when on
+  c.sample_grid_labels = ()  # classes, one column each (two rows); () = up to 10 spread over the classes
   # Which stages `train` runs: 'vae', 'flowar', or 'both' (VAE first, then FlowAR on its latents).
   c.stage = "flowar"
   # Workdir (or checkpoint directory) of a trained VAE; '' means WORKDIR/vae.
@@ -159,6 +163,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
               "sampling.guidance", "optimizer.ema_decay"):
     if not 0.0 <= flat[key] <= 1.0:
       raise ValueError(f"config.{key} must lie in [0, 1], got {flat[key]}")
+  if config.sample_every_steps < 0:
+    raise ValueError(f"config.sample_every_steps must be >= 0 (0 = off), got {config.sample_every_steps}")
+  grid_labels = tuple(config.sample_grid_labels)
+  if len(grid_labels) > 64 or any(not 0 <= int(k) < config.model.num_classes for k in grid_labels):
+    raise ValueError(f"config.sample_grid_labels must hold at most 64 classes in [0, model.num_classes = "
+                     f"{config.model.num_classes}), got {grid_labels}")
   if config.sampling.cfg < 0:
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
   if config.vae.latent_scale < 0:
@@ -166,6 +176,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   for key in ("batch_size", "vae.train.batch_size"):
     if flat[key] % num_devices:
       raise ValueError(f"config.{key} {flat[key]} is not divisible by the {num_devices} devices")
+
+
+def flatten_config(config: ml_collections.ConfigDict) -> dict:
+  """{'model.width': 768, 'model.scales': (1, 2, 4, 8, 16), ...}: every leaf under its dotted key."""
+  return dict(_flatten(config))
 
 
 def _flatten(config, prefix=""):

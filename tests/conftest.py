@@ -60,7 +60,8 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-  """VAE (40 steps) then FlowAR (40 steps) on real digits with the tiny config, once per test session.
+  """VAE (40 steps) then FlowAR (40 steps, sample grids at 20 and 40) on real digits with the tiny config,
+  once per test session.
 
   Returns (config, workdir, report); tests must not modify the workdir (copy it first).
   """
@@ -73,5 +74,6 @@ def trained(tmp_path_factory):
   config.batch_size = 16
   config.vae.train.batch_size = 16
   config.data.cache_latents = True
+  config.sample_every_steps = 20
   report = train.run(config, workdir)
   return config, workdir, report

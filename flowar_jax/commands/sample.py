@@ -61,7 +61,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndar
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   batch_size = min(batch_size, len(labels))
   out = []
-  progress = Progress(len(labels), desc="sample")
+  progress = Progress(len(labels), desc="sample", unit="image")
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
     real = len(chunk)

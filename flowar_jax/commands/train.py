@@ -1,18 +1,22 @@
 """`train`: the VAE stage, the FlowAR stage, or both, then samples from the result."""
 from __future__ import annotations
 
+import json
+
 import jax
 import ml_collections
+from etils import epath
 
 from flowar_jax.commands.sample import sample_to_workdir, settings_from
 from flowar_jax.config import validate_config
 from flowar_jax.training.flowar_stage import train_flowar
 from flowar_jax.training.vae_stage import train_vae
-from flowar_jax.training.workdir import vae_dir
+from flowar_jax.training.workdir import REPORT_FILE, vae_dir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains what `config.stage` names in WORKDIR; returns a small report (e.g. the digits accuracy)."""
+  """Trains what `config.stage` names in WORKDIR; returns a small report (e.g. the digits accuracy), also
+  written to WORKDIR/report.json once everything is done."""
   validate_config(config, jax.device_count())
   report = {}
   if config.stage in ("vae", "both"):
@@ -28,4 +32,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       report["digit_accuracy_real_heldout"] = real_digit_accuracy()
       print(f"digit classifier accuracy: samples {report['digit_accuracy_samples']:.3f} "
             f"(real held-out digits {report['digit_accuracy_real_heldout']:.3f})", flush=True)
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
   return report

@@ -103,9 +103,18 @@ class Sampler:
   def __init__(self, model: FlowAR, settings: SamplingSettings, decode=None, decoder_module: nnx.Module | None = None):
     self.settings = settings
     self.num_classes = model.num_classes
+    self._decoder_module = decoder_module
     self._graph, self._state = nnx.split((model, decoder_module))
     self._decode = decode
     self._fn = jax.jit(self._run)
+
+  def load_weights(self, model: FlowAR) -> None:
+    """Samples from `model`'s weights from now on (e.g. the latest EMA during training), keeping the compiled
+    program: `model` must have the architecture the sampler was built with."""
+    graph, state = nnx.split((model, self._decoder_module))
+    if graph != self._graph:
+      raise ValueError("load_weights needs a model of the sampler's architecture; build a new Sampler instead")
+    self._state = state
 
   def _run(self, state, labels, keys):
     model, decoder_module = nnx.merge(self._graph, state)
