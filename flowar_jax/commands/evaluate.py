@@ -44,6 +44,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int, se
   if jax.process_index() == 0:
     line = f"evaluate step {step}, {num_samples} samples: {runner.format_metrics(report['metrics'])}"
     if "digits_real_heldout" in report:
-      line += f" (real held-out digits: {runner.format_metrics(report['digits_real_heldout'])})"
+      line += f"\nreal held-out digits: {runner.format_metrics(report['digits_real_heldout'])}"
+    if "digits_samples_at_heldout_size" in report:
+      line += (f"; the first {report['digits_samples_at_heldout_size']['num_images']} samples: "
+               f"{runner.format_metrics(report['digits_samples_at_heldout_size'])}")
     print(line + f"\nwrote {os.path.join(directory, 'report.json')}", flush=True)
   return report

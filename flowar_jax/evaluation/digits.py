@@ -158,3 +158,17 @@ def real_heldout_metrics(image_size: int, eval_fraction: float = 0.1) -> dict[st
   """The same metrics for the real held-out digits: the baseline samples are compared with."""
   images, labels = split_images("eval", image_size, eval_fraction)
   return digit_classifier(image_size, eval_fraction).metrics(images, labels)
+
+
+def baseline_report(images: np.ndarray, labels: np.ndarray, eval_fraction: float = 0.1) -> dict[str, dict]:
+  """{'digits_real_heldout': the held-out split's metrics, 'digits_samples_at_heldout_size': the first as many
+  samples as the held-out split has}: a Frechet distance falls with the number of images, so a sample FD
+  compares with the real one at equal size."""
+  images = np.asarray(images)
+  classifier = digit_classifier(images.shape[1], eval_fraction)
+  real_images, real_labels = split_images("eval", images.shape[1], eval_fraction)
+  out = {"digits_real_heldout": classifier.metrics(real_images, real_labels)}
+  size = len(real_labels)
+  if len(images) >= size:
+    out["digits_samples_at_heldout_size"] = dict(classifier.metrics(images[:size], labels[:size]), num_images=size)
+  return out

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -75,10 +76,11 @@ def _features_cached(cache_dir: str, identity: dict, compute) -> dict[str, np.nd
     with np.load(path) as f:
       return {"pool": f["pool"], "spatial": f["spatial"]}
   features = compute()
-  os.makedirs(cache_dir, exist_ok=True)
-  atomic_savez(path, pool=features["pool"], spatial=features["spatial"])
-  with open(path[:-len(".npz")] + ".json", "w") as f:
-    json.dump(identity, f, indent=1)
+  if jax.process_index() == 0:  # every process computes, one writes
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_savez(path, pool=features["pool"], spatial=features["spatial"])
+    with open(path[:-len(".npz")] + ".json", "w") as f:
+      json.dump(identity, f, indent=1)
   return features
 
 

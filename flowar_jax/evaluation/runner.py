@@ -120,8 +120,8 @@ def evaluate_sampler(sampler: Sampler, plan: SamplingPlan, setup: EvalSetup, con
                         "metrics": round(time.perf_counter() - sampled, 2)},
             "flowar_jax": flowar_jax.__version__}
   if "digits" in setup.metrics:
-    from flowar_jax.evaluation.digits import real_heldout_metrics  # pylint: disable=g-import-not-at-top
-    report["digits_real_heldout"] = real_heldout_metrics(images.shape[1], config.data.eval_fraction)
+    from flowar_jax.evaluation.digits import baseline_report  # pylint: disable=g-import-not-at-top
+    report.update(baseline_report(images, labels, config.data.eval_fraction))
   if jax.process_index() == 0:
     _write_json(os.path.join(directory, "report.json"), report)
   return report
