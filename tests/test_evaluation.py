@@ -360,6 +360,38 @@ def test_reference_statistics_in_adm_layout_need_no_images(tmp_path):
     check_reference(str(tmp_path / "absent.npz"), needs_features=False)
 
 
+class FlatteningExtractor:
+  """Stands in for Inception: 'features' are the flattened pixels, so the reference's wiring is checkable."""
+
+  resize, batch_size = "adm", 64
+
+  def __init__(self):
+    self.calls = 0
+
+  def extract(self, batches, total=None, desc=""):
+    self.calls += 1
+    images = np.concatenate(list(batches))
+    assert total == len(images)
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    return {"pool": flat, "spatial": flat[:, :7]}
+
+
+def test_dataset_reference_is_computed_once_and_cached(tmp_path):
+  from flowar_jax.evaluation.digits import split_images  # pylint: disable=g-import-not-at-top
+  from flowar_jax.evaluation.reference import load_reference  # pylint: disable=g-import-not-at-top
+  config, extractor = tiny_config(), FlatteningExtractor()
+  kwargs = dict(extractor=extractor, weights_id="w", cache_dir=str(tmp_path), data_config=config.data,
+                needs_features=True)
+  reference = load_reference("dataset:eval", **kwargs)
+  images, _ = split_images("eval", 16, config.data.eval_fraction)  # the split as training serves it
+  np.testing.assert_allclose(reference.mu, images.reshape(len(images), -1).mean(axis=0), rtol=1e-6)
+  assert reference.pool.shape == (len(images), 16 * 16 * 3) and reference.sigma_s.shape == (7, 7)
+  again = load_reference("dataset:eval", **kwargs)
+  assert extractor.calls == 1 and np.array_equal(again.pool, reference.pool)
+  load_reference("dataset:train", **kwargs)
+  assert extractor.calls == 2  # another split, another cache entry
+
+
 def test_export_in_adm_layout(tmp_path):
   images = np.zeros((4, 8, 8, 3), np.uint8)
   path = sample_store.export_adm_npz(str(tmp_path), images, np.arange(4))

@@ -100,7 +100,8 @@ def load_reference(spec: str, *, extractor: InceptionFeatures | None, weights_id
                 "data_dir": data_config.data_dir, "split": split, "image_size": data_config.image_size,
                 "resize_size": data_config.resize_size, "eval_fraction": data_config.eval_fraction}
     features = _features_cached(cache_dir, identity, lambda: extractor.extract(
-        _dataset_batches(data_config, split, extractor.batch_size), desc=f"reference {spec}"))
+        _dataset_batches(data_config, split, extractor.batch_size),
+        total=len(data.build_source(data_config, split)), desc=f"reference {spec}"))
     return _from_features(spec, features)
   with np.load(spec) as f:
     stored = {k: f[k] for k in _STATS if k in f.files}
