@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -493,24 +494,38 @@ def test_evaluate_command_stops_clearly_without_weights(trained, tmp_path):
   assert not os.path.exists(os.path.join(workdir, "eval"))
 
 
-def test_periodic_evaluation_during_training(trained, tmp_path):
+def test_periodic_evaluation_during_training(trained, tmp_path, monkeypatch):
+  """train_flowar hands the loop an evaluation on `eval.every_steps`; run it on two sets of trained weights (the
+  loop itself, which runs periodic actions after checkpoints, is tested in test_training)."""
   _, workdir, _ = trained
-  from flowar_jax.training.flowar_stage import train_flowar  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training import flowar_stage, loop  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training.builders import build_flowar, load_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training.state import split_params  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.stage = "flowar"
   config.vae_checkpoint = os.path.join(workdir, "vae")
-  config.num_train_steps = 3
-  config.checkpoint_every_steps = 3
   config.eval.every_steps = 2
   config.eval.metrics = ("digits",)
   config.eval.train_num_samples = 10
+  captured = {}
+  monkeypatch.setattr(loop, "train", lambda **kwargs: captured.update(kwargs))
   run = str(tmp_path / "run")
-  train_flowar(config, run)
+  flowar_stage.train_flowar(config, run)
+  (evaluation,) = captured["periodic"]
+  assert evaluation.every == 2
+
+  def weights(use_ema):
+    model = load_params(lambda: build_flowar(config), os.path.join(workdir, "checkpoints"), use_ema=use_ema)
+    return split_params(model)[1]
+
+  ema, raw = weights(True), weights(False)
+  evaluation.action(2, types.SimpleNamespace(ema_params=ema, params=raw))
+  evaluation.action(4, types.SimpleNamespace(ema_params=raw, params=raw))  # other weights, same program
   with open(os.path.join(run, "eval", "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records] == [2, 3]  # every 2 steps and at the end
+  assert [r["step"] for r in records] == [2, 4]
   assert all(0.0 <= r["eval/digits_accuracy"] <= 1.0 and r["eval/digits_fd"] > 0 for r in records)
   assert records[0]["eval/digits_fd"] != records[1]["eval/digits_fd"]  # the second one saw the new weights
-  for step in (2, 3):
+  for step in (2, 4):
     assert os.path.isfile(os.path.join(run, "eval", f"step{step}-n10-seed0-cfg2-guidance0.9-steps4-euler-ema",
                                        "report.json"))
