@@ -20,6 +20,7 @@ setup(
         "numpy",
         "pillow",
         "scikit-learn",
+        "scipy",  # evaluation: Frechet distance, Inception Score (also a dependency of scikit-learn)
         "tensorflow-datasets>=4.9",
         "tqdm",
     ],

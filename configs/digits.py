@@ -62,4 +62,9 @@ def get_config():
   c.sampling.num_steps = 25
   c.sampling.num_samples = 100
   c.sampling.batch_size = 100
+
+  # `python -m flowar_jax evaluate`: the digits classifier metric, no downloads (docs/evaluation.md).
+  c.eval.metrics = ("digits",)
+  c.eval.num_samples = 1000
+  c.eval.train_num_samples = 200
   return c

@@ -1,6 +1,7 @@
 """Command line: `python -m flowar_jax COMMAND --config CONFIG[:ARG] [--config.key=value ...] --workdir DIR`.
 
-Commands: train, sample, summary, convert (official PyTorch weights -> WORKDIR).
+Commands: train, sample, evaluate (FID, sFID, IS, precision/recall, digits metric), summary, convert (official
+PyTorch weights -> WORKDIR).
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "summary", "convert")
+COMMANDS = ("train", "sample", "evaluate", "summary", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/digits.py), with "
                                           "--config.key=value overrides.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample: number of images (default config.sampling).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample / evaluate: number of images (default "
+                                    "config.sampling.num_samples / config.eval.num_samples).")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: sample i uses noise from (seed, i).")
 _CFG = flags.DEFINE_float("cfg", None, "sample: classifier-free guidance scale (1 disables it).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sample: ODE steps per scale.")
@@ -27,6 +29,12 @@ _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample: use the EMA weights (d
                                  "file's EMA weights (default: when it holds them).")
 _FROM_TORCH = flags.DEFINE_string("from_torch", None, "convert: official FlowAR checkpoint (.pth, .safetensors, .npz).")
 _VAE_TORCH = flags.DEFINE_string("vae_torch", None, "convert: MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz).")
+_METRICS = flags.DEFINE_list("metrics", None, "evaluate: fid, sfid, is, precision, recall, digits (default "
+                             "config.eval.metrics).")
+_REFERENCE = flags.DEFINE_string("reference", None, "evaluate: ADM-layout reference .npz or dataset:train / "
+                                 "dataset:eval (default config.eval.reference).")
+_INCEPTION = flags.DEFINE_string("inception_weights", None, "evaluate: FID Inception weights (.pth, .npz or the "
+                                 "TF graph .pb; default config.eval.inception_weights, else ~/.cache/flowar_jax).")
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -75,6 +83,17 @@ def main(argv: list[str]) -> None:
       from flowar_jax.commands import convert
       convert.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"),
                   flowar_path=_need(_FROM_TORCH.value, "from_torch"), vae_path=_VAE_TORCH.value, use_ema=_USE_EMA.value)
+    elif command == "evaluate":
+      from flowar_jax.commands import evaluate, sample
+      workdir = _need(_WORKDIR.value, "workdir")
+      config = _CONFIG.value or sample.stored_config(workdir)
+      settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
+                                      guidance=_GUIDANCE.value, solver=_SOLVER.value)
+      evaluate.run(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.eval.num_samples),
+                   seed=_SEED.value, settings=settings,
+                   batch_size=_default(_BATCH.value, config.sampling.batch_size),
+                   use_ema=_default(_USE_EMA.value, config.sampling.use_ema), metrics=_METRICS.value,
+                   reference=_REFERENCE.value, inception_weights=_INCEPTION.value)
     else:
       from flowar_jax.commands import sample
       workdir = _need(_WORKDIR.value, "workdir")

@@ -101,6 +101,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.num_samples = 64
   c.sampling.batch_size = 64
   c.sampling.use_ema = True
+
+  # `evaluate` and evaluation during training (docs/evaluation.md).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # evaluate during FlowAR training every N steps and at the end (0 = off)
+  c.eval.num_samples = 50_000  # `evaluate`'s default; class labels cycle, equal counts per class
+  c.eval.train_num_samples = 10_000  # per evaluation during training
+  c.eval.metrics = ("fid", "sfid", "is", "precision", "recall")  # and/or 'digits' (the bundled data)
+  c.eval.reference = "dataset:train"  # ADM-layout .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or dataset:SPLIT
+  c.eval.inception_weights = ""  # '' = look in ~/.cache/flowar_jax (nothing is downloaded)
+  c.eval.resize = "adm"  # Inception input: 'adm' (ADM's TF graph) | 'pytorch-fid'
+  c.eval.inception_batch_size = 200  # images per Inception step, split over the devices
   c.lock()  # existing keys can change; new (misspelt) ones raise
   return c
 
@@ -119,7 +130,9 @@ _CHOICES = {
     "model.head.variant": ("v1", "v2"),
     "model.attention_impl": ("xla", "pallas", "auto"),
     "sampling.solver": ("euler", "heun"),
+    "eval.resize": ("adm", "pytorch-fid"),
 }
+_EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits")
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
@@ -169,6 +182,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   if len(grid_labels) > 64 or any(not 0 <= int(k) < config.model.num_classes for k in grid_labels):
     raise ValueError(f"config.sample_grid_labels must hold at most 64 classes in [0, model.num_classes = "
                      f"{config.model.num_classes}), got {grid_labels}")
+  unknown = [m for m in config.eval.metrics if m not in _EVAL_METRICS]
+  if unknown:
+    raise ValueError(f"config.eval.metrics has unknown metrics {unknown}; choose from {_EVAL_METRICS}")
+  if config.eval.every_steps < 0:
+    raise ValueError(f"config.eval.every_steps must be >= 0 (0 turns it off), got {config.eval.every_steps}")
+  for key in ("eval.num_samples", "eval.train_num_samples"):
+    if flat[key] < 2:
+      raise ValueError(f"config.{key} must be >= 2 (feature covariances need two samples), got {flat[key]}")
+  if config.eval.inception_batch_size < 1:
+    raise ValueError(f"config.eval.inception_batch_size must be >= 1, got {config.eval.inception_batch_size}")
   if config.sampling.cfg < 0:
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
   if config.vae.latent_scale < 0:

@@ -49,12 +49,12 @@ def test_loaded_weights_reuse_the_compiled_sampler_and_match_a_new_one():
   sampler = Sampler(_perturbed(build_flowar(config, 0), 0.01), settings)
   first = sampler(labels, seed=0)
   other = _perturbed(build_flowar(config, 1), 0.02)
-  sampler.load_weights(other)
+  sampler.set_weights(other)
   second = sampler(labels, seed=0)
   assert sampler._fn._cache_size() == 1  # pylint: disable=protected-access
   assert np.abs(first - second).max() > 1e-3
   np.testing.assert_array_equal(second, Sampler(other, settings)(labels, seed=0))
   wider = tiny_config()
   wider.model.width = 64
-  with pytest.raises(ValueError, match="architecture"):
-    sampler.load_weights(build_flowar(wider, 0))
+  with pytest.raises(ValueError, match="structure"):
+    sampler.set_weights(build_flowar(wider, 0))

@@ -97,13 +97,16 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
     iterator = data.make_train_iterator(config.data, config.batch_size, config.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
   tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
+  model_factory = functools.partial(build_flowar, config, config.seed)
+  graphdef, _ = split_params(nnx.eval_shape(model_factory))
+  periodic = []
+  if config.eval.every_steps > 0:
+    from flowar_jax.evaluation.during_training import periodic_evaluation  # pylint: disable=g-import-not-at-top
+    periodic.append(loop.Periodic(config.eval.every_steps, periodic_evaluation(config, workdir, graphdef, vae)))
   logging.info("FlowAR: %d steps at batch %d, peak lr %.2e", config.num_train_steps, config.batch_size,
                config.optimizer.base_lr * config.batch_size / 256)
-  model_factory = functools.partial(build_flowar, config, config.seed)
   with MetricWriter(workdir) as writer:
-    periodic = []
     if config.sample_every_steps:
-      graphdef, _ = split_params(nnx.eval_shape(model_factory))
       periodic.append(loop.Periodic(config.sample_every_steps, SampleGrids(config, graphdef, vae, writer)))
     return loop.train(
         workdir=workdir, model_factory=model_factory,

@@ -55,6 +55,6 @@ class SampleGrids:
     if self._sampler is None:
       self._sampler = Sampler(model, self._settings, decode=self._decode, decoder_module=self._vae)
     else:
-      self._sampler.load_weights(model)
+      self._sampler.set_weights(model, self._vae)
     images = enlarge(self._sampler(self._labels, self._seed))
     self._writer.write_images(step, {"samples": images}, columns=len(self._labels) // GRID_ROWS)
