@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3
   c.log_every_steps = 100
+  # A step whose loss, gradients or new params are not finite is skipped (params, optimizer state and EMA
+  # unchanged, counted in the state); this many in a row stop training with an error.
+  c.max_consecutive_nonfinite_steps = 10
   # Which stages `train` runs: 'vae', 'flowar', or 'both' (VAE first, then FlowAR on its latents).
   c.stage = "flowar"
   # Workdir (or checkpoint directory) of a trained VAE; '' means WORKDIR/vae.

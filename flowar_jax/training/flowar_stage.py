@@ -103,4 +103,4 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
       ema_decay=config.optimizer.ema_decay, data_iterator=iterator, num_steps=config.num_train_steps,
       config=config, seed=config.seed, checkpoint_every=config.checkpoint_every_steps,
       keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar",
-      batch_size=config.batch_size)
+      batch_size=config.batch_size, max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps)

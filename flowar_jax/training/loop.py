@@ -14,6 +14,8 @@ from flax import nnx
 
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.metrics import MetricWriter
+from flowar_jax.training.nonfinite import NonFiniteMonitor
+from flowar_jax.training.preemption import Preempted, PreemptionWatcher
 from flowar_jax.training.progress import Progress
 from flowar_jax.training.state import LossFn, TrainState, init_train_state, make_train_step, split_params
 
@@ -50,11 +52,16 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
           data_iterator: Iterator[dict], num_steps: int, config: ml_collections.ConfigDict,
           seed: int, checkpoint_every: int, keep: int, log_every: int, context: Any = None,
           batch_to_device: Callable[[dict], dict] = lambda b: b, desc: str = "train",
-          batch_size: int | None = None, periodic: Sequence[Periodic] = ()) -> tuple[nnx.GraphDef, TrainState]:
+          batch_size: int | None = None, periodic: Sequence[Periodic] = (),
+          max_consecutive_nonfinite: int = 10) -> tuple[nnx.GraphDef, TrainState]:
   """Trains to `num_steps` (resuming from `workdir/checkpoints`) and returns (graphdef, final state).
 
   With `batch_size` (global), the logged metrics include throughput in images per second, measured
   over the steps since the previous log line (the first line after a (re)start includes compilation).
+
+  Raises:
+    Preempted: a SIGTERM arrived; the current step was checkpointed first (see `preemption`).
+    NonFiniteError: `max_consecutive_nonfinite` steps in a row were skipped (see `nonfinite`).
   """
   os.makedirs(workdir, exist_ok=True)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
@@ -68,10 +75,13 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
   writer = MetricWriter(workdir)
   progress = Progress(num_steps, initial=start, desc=desc)
   last_log = (start, time.perf_counter())
+  monitor = NonFiniteMonitor(max_consecutive_nonfinite, desc=desc, checkpoint_dir=checkpointer.directory)
+  preemption = PreemptionWatcher().start()
   try:
     for step in range(start + 1, num_steps + 1):
       batch = batch_to_device(next(data_iterator))
       state, metrics = step_fn(state, batch, context)
+      monitor.observe(step, metrics)
       if step % log_every == 0 or step == num_steps:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
@@ -82,10 +92,16 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
         progress.update(step, scalars)
       if step % checkpoint_every == 0 or step == num_steps:
         checkpointer.save(step, state, data_iterator=data_iterator, config=config)
+      if preemption.reached(step):
+        checkpointer.save(step, state, data_iterator=data_iterator, config=config)  # no-op if just saved
+        checkpointer.wait()
+        raise Preempted(step, checkpointer.directory)
       for action in periodic:
         if action.due(step, num_steps):
           action.action(step, state)
+    monitor.finish()
   finally:
+    preemption.stop()
     progress.close()
     writer.close()
     checkpointer.wait()
