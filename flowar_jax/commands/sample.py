@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flowar_jax.config import config_from_dict
+from flowar_jax.config import config_from_dict, validate_config
 from flowar_jax.models.vae import decode_from_latents
 from flowar_jax.sampling.images import write_samples
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
@@ -47,6 +47,7 @@ def class_labels(num_samples: int, num_classes: int, labels: list[int] | None = 
 def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndarray, seed: int,
              settings: SamplingSettings, batch_size: int, use_ema: bool = True) -> np.ndarray:
   """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i)."""
+  validate_config(config)
   flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema)
   vae = load_vae(config, workdir)
   latent_scale = config.vae.latent_scale
