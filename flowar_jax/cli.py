@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
   except NonFiniteError as e:
     print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
     sys.exit(1)
-  except (ValueError, FileNotFoundError, ImportError) as e:
+  except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
     print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
     sys.exit(USAGE_EXIT_CODE)
 
