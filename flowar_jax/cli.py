@@ -11,6 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from flowar_jax.commands.flag_errors import USAGE_EXIT_CODE, parse_flags
+
 COMMANDS = ("train", "sample", "evaluate", "summary", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/digits.py), with "
@@ -72,6 +74,8 @@ def main(argv: list[str]) -> None:
     # Library logs only on request (-v 0): Orbax alone writes dozens of lines per checkpoint.
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_QuietOrbax())
+  from flowar_jax.training.nonfinite import NonFiniteError  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training.preemption import EXIT_CODE, Preempted  # pylint: disable=g-import-not-at-top
   try:
     if command == "summary":
       from flowar_jax.commands.summary import summarize
@@ -104,11 +108,17 @@ def main(argv: list[str]) -> None:
                                seed=_SEED.value, settings=settings, labels=_parse_labels(_LABELS.value),
                                batch_size=_default(_BATCH.value, config.sampling.batch_size),
                                use_ema=_default(_USE_EMA.value, True))
-  except (ValueError, FileNotFoundError, ImportError) as e:
+  except Preempted as e:  # a checkpoint is saved; exit non-zero so that the scheduler reruns the command
+    print(f"flowar-jax {command}: {e}", file=sys.stderr)
+    sys.exit(EXIT_CODE)
+  except NonFiniteError as e:
     print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1)
+  except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
 
 
 def run() -> None:
   """Console-script entry point (`flowar-jax`)."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

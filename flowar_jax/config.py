@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   # the sampling settings below, from fixed noise, so the grids of successive steps compare.
   c.sample_every_steps = 0  # 0 = off; the last step is always included when on
   c.sample_grid_labels = ()  # classes, one column each (two rows); () = up to 10 spread over the classes
+  # A step whose loss, gradients or new params are not finite is skipped (params, optimizer state and EMA
+  # unchanged, counted in the state); this many in a row stop training with an error.
+  c.max_consecutive_nonfinite_steps = 10
   # Which stages `train` runs: 'vae', 'flowar', or 'both' (VAE first, then FlowAR on its latents).
   c.stage = "flowar"
   # Workdir (or checkpoint directory) of a trained VAE; '' means WORKDIR/vae.
@@ -135,13 +138,74 @@ _CHOICES = {
 _EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits")
 
 
+# The element type of schema tuples whose default is empty.
+_EMPTY_TUPLE_ELEMENTS = {"sample_grid_labels": int}
+_TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", str: "a string"}
+
+
+def _type_error(key: str, value, expected: type) -> str | None:
+  """Why `value` can't stand where the schema has a value of type `expected` (None when it can)."""
+  if isinstance(value, bool) or expected is bool:
+    ok = isinstance(value, bool) and expected is bool
+  elif expected is float:
+    ok = isinstance(value, (int, float))
+  else:
+    ok = isinstance(value, expected)
+  if ok:
+    return None
+  return f"config.{key} must be {_TYPE_NAMES.get(expected, expected.__name__)}, got {value!r} ({type(value).__name__})"
+
+
+def check_types(config: ml_collections.ConfigDict) -> None:
+  """Every key of the schema (`base_config()`) is present with a value of its type, and no other key is.
+
+  Catches what a locked ConfigDict lets through: a config built by hand or from JSON, and tuple overrides
+  such as `--config.model.scales=(1,2.5,4)` or `=(1,2,x)`, which parse element by element.
+  """
+  schema = dict(_flatten(base_config()))
+  flat = dict(_flatten(config))
+  unknown = sorted(set(flat) - set(schema))
+  if unknown:
+    raise ValueError(f"unknown config key(s): {', '.join('config.' + k for k in unknown)}")
+  missing = sorted(set(schema) - set(flat))
+  if missing:
+    raise ValueError(f"config key(s) missing: {', '.join('config.' + k for k in missing)}")
+  for key, default in schema.items():
+    value = flat[key]
+    if default is None:
+      continue
+    if isinstance(default, tuple):
+      element_type = type(default[0]) if default else _EMPTY_TUPLE_ELEMENTS[key]
+      if not isinstance(value, (tuple, list)) or any(_type_error(key, v, element_type) for v in value):
+        raise ValueError(f"config.{key} must be a tuple of {element_type.__name__}s like {default}, got {value!r}")
+      continue
+    problem = _type_error(key, value, type(default))
+    if problem:
+      raise ValueError(problem)
+
+
+def check_batch_divisible(config: ml_collections.ConfigDict, data_parallel_devices: int) -> None:
+  """The global batches split evenly over the devices that hold different examples (data x fsdp)."""
+  if data_parallel_devices < 1:
+    raise ValueError(f"the number of data-parallel devices must be >= 1, got {data_parallel_devices}")
+  for key, batch in (("batch_size", config.batch_size), ("vae.train.batch_size", config.vae.train.batch_size)):
+    if batch % data_parallel_devices:
+      raise ValueError(f"config.{key} {batch} is not divisible by the {data_parallel_devices} devices it is "
+                       f"split over (data parallel); use a multiple of {data_parallel_devices}")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Checks that need more than types, before any compute. Errors name the offending key."""
+  """Checks types and values before any compute; errors name the offending key.
+
+  `num_devices` is the number of data-parallel devices the batches are split over.
+  """
+  check_types(config)
   flat = {k: v for k, v in _flatten(config)}
   for key, choices in _CHOICES.items():
     if flat[key] not in choices:
       raise ValueError(f"config.{key} must be one of {choices}, got {flat[key]!r}")
   for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints",
+              "max_consecutive_nonfinite_steps",
               "vae.train.batch_size", "vae.train.num_train_steps", "model.width", "model.depth",
               "model.num_heads", "model.num_classes", "model.head.width", "model.head.depth",
               "model.head.head_dim", "data.image_size", "sampling.num_steps", "sampling.num_samples",
@@ -196,9 +260,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
   if config.vae.latent_scale < 0:
     raise ValueError(f"config.vae.latent_scale must be > 0, or 0 to measure it, got {config.vae.latent_scale}")
-  for key in ("batch_size", "vae.train.batch_size"):
-    if flat[key] % num_devices:
-      raise ValueError(f"config.{key} {flat[key]} is not divisible by the {num_devices} devices")
+  check_batch_divisible(config, num_devices)
 
 
 def flatten_config(config: ml_collections.ConfigDict) -> dict:

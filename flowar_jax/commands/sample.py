@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flowar_jax.config import config_from_dict
+from flowar_jax.config import config_from_dict, validate_config
 from flowar_jax.sampling.images import write_samples
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings, image_sampler
 from flowar_jax.training.builders import build_flowar, load_params
@@ -46,6 +46,7 @@ def class_labels(num_samples: int, num_classes: int, labels: list[int] | None = 
 def load_image_sampler(config: ml_collections.ConfigDict, workdir: str, settings: SamplingSettings,
                        use_ema: bool = True) -> Sampler:
   """`image_sampler` for the latest FlowAR checkpoint in WORKDIR and its VAE."""
+  validate_config(config)
   flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema)
   vae = load_vae(config, workdir)
   latent_scale = config.vae.latent_scale

@@ -10,6 +10,7 @@ from etils import epath
 from flowar_jax.commands.sample import sample_to_workdir, settings_from
 from flowar_jax.config import validate_config
 from flowar_jax.training.flowar_stage import train_flowar
+from flowar_jax.training.resume_check import check_config_matches_checkpoints
 from flowar_jax.training.vae_stage import train_vae
 from flowar_jax.training.workdir import REPORT_FILE, vae_dir
 
@@ -18,6 +19,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains what `config.stage` names in WORKDIR; returns a small report (e.g. the digits metric), also
   written to WORKDIR/report.json once everything is done."""
   validate_config(config, jax.device_count())
+  check_config_matches_checkpoints(config, workdir)
   report = {}
   if config.stage in ("vae", "both"):
     train_vae(config, vae_dir(config, workdir))

@@ -115,4 +115,5 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
         config=config, seed=config.seed, checkpoint_every=config.checkpoint_every_steps,
         keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar",
         batch_size=config.batch_size, tokens_per_image=sum(side * side for side in config.model.scales),
-        periodic=periodic, writer=writer)
+        periodic=periodic, writer=writer,
+        max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps)
