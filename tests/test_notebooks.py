@@ -64,7 +64,7 @@ def test_notebooks_run_top_to_bottom(tmp_path, monkeypatch):
   train = _execute("train_digits.ipynb", {"WORKDIR": workdir, "OVERRIDES": TINY_RUN}, str(tmp_path))
   assert len(_outputs(train, "image/png")) == 4  # the data, reconstructions, the loss plot, samples
   text = "".join(out.get("text", "") for cell in train.cells if cell.cell_type == "code" for out in cell.outputs)
-  assert "digit classifier accuracy on the samples" in text and "tokens/s" in text
+  assert "digit classifier on the samples: accuracy" in text and "tokens/s" in text
   assert os.path.exists(os.path.join(workdir, "samples", "grid.png"))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
