@@ -74,6 +74,13 @@ RUNS = {
 }
 
 
+def _select(name: str) -> tuple[Run | None, ...]:
+  """A group of runs by its key in RUNS, or one run by its name; (None,) when neither."""
+  if name in RUNS:
+    return RUNS[name]
+  return tuple(r for group in RUNS.values() for r in group if r.name == name) or (None,)
+
+
 def rel_err(ours, theirs) -> float:
   ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
   assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
@@ -378,14 +385,16 @@ def table(results: dict[str, dict[str, float]], tol: float) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
   parser.add_argument("--official", required=True, help="checkout of the official FlowAR code (holds models/)")
-  parser.add_argument("--runs", default="reduced,S", help=f"comma-separated, of {sorted(RUNS)}")
+  parser.add_argument("--runs", default="reduced,S", help=f"comma-separated groups {sorted(RUNS)} or single runs "
+                      "('reduced-S', 'H-1block', ...)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tol", type=float, default=1e-4)
   parser.add_argument("--json", help="also write the errors here")
   args = parser.parse_args()
-  unknown = [r for r in args.runs.split(",") if r not in RUNS]
-  if unknown:
-    parser.error(f"unknown runs {unknown}; choose from {sorted(RUNS)}")
+  selected = [run for name in args.runs.split(",") for run in _select(name)]
+  if not all(selected):
+    parser.error(f"unknown runs in {args.runs!r}; choose from {sorted(RUNS)} or the single runs "
+                 f"{[r.name for group in RUNS.values() for r in group]}")
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
@@ -394,7 +403,7 @@ def main() -> None:
   sys.path.insert(0, _REPO)
   flowar_mod, vae_mod = import_official(args.official)
   results = {}
-  for run in (r for name in args.runs.split(",") for r in RUNS[name]):
+  for run in selected:
     began = time.time()
     res, sampled = check_flowar(flowar_mod, run, args.seed)
     if run.vae_channels:

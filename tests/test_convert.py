@@ -22,6 +22,7 @@ from flowar_jax.convert.sizes import PUBLISHED, FlowARSize, check_published_head
 from flowar_jax.convert.state_dict import file_format
 from flowar_jax.convert.workdir import converted_config, flowar_params, vae_params
 from flowar_jax.models.params import flat_params
+from flowar_jax.sampling.time_grid import time_grid
 from flowar_jax.training.builders import build_flowar, load_params
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.state import split_params
@@ -214,9 +215,14 @@ def test_a_released_size_is_recognised_and_its_preset_named():
 
 
 def test_presets_carry_the_published_sampling_settings():
-  for name, expected in (("flowar_s", (4.3, 0.9, 25)), ("flowar_l", (2.4, 0.9, 25)), ("flowar_h", (2.4, 0.7, 50))):
+  # (cfg, guidance, steps) as published, and (ODE steps, guided steps) per scale as the official sampler runs
+  # them: FlowAR-H's guidance 0.7 is a point of its 50-step grid, and that step is guided.
+  for name, expected, official_steps in (("flowar_s", (4.3, 0.9, 25), (24, 22)), ("flowar_l", (2.4, 0.9, 25), (24, 22)),
+                                         ("flowar_h", (2.4, 0.7, 50), (50, 35))):
     stored = converted_config(preset_config(name))
     assert (stored.sampling.cfg, stored.sampling.guidance, stored.sampling.num_steps) == expected, name
+    grid = time_grid(stored.sampling.num_steps)
+    assert (len(grid) - 1, int(np.sum(grid[:-1] <= stored.sampling.guidance))) == official_steps, name
     assert stored.vae.latent_scale == pytest.approx(0.2325)
     size, preset, heads, head_dim = PUBLISHED[f"FlowAR-{name[-1].upper()}"]
     assert preset == f"configs/{name}.py"
