@@ -9,10 +9,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flowar_jax.config import config_from_dict
-from flowar_jax.models.vae import decode_from_latents
+from flowar_jax.config import config_from_dict, validate_config
 from flowar_jax.sampling.images import write_samples
-from flowar_jax.sampling.sampler import Sampler, SamplingSettings
+from flowar_jax.sampling.sampler import Sampler, SamplingSettings, image_sampler
 from flowar_jax.training.builders import build_flowar, load_params
 from flowar_jax.training.flowar_stage import stored_latent_scale
 from flowar_jax.training.checkpointing import Checkpointer
@@ -44,9 +43,10 @@ def class_labels(num_samples: int, num_classes: int, labels: list[int] | None = 
   return np.resize(pool, num_samples).astype(np.int32)
 
 
-def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndarray, seed: int,
-             settings: SamplingSettings, batch_size: int, use_ema: bool = True) -> np.ndarray:
-  """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i)."""
+def load_image_sampler(config: ml_collections.ConfigDict, workdir: str, settings: SamplingSettings,
+                       use_ema: bool = True) -> Sampler:
+  """`image_sampler` for the latest FlowAR checkpoint in WORKDIR and its VAE."""
+  validate_config(config)
   flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema)
   vae = load_vae(config, workdir)
   latent_scale = config.vae.latent_scale
@@ -54,14 +54,19 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndar
     latent_scale = stored_latent_scale(workdir)
     if latent_scale is None:
       raise ValueError("vae.latent_scale is 0 (measure it) but the checkpoint in WORKDIR stores no measured value")
-  decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
-  sampler = Sampler(flowar, settings, decode=decode, decoder_module=vae)
+  return image_sampler(flowar, vae, settings, latent_scale)
+
+
+def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndarray, seed: int,
+             settings: SamplingSettings, batch_size: int, use_ema: bool = True) -> np.ndarray:
+  """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i)."""
+  sampler = load_image_sampler(config, workdir, settings, use_ema)
   sampler.check_labels(labels)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   batch_size = min(batch_size, len(labels))
   out = []
-  progress = Progress(len(labels), desc="sample")
+  progress = Progress(len(labels), desc="sample", unit="image")
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
     real = len(chunk)

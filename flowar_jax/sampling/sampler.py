@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax.models.flowar import FlowAR
+from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
 from flowar_jax.sampling.ode import integrate
 from flowar_jax.sampling.time_grid import time_grid
 from flowar_jax.scales import next_scale_input
@@ -103,6 +104,7 @@ class Sampler:
   def __init__(self, model: FlowAR, settings: SamplingSettings, decode=None, decoder_module: nnx.Module | None = None):
     self.settings = settings
     self.num_classes = model.num_classes
+    self._decoder_module = decoder_module
     self._graph, self._state = nnx.split((model, decoder_module))
     self._decode = decode
     self._fn = jax.jit(self._run)
@@ -113,6 +115,13 @@ class Sampler:
     if self._decode is None:
       return latents
     return to_uint8(self._decode(decoder_module, latents))
+
+  def set_weights(self, model: FlowAR, decoder_module: nnx.Module | None = None) -> None:
+    """Swaps in other weights of the same structure (e.g. each evaluation during training) without recompiling."""
+    graph, state = nnx.split((model, decoder_module))
+    if graph != self._graph:
+      raise ValueError("set_weights needs a model (and decoder) of the structure this sampler was built for")
+    self._state = state
 
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
@@ -128,3 +137,9 @@ class Sampler:
     labels = self.check_labels(labels)
     keys = sample_keys(seed, first_index, labels.shape[0])
     return np.asarray(self._fn(self._state, jnp.asarray(labels), keys))
+
+
+def image_sampler(flowar: FlowAR, vae: AutoencoderKL, settings: SamplingSettings, latent_scale: float) -> Sampler:
+  """A compiled sampler from class labels to uint8 images, decoding with `vae` at `latent_scale`."""
+  decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
+  return Sampler(flowar, settings, decode=decode, decoder_module=vae)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from flowar_jax import data
 from flowar_jax.models.vae import AutoencoderKL
+from flowar_jax.training.progress import Progress
 
 _ENCODE_BATCH = 64
 
@@ -36,13 +37,19 @@ def encode_train_split(vae: AutoencoderKL, config: ml_collections.ConfigDict, ma
     posterior = nnx.merge(graphdef, state).encode(images)
     return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
 
-  moments, labels = [], []
-  for batch in data.make_eval_batches(config.data, _ENCODE_BATCH, split="train"):
-    keep = batch["mask"]
-    moments.append(np.asarray(encode(state, batch["image"]))[keep])
-    labels.append(batch["label"][keep])
-    if max_examples is not None and sum(len(l) for l in labels) >= max_examples:
-      break
+  total = len(data.build_source(config.data, "train"))
+  if max_examples is not None:
+    total = min(total, max_examples)
+  moments, labels, done = [], [], 0
+  with Progress(total, desc="encode latents", unit="image", every=max(1, total // 20)) as progress:
+    for batch in data.make_eval_batches(config.data, _ENCODE_BATCH, split="train"):
+      keep = batch["mask"]
+      moments.append(np.asarray(encode(state, batch["image"]))[keep])
+      labels.append(batch["label"][keep])
+      done += len(labels[-1])
+      progress.update(min(done, total))
+      if done >= total:
+        break
   return np.concatenate(moments), np.concatenate(labels).astype(np.int32)
 
 

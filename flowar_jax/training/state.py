@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flowar_jax.training import nonfinite
+
 # loss_fn(model, batch, rng, context, step) -> (scalar loss, metrics). `context` holds frozen arrays
 # (e.g. the VAE's params while FlowAR trains) passed as an argument so they aren't baked into the program.
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any, jax.Array], tuple[jax.Array, dict]]
@@ -21,6 +23,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any
   rng: jax.Array  # typed PRNG key
+  skipped: nonfinite.SkipCounts  # updates skipped for a non-finite loss, gradient or update
 
 
 def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -34,12 +37,17 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
   _, params = split_params(model)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.key(seed))
+                    ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.key(seed),
+                    skipped=nonfinite.SkipCounts.zeros())
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
                     ema_decay: float, schedule: optax.Schedule | None = None):
-  """-> jitted `step(state, batch, context) -> (state, metrics)`, donating the old state."""
+  """-> jitted `step(state, batch, context) -> (state, metrics)`, donating the old state.
+
+  An update whose loss, gradients or new params are not finite is dropped: params, optimizer state and
+  EMA stay as they were, the step still advances, and `state.skipped` counts it (see `nonfinite`).
+  """
 
   def step(state: TrainState, batch: dict, context: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -51,10 +59,17 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = nonfinite.all_finite(loss, grad_norm, params)
+    params, opt_state, ema = nonfinite.keep_if(finite, (params, opt_state, ema),
+                                               (state.params, state.opt_state, state.ema_params))
+    skipped = nonfinite.count(state.skipped, finite)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, **{nonfinite.SKIPPED: skipped.total,
+                                                               nonfinite.CONSECUTIVE: skipped.consecutive})
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                              skipped=skipped)
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=0)
