@@ -26,7 +26,7 @@ TIME_FREQUENCY_DIM = 256
 def _frequency_table(half: int, max_period: float) -> np.ndarray:
   """[half] float32 max_period ** (-i / half), each rounded once from float64.
 
-  The sinusoid's argument is up to 1000 times a frequency, so one unit in the last place of a frequency moves
+  The sinusoid's argument is up to 1000 times a frequency, so half a unit in the last place of a frequency moves
   it by up to 3e-5; a correctly rounded table keeps it where the official float32 `exp` (accurate to about an
   ulp) puts it, closer than a second float32 `exp` does. The exponents are the official float32 ones.
   """
