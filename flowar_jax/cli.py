@@ -31,6 +31,8 @@ _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample: use the EMA weights (d
                                  "file's EMA weights (default: when it holds them).")
 _FROM_TORCH = flags.DEFINE_string("from_torch", None, "convert: official FlowAR checkpoint (.pth, .safetensors, .npz).")
 _VAE_TORCH = flags.DEFINE_string("vae_torch", None, "convert: MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz).")
+_TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "convert: read torch files with full unpickling, "
+                                     "for trusted files that hold Python objects besides tensors.")
 _METRICS = flags.DEFINE_list("metrics", None, "evaluate: fid, sfid, is, precision, recall, digits (default "
                              "config.eval.metrics).")
 _REFERENCE = flags.DEFINE_string("reference", None, "evaluate: ADM-layout reference .npz or dataset:train / "
@@ -86,7 +88,8 @@ def main(argv: list[str]) -> None:
     elif command == "convert":
       from flowar_jax.commands import convert
       convert.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"),
-                  flowar_path=_need(_FROM_TORCH.value, "from_torch"), vae_path=_VAE_TORCH.value, use_ema=_USE_EMA.value)
+                  flowar_path=_need(_FROM_TORCH.value, "from_torch"), vae_path=_VAE_TORCH.value, use_ema=_USE_EMA.value,
+                  trust_pickle=_TRUST_PICKLE.value)
     elif command == "evaluate":
       from flowar_jax.commands import evaluate, sample
       workdir = _need(_WORKDIR.value, "workdir")

@@ -3,8 +3,11 @@
 The official names and shapes come from tests/data/official_keys_tiny.txt (written from the official
 modules at tiny sizes); the weights are our own modules' parameters, renamed by the inverse mapping.
 """
+import dataclasses
 import functools
+import importlib.util
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -15,8 +18,11 @@ from conftest import tiny_config
 from flowar_jax.commands import convert, sample
 from flowar_jax.convert import load_state_dict, names, select_weights
 from flowar_jax.convert.params import state_dict_from_params
-from flowar_jax.convert.workdir import flowar_params, vae_params
+from flowar_jax.convert.sizes import PUBLISHED, FlowARSize, check_published_heads, describe_flowar, flowar_size
+from flowar_jax.convert.state_dict import file_format
+from flowar_jax.convert.workdir import converted_config, flowar_params, vae_params
 from flowar_jax.models.params import flat_params
+from flowar_jax.sampling.time_grid import time_grid
 from flowar_jax.training.builders import build_flowar, load_params
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.state import split_params
@@ -24,6 +30,7 @@ from flowar_jax.training.vae_stage import VAETrainable
 from flowar_jax.training.workdir import checkpoint_dir
 
 _KEYS = os.path.join(os.path.dirname(__file__), "data", "official_keys_tiny.txt")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def official_keys(section: str, variant: str | None = None) -> dict[str, tuple[int, ...]]:
@@ -167,27 +174,115 @@ def test_missing_and_unexpected_keys_are_listed():
     flowar_params(flowar_config("v2"), official_flowar_state_dict(config)[1])
 
 
-def test_files_that_are_not_checkpoints(tmp_path):
-  text = tmp_path / "notes.npz"
-  text.write_text("not a checkpoint")
-  with pytest.raises(ValueError, match="not a readable .npz"):
-    load_state_dict(str(text))
-  with pytest.raises(FileNotFoundError):
-    load_state_dict(str(tmp_path / "absent.pth"))
-  pth = tmp_path / "notes.pth"
-  pth.write_text("not a checkpoint")
+def preset_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(_REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def size_keys(size) -> dict[str, np.ndarray]:
+  """The parameters a size is read from, as zero-strided views (no memory): enough for `flowar_size`."""
+  zero = np.zeros((), np.float32)
+  sd = {"class_emb.weight": np.broadcast_to(zero, (1001, size.width)),
+        "flownet.input_proj.weight": np.broadcast_to(zero, (size.head_width, 16))}
+  for i in range(size.depth):
+    sd[f"encoder_blocks.{i}.ada_lin.1.weight"] = np.broadcast_to(zero, (6 * size.width, size.width))
+  attn = "crossattn.q" if size.head_variant == "v2" else "attn.qkv"
+  for i in range(size.head_depth):
+    sd[f"flownet.res_blocks.{i}.{attn}.weight"] = np.broadcast_to(zero, (size.head_width, size.head_width))
+  return sd
+
+
+def test_a_released_size_is_recognised_and_its_preset_named():
+  for name, (size, _, _, _) in PUBLISHED.items():
+    assert flowar_size(size_keys(size)) == size, name
+  assert str(PUBLISHED["FlowAR-S"][0]) == "width 768, 6 + 6 blocks, head v1 with 2 blocks of width 1024"
+  with pytest.raises(ValueError) as e:
+    flowar_params(flowar_config("v2"), size_keys(PUBLISHED["FlowAR-L"][0]))
+  msg = str(e.value)
+  assert "'class_emb.weight' has shape (1001, 1024) in the checkpoint but the config builds (1001, 32)" in msg
+  assert "The checkpoint is FlowAR-L (width 1024, 8 + 8 blocks" in msg and "--config configs/flowar_l.py" in msg
+  # Head counts change no shape: a released checkpoint read with other counts is refused, naming the keys.
+  check_published_heads(size_keys(PUBLISHED["FlowAR-S"][0]), 12, 64)
+  with pytest.raises(ValueError, match=r"FlowAR-S, which has 12 attention heads .* config.model.num_heads is 8"):
+    check_published_heads(size_keys(PUBLISHED["FlowAR-S"][0]), 8, 64)
+  tiny_sd = official_flowar_state_dict(flowar_config("v2"))[1]
+  check_published_heads(tiny_sd, 8, 64)  # not a released size: any head count
+  assert flowar_size(tiny_sd) == FlowARSize(32, 1, "v2", 1, 64)
+  assert "none of the released sizes" in describe_flowar(tiny_sd)
+  assert "is it a FlowAR checkpoint" in describe_flowar({"encoder.conv_in.weight": np.zeros((1, 1, 1, 1))})
+
+
+def test_presets_carry_the_published_sampling_settings():
+  # (cfg, guidance, steps) as published, and (ODE steps, guided steps) per scale as the official sampler runs
+  # them: FlowAR-H's guidance 0.7 is a point of its 50-step grid, and that step is guided.
+  for name, expected, official_steps in (("flowar_s", (4.3, 0.9, 25), (24, 22)), ("flowar_l", (2.4, 0.9, 25), (24, 22)),
+                                         ("flowar_h", (2.4, 0.7, 50), (50, 35))):
+    stored = converted_config(preset_config(name))
+    assert (stored.sampling.cfg, stored.sampling.guidance, stored.sampling.num_steps) == expected, name
+    grid = time_grid(stored.sampling.num_steps)
+    assert (len(grid) - 1, int(np.sum(grid[:-1] <= stored.sampling.guidance))) == official_steps, name
+    assert stored.vae.latent_scale == pytest.approx(0.2325)
+    size, preset, heads, head_dim = PUBLISHED[f"FlowAR-{name[-1].upper()}"]
+    assert preset == f"configs/{name}.py"
+    m = stored.model
+    assert (m.width, m.depth, m.head.variant, m.head.depth, m.head.width) == dataclasses.astuple(size)
+    assert (m.num_heads, m.head.head_dim) == (heads, head_dim)
+
+
+def _torch_installed() -> bool:
   try:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    with pytest.raises(ImportError, match=r"pip install flowar_jax\[torch\]"):
-      load_state_dict(str(pth))
-  else:
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-      load_state_dict(str(pth))
-  with pytest.raises(ValueError, match="not a checkpoint"):
+    return False
+  return True
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+    load_state_dict(str(tmp_path / "absent.pth"))
+  # Whatever the name says, the content decides: none of these is a checkpoint, with or without torch.
+  rng = np.random.default_rng(0)
+  for name, content in (("random.pth", rng.bytes(256)), ("notes.ckpt", b"not a checkpoint"),
+                        ("notes.npz", b"not a checkpoint"), ("empty.pth", b"")):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"is not a checkpoint: neither a PyTorch file"):
+      load_state_dict(str(path))
+  array = tmp_path / "array.npy"
+  np.save(array, np.zeros(3))
+  with pytest.raises(ValueError, match="is not a checkpoint"):
+    load_state_dict(str(array))
+  with pytest.raises(ValueError, match="not a checkpoint: it holds a list"):
     select_weights([1, 2], use_ema=None)
   with pytest.raises(ValueError, match="not a model checkpoint"):
     select_weights({"epoch": 3, "args": None}, use_ema=None)
+
+
+def test_file_formats_are_read_from_the_content(tmp_path):
+  sd = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  npz = tmp_path / "weights.pth"  # an .npz under a torch-like name
+  np.savez(npz.with_suffix(".npz"), **sd)
+  os.rename(npz.with_suffix(".npz"), npz)
+  assert file_format(str(npz)) == "npz"
+  loaded, which = load_state_dict(str(npz))
+  assert which == "state dict"
+  np.testing.assert_array_equal(loaded["w"], sd["w"])
+  # torch.save's zip layout and the legacy pickle stream are recognised without torch.
+  with zipfile.ZipFile(tmp_path / "zip.ckpt", "w") as z:
+    z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    z.writestr("archive/version", b"3")
+  (tmp_path / "legacy.pth").write_bytes(b"\x80\x02\x8a\x0alz\xfc\x9cF\xf9 j\xa8P\x19.")
+  header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+  (tmp_path / "w.bin").write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 4)
+  assert file_format(str(tmp_path / "zip.ckpt")) == "torch"
+  assert file_format(str(tmp_path / "legacy.pth")) == "torch"
+  assert file_format(str(tmp_path / "w.bin")) == "safetensors"
+  if not _torch_installed():
+    for name in ("zip.ckpt", "legacy.pth"):
+      with pytest.raises(ImportError, match=r"is a PyTorch checkpoint; .*pip install flowar_jax\[torch\]"):
+        load_state_dict(str(tmp_path / name))
 
 
 def test_weight_selection():
@@ -198,7 +293,7 @@ def test_weight_selection():
   with pytest.raises(ValueError, match="no 'model_ema'"):
     select_weights({"model": model, "model_ema": None}, use_ema=True)
   assert select_weights(model, use_ema=None) == (model, "state dict")
-  with pytest.raises(ValueError, match="without EMA"):
+  with pytest.raises(ValueError, match="without separate EMA weights"):
     select_weights(model, use_ema=True)
 
 

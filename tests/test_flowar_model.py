@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from flowar_jax.config import validate_config
-from flowar_jax.models.flow_head import timestep_frequencies
+from flowar_jax.models.flow_head import _frequency_table, timestep_frequencies
 from flowar_jax.models.flowar import FlowAR
 from flowar_jax.scales import teacher_forcing_inputs
 
@@ -127,6 +127,18 @@ def test_timestep_embedding_uses_integer_steps():
   assert not np.allclose(e[0], e[2])
   np.testing.assert_allclose(e[0, 0], np.cos(300.0), rtol=1e-5)
   np.testing.assert_allclose(e[0, 128], np.sin(300.0), rtol=1e-4, atol=1e-5)
+
+
+def test_timestep_frequencies_are_correctly_rounded():
+  # The argument is up to 1000 x a frequency: each frequency must be the float32 nearest exp of the official
+  # float32 exponent -ln(10000) * i / 128.
+  table = _frequency_table(128, 10000.0)
+  exponents = np.float32(-np.log(10000.0)) * np.arange(128, dtype=np.float32) / np.float32(128)
+  exact = np.exp(exponents.astype(np.float64))
+  assert table.dtype == np.float32
+  assert np.all(np.abs(table - exact) <= 0.5 * np.spacing(table) * (1 + 1e-6))
+  e = timestep_frequencies(jnp.array([1.0]))
+  np.testing.assert_allclose(e[0, :128], np.cos((np.float32(1000.0) * table).astype(np.float64)), atol=1e-6)
 
 
 def test_gradients_reach_every_parameter(model_and_data):

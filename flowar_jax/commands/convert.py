@@ -13,15 +13,15 @@ from flowar_jax.convert import load_state_dict, write_workdir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, flowar_path: str, vae_path: str | None = None,
-        use_ema: bool | None = None) -> list[str]:
+        use_ema: bool | None = None, trust_pickle: bool = False) -> list[str]:
   """Converts the files into WORKDIR; returns the checkpoint directories written.
 
   use_ema: take the file's 'model_ema' weights (True), its 'model' weights (False), or the EMA ones when
-  present (None).
+  present (None). trust_pickle: read torch files with full unpickling (trusted files only).
   """
   validate_config(config)
-  flowar, which = load_state_dict(flowar_path, use_ema=use_ema)
-  vae = load_state_dict(vae_path, use_ema=False)[0] if vae_path else None
+  flowar, which = load_state_dict(flowar_path, use_ema=use_ema, trust_pickle=trust_pickle)
+  vae = load_state_dict(vae_path, use_ema=False, trust_pickle=trust_pickle)[0] if vae_path else None
   written = write_workdir(config, workdir, flowar, vae)
   print(f"converted the {which!r} weights of {flowar_path}" + (f" and the VAE {vae_path}" if vae_path else "")
         + f" into {', '.join(written)}", flush=True)

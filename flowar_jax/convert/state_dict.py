@@ -1,14 +1,18 @@
 """Reading a state dict from an official checkpoint file (torch pickle, safetensors) or an .npz.
 
-Official FlowAR checkpoints are `torch.save` dicts with 'model' and 'model_ema' (each a state dict; the
-training script also stores 'optimizer', 'epoch', 'scaler' and 'args'); MAR's VAE checkpoint is a dict
-with 'model'. An .npz holds either one flat state dict, or several under 'model/NAME', 'model_ema/NAME'.
-torch is imported only for torch files (the `torch` extra).
+Official FlowAR training checkpoints are `torch.save` dicts with 'model' and 'model_ema' (each a full state
+dict; the training script also stores 'optimizer', 'epoch', 'scaler' and its argparse 'args'); the released
+FlowAR-S/L/H files are bare state dicts (the evaluation script loads them straight into the model); MAR's
+VAE checkpoint is a dict with 'model'. An .npz holds either one flat state dict, or several under
+'model/NAME', 'model_ema/NAME'. The format is read from the file's first bytes, not its name; torch is
+imported only for torch files (the `torch` extra).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -16,11 +20,36 @@ import numpy as np
 StateDict = dict[str, np.ndarray]
 _WEIGHT_KEYS = ("model", "model_ema", "state_dict")
 _TORCH_HINT = "reading a PyTorch checkpoint needs torch: pip install flowar_jax[torch]"
+_NOT_A_CHECKPOINT = "is not a checkpoint: neither a PyTorch file (zip or pickle), nor .safetensors, nor .npz"
 
 
 def _is_state_dict(obj) -> bool:
   return isinstance(obj, dict) and bool(obj) and all(
       isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items())
+
+
+def file_format(path: str) -> str | None:
+  """'torch', 'npz', 'safetensors' or None (none of these), from the file's first bytes."""
+  with open(path, "rb") as f:
+    head = f.read(16)
+  if head.startswith(b"PK"):
+    try:
+      with zipfile.ZipFile(path) as z:
+        members = z.namelist()
+    except zipfile.BadZipFile:
+      return None
+    if any(m == "data.pkl" or m.endswith("/data.pkl") for m in members):
+      return "torch"  # torch.save's zip layout: ARCHIVE/data.pkl + ARCHIVE/data/N
+    if members and all(m.endswith(".npy") for m in members):
+      return "npz"
+    return None
+  if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+    return "torch"  # the legacy (pre-1.6) torch.save format is a bare pickle stream
+  if len(head) >= 9 and head[8:9] == b"{":
+    header_len = int.from_bytes(head[:8], "little")
+    if 0 < header_len <= os.path.getsize(path) - 8:
+      return "safetensors"
+  return None
 
 
 def _torch_to_numpy(obj):
@@ -32,15 +61,26 @@ def _torch_to_numpy(obj):
   return obj
 
 
-def _load_torch(path: str):
+def _load_torch(path: str, trust_pickle: bool):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(_TORCH_HINT) from e
+    raise ImportError(f"{path!r} is a PyTorch checkpoint; {_TORCH_HINT}") from e
   try:
-    # The training script pickles its argparse.Namespace next to the weights; allow only that class.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(path, map_location="cpu", weights_only=True)
+    if trust_pickle:
+      obj = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+      # The training script pickles its argparse.Namespace next to the weights; allow only that class.
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if unsupported and not trust_pickle:
+      raise ValueError(
+          f"{path!r} pickles Python objects besides tensors (first: {unsupported.group(1)}), which the safe "
+          "loader refuses; if you trust the file's source, convert it with --trust_pickle (unpickling can run "
+          "arbitrary code)") from e
+    raise ValueError(f"{path!r} is not a readable PyTorch checkpoint: {e}") from e
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{path!r} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
   return _torch_to_numpy(obj)
@@ -50,7 +90,8 @@ def _load_safetensors(path: str):
   try:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("reading .safetensors needs safetensors: pip install flowar_jax[torch]") from e
+    raise ImportError(f"{path!r} is a .safetensors file; reading it needs safetensors: "
+                      "pip install flowar_jax[torch]") from e
   try:
     return load_file(path)
   except Exception as e:  # pylint: disable=broad-except
@@ -75,15 +116,22 @@ def _load_npz(path: str):
   return nested.get(None, nested)
 
 
-def read_checkpoint(path: str):
-  """The file's contents as nested dicts of numpy arrays (float tensors as float32)."""
+def read_checkpoint(path: str, *, trust_pickle: bool = False):
+  """The file's contents as nested dicts of numpy arrays (float tensors as float32).
+
+  trust_pickle: load torch files with full unpickling (only for files from a trusted source); by default
+  only tensors, containers, numbers, strings and the training script's argparse.Namespace are accepted.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no checkpoint file at {path!r}")
-  if path.endswith(".npz"):
+  fmt = file_format(path)
+  if fmt == "npz":
     return _load_npz(path)
-  if path.endswith(".safetensors"):
+  if fmt == "safetensors":
     return _load_safetensors(path)
-  return _load_torch(path)
+  if fmt == "torch":
+    return _load_torch(path, trust_pickle)
+  raise ValueError(f"{path!r} {_NOT_A_CHECKPOINT}")
 
 
 def select_weights(contents, *, use_ema: bool | None, path: str = "the checkpoint") -> tuple[StateDict, str]:
@@ -94,7 +142,8 @@ def select_weights(contents, *, use_ema: bool | None, path: str = "the checkpoin
   """
   if _is_state_dict(contents):
     if use_ema:
-      raise ValueError(f"{path} is a bare state dict without EMA weights; convert it with --nouse_ema")
+      raise ValueError(f"{path} is a bare state dict without separate EMA weights (the released FlowAR files are "
+                       "such); convert it without --use_ema")
     return contents, "state dict"
   if not isinstance(contents, dict):
     raise ValueError(f"{path} is not a checkpoint: it holds a {type(contents).__name__}, not a state dict")
@@ -111,6 +160,7 @@ def select_weights(contents, *, use_ema: bool | None, path: str = "the checkpoin
   return contents[key], key
 
 
-def load_state_dict(path: str, *, use_ema: bool | None = None) -> tuple[StateDict, str]:
+def load_state_dict(path: str, *, use_ema: bool | None = None, trust_pickle: bool = False
+                    ) -> tuple[StateDict, str]:
   """A checkpoint file -> (state dict of numpy arrays, which weights were taken). See `select_weights`."""
-  return select_weights(read_checkpoint(path), use_ema=use_ema, path=repr(path))
+  return select_weights(read_checkpoint(path, trust_pickle=trust_pickle), use_ema=use_ema, path=repr(path))

@@ -14,6 +14,7 @@ from flax import nnx
 
 from flowar_jax.convert import names
 from flowar_jax.convert.params import params_from_state_dict
+from flowar_jax.convert.sizes import check_published_heads, describe_flowar
 from flowar_jax.training.builders import build_flowar
 from flowar_jax.training.checkpointing import Checkpointer, checkpoint_exists
 from flowar_jax.training.state import split_params
@@ -25,10 +26,16 @@ MAR_LATENT_SCALE = 0.2325  # the official code's latent normalisation for MAR's 
 
 
 def flowar_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray], where: str = "the checkpoint"):
-  """Official FlowAR state dict -> our FlowAR params (an nnx.State) for `config`; errors name misfits."""
+  """Official FlowAR state dict -> our FlowAR params (an nnx.State) for `config`; errors name misfits and the
+  checkpoint's size (with the preset for a released one)."""
   _, abstract = split_params(nnx.eval_shape(functools.partial(build_flowar, config)))
-  return params_from_state_dict(state_dict, abstract, to_flax=names.flowar_to_flax, to_torch=names.flowar_to_torch,
-                                skipped=names.flowar_skipped, where=where)
+  try:
+    params = params_from_state_dict(state_dict, abstract, to_flax=names.flowar_to_flax,
+                                    to_torch=names.flowar_to_torch, skipped=names.flowar_skipped, where=where)
+  except ValueError as e:
+    raise ValueError(f"{e}. {describe_flowar(state_dict)}") from None
+  check_published_heads(state_dict, config.model.num_heads, config.model.head.head_dim)
+  return params
 
 
 def vae_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray], where: str = "the checkpoint"):

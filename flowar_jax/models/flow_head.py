@@ -6,11 +6,13 @@ modulated by t_emb only, cross-attention to the raw z, MLP modulated per token b
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from flowar_jax.models.attention import CrossAttention, SelfAttention
@@ -20,12 +22,22 @@ from flowar_jax.models.rope import rope_tables
 TIME_FREQUENCY_DIM = 256
 
 
+@functools.lru_cache(maxsize=None)
+def _frequency_table(half: int, max_period: float) -> np.ndarray:
+  """[half] float32 max_period ** (-i / half), each rounded once from float64.
+
+  The sinusoid's argument is up to 1000 times a frequency, so half a unit in the last place of a frequency moves
+  it by up to 3e-5; a correctly rounded table keeps it where the official float32 `exp` (accurate to about an
+  ulp) puts it, closer than a second float32 `exp` does. The exponents are the official float32 ones.
+  """
+  exponents = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+  return np.exp(exponents.astype(np.float64)).astype(np.float32)
+
+
 def timestep_frequencies(t: jax.Array, dim: int = TIME_FREQUENCY_DIM, max_period: float = 10000.0) -> jax.Array:
   """t `[B]` in [0, 1] -> `[B, dim]` [cos | sin] of the integer timestep int(1000 t), as the official head."""
   steps = jnp.floor(t.astype(jnp.float32) * 1000.0)
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = steps[:, None] * freqs[None]
+  args = steps[:, None] * jnp.asarray(_frequency_table(dim // 2, max_period))[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
