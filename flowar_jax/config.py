@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head.width = 1024
   c.model.head.head_dim = 64
   c.model.head.mlp_ratio = 4.0
+  # Rematerialisation per backbone and flow-head block (flowar_jax.parallel.remat): 'none' | 'full' |
+  # 'dots_saveable' | 'dots_with_no_batch_dims_saveable'. Saves activation memory for recomputation.
+  c.model.remat = "none"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.base_lr = 5e-5  # lr = base_lr * batch_size / 256
@@ -94,6 +97,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.num_samples = 64
   c.sampling.batch_size = 64
   c.sampling.use_ema = True
+
+  # The device mesh (flowar_jax.parallel.mesh): 'data' splits the batch, 'fsdp' the batch and the parameters,
+  # EMA and optimizer state, 'tensor' attention heads and MLP units. -1 = the devices left over (at most once
+  # per level). dcn_* split the same axes across TPU slices (or GPU nodes); each axis then has ici * dcn devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+
+  # Logical axis name -> mesh axes, comma-separated ('' = replicated); the names are listed in
+  # flowar_jax.parallel.logical. E.g. --config.sharding.rules.mlp=fsdp,tensor.
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = ml_collections.ConfigDict()
+  for name, axes in (("batch", "data,fsdp"), ("length", ""), ("embed", "fsdp"), ("heads", "tensor"), ("kv", ""),
+                     ("qkv", ""), ("mlp", "tensor"), ("modulation", "tensor"), ("vocab", ""), ("latent", ""),
+                     ("time", ""), ("norm", ""), ("conv_in", ""), ("conv_out", "fsdp")):
+    c.sharding.rules[name] = axes
   c.lock()  # existing keys can change; new (misspelt) ones raise
   return c
 
@@ -114,8 +137,12 @@ _CHOICES = {
 }
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Checks that need more than types, before any compute. Errors name the offending key."""
+def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, num_slices: int | None = None) -> None:
+  """Checks that need more than types, before any compute. Errors name the offending key.
+
+  `num_devices` (all processes) and `num_slices` (TPU slices or other DCN groups; None = what config.mesh.dcn_*
+  says) size the mesh.
+  """
   flat = {k: v for k, v in _flatten(config)}
   for key, choices in _CHOICES.items():
     if flat[key] not in choices:
@@ -159,9 +186,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
   if config.vae.latent_scale < 0:
     raise ValueError(f"config.vae.latent_scale must be > 0, or 0 to measure it, got {config.vae.latent_scale}")
+  from flowar_jax.parallel import logical, mesh, remat  # pylint: disable=g-import-not-at-top  (imports jax)
+  remat.check_remat(config.model.remat)
+  logical.parse_rules(config.sharding.rules)
+  ici, dcn = mesh.resolve_mesh_shape(config.mesh, num_devices, num_slices)
+  data, fsdp = ici[0] * dcn[0], ici[1] * dcn[1]
   for key in ("batch_size", "vae.train.batch_size"):
-    if flat[key] % num_devices:
-      raise ValueError(f"config.{key} {flat[key]} is not divisible by the {num_devices} devices")
+    if flat[key] % (data * fsdp):
+      raise ValueError(f"config.{key} {flat[key]} is not divisible by the {data * fsdp} devices that split the "
+                       f"batch (mesh data={data} x fsdp={fsdp})")
 
 
 def _flatten(config, prefix=""):
