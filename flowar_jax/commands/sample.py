@@ -11,6 +11,8 @@ from absl import logging
 
 from flowar_jax.config import config_from_dict
 from flowar_jax.models.vae import decode_from_latents
+from flowar_jax.parallel.batch import round_up_to_data_parallel
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.images import write_samples
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
 from flowar_jax.training.builders import build_flowar, load_params
@@ -46,20 +48,25 @@ def class_labels(num_samples: int, num_classes: int, labels: list[int] | None = 
 
 def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndarray, seed: int,
              settings: SamplingSettings, batch_size: int, use_ema: bool = True) -> np.ndarray:
-  """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i)."""
-  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema)
-  vae = load_vae(config, workdir)
+  """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i).
+
+  Runs sharded over `config.mesh` (every process gets every image); `batch_size` is rounded up to a multiple
+  of the data-parallel devices.
+  """
+  plan = ShardingPlan.from_config(config)
+  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
+  vae = load_vae(config, workdir, plan)
   latent_scale = config.vae.latent_scale
   if latent_scale <= 0:  # measured during training and stored with the checkpoint
     latent_scale = stored_latent_scale(workdir)
     if latent_scale is None:
       raise ValueError("vae.latent_scale is 0 (measure it) but the checkpoint in WORKDIR stores no measured value")
   decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
-  sampler = Sampler(flowar, settings, decode=decode, decoder_module=vae)
+  sampler = Sampler(flowar, settings, decode=decode, decoder_module=vae, plan=plan)
   sampler.check_labels(labels)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  batch_size = min(batch_size, len(labels))
+  batch_size = round_up_to_data_parallel(plan, min(batch_size, len(labels)))
   out = []
   progress = Progress(len(labels), desc="sample")
   for start in range(0, len(labels), batch_size):

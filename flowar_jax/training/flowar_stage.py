@@ -12,6 +12,7 @@ from flax import nnx
 
 from flowar_jax import data
 from flowar_jax.models.vae import AutoencoderKL
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training import latent_cache, loop
 from flowar_jax.training.builders import build_flowar
 from flowar_jax.training.optimizer import flowar_optimizer
@@ -37,8 +38,8 @@ def _latents_from_batch(vae: AutoencoderKL, batch: dict, latent_scale: float, sa
   return jax.lax.stop_gradient(latents * latent_scale)
 
 
-def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, workdir: str
-                         ) -> ml_collections.ConfigDict:
+def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, workdir: str,
+                         plan: ShardingPlan | None = None) -> ml_collections.ConfigDict:
   """A copy of `config` whose `vae.latent_scale` is concrete: taken from WORKDIR's checkpoint when resuming,
   else 1 / std of the train set's posterior means (so FlowAR sees unit-variance latents, as 0.2325 gives
   for MAR's KL-16)."""
@@ -47,13 +48,14 @@ def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, 
     scale = stored
   else:
     if config.data.cache_latents:
-      moments, _ = latent_cache.load_or_encode(vae, config, workdir)
+      moments, _ = latent_cache.load_or_encode(vae, config, workdir, plan)
       means = moments[..., :config.vae.latent_channels]
     else:
-      means = latent_cache.encode_train_split(vae, config, max_examples=_SCALE_EXAMPLES)[0][
+      means = latent_cache.encode_train_split(vae, config, max_examples=_SCALE_EXAMPLES, plan=plan)[0][
           ..., :config.vae.latent_channels]
     scale = float(1.0 / np.std(means))
-    print(f"measured vae.latent_scale = {scale:.6g} (1 / std of {len(means)} train latents)", flush=True)
+    if jax.process_index() == 0:
+      print(f"measured vae.latent_scale = {scale:.6g} (1 / std of {len(means)} train latents)", flush=True)
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.vae.latent_scale = scale
   resolved.lock()
@@ -85,12 +87,13 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
 
   With `vae.latent_scale == 0` the scale is measured first and stored in the checkpoint's config.
   """
-  vae = load_vae(config, workdir)
+  plan = ShardingPlan.from_config(config)
+  vae = load_vae(config, workdir, plan)
   vae_graphdef, vae_params = split_params(vae)
   if config.vae.latent_scale <= 0:
-    config = resolve_latent_scale(config, vae, workdir)
+    config = resolve_latent_scale(config, vae, workdir, plan)
   if config.data.cache_latents:
-    iterator = latent_cache.make_latent_iterator(vae, config, workdir)
+    iterator = latent_cache.make_latent_iterator(vae, config, workdir, plan)
   else:
     iterator = data.make_train_iterator(config.data, config.batch_size, config.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -103,4 +106,4 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
       ema_decay=config.optimizer.ema_decay, data_iterator=iterator, num_steps=config.num_train_steps,
       config=config, seed=config.seed, checkpoint_every=config.checkpoint_every_steps,
       keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar",
-      batch_size=config.batch_size)
+      batch_size=config.batch_size, plan=plan)

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flowar_jax.parallel.plan import ShardingPlan
+
 # loss_fn(model, batch, rng, context, step) -> (scalar loss, metrics). `context` holds frozen arrays
 # (e.g. the VAE's params while FlowAR trains) passed as an argument so they aren't baked into the program.
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any, jax.Array], tuple[jax.Array, dict]]
@@ -38,8 +40,14 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    ema_decay: float, schedule: optax.Schedule | None = None):
-  """-> jitted `step(state, batch, context) -> (state, metrics)`, donating the old state."""
+                    ema_decay: float, schedule: optax.Schedule | None = None, *, plan: ShardingPlan | None = None,
+                    state_shardings: Any = None, context_shardings: Any = None):
+  """-> jitted `step(state, batch, context) -> (state, metrics)`, donating the old state.
+
+  With a `plan`, the step is traced under its mesh and rules, with explicit shardings: the state's
+  (`state_shardings`, e.g. `plan.shardings(abstract_state)`), the batch split by the 'batch' rule, the
+  context's (`context_shardings`), and replicated metrics.
+  """
 
   def step(state: TrainState, batch: dict, context: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -57,4 +65,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if plan is None:
+    return jax.jit(step, donate_argnums=0)
+  return plan.jit(step, in_shardings=(state_shardings, plan.batch_sharding(), context_shardings),
+                  out_shardings=(state_shardings, plan.replicated), donate_argnums=0)
