@@ -1,6 +1,10 @@
 """Command line: `python -m flowar_jax COMMAND --config CONFIG[:ARG] [--config.key=value ...] --workdir DIR`.
 
-Commands: train, sample, summary, convert (official PyTorch weights -> WORKDIR).
+Commands: train, sample, summary, convert (official PyTorch weights -> WORKDIR), compile (ahead of time for a
+TPU topology: `compile --config CONFIG --topology v5p:4x4x4`).
+
+`train` and `sample` start multi-process JAX first when the launch environment asks for it
+(`flowar_jax.parallel.distributed`: TPU pods, SLURM, or explicit JAX_COORDINATOR_ADDRESS).
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "summary", "convert")
+COMMANDS = ("train", "sample", "summary", "convert", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/digits.py), with "
                                           "--config.key=value overrides.", lock_config=True)
@@ -27,6 +31,8 @@ _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample: use the EMA weights (d
                                  "file's EMA weights (default: when it holds them).")
 _FROM_TORCH = flags.DEFINE_string("from_torch", None, "convert: official FlowAR checkpoint (.pth, .safetensors, .npz).")
 _VAE_TORCH = flags.DEFINE_string("vae_torch", None, "convert: MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile: TPU topology, e.g. v5e:2x2 or v5p:4x4x4.")
+_SAMPLER = flags.DEFINE_boolean("sampler", True, "compile: also compile the sampler.")
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -65,12 +71,18 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
+    if command in ("train", "sample"):
+      from flowar_jax.parallel.distributed import initialize_from_environment
+      initialize_from_environment()
     if command == "summary":
       from flowar_jax.commands.summary import summarize
       print(summarize(_need(_CONFIG.value, "config")))
     elif command == "train":
       from flowar_jax.commands import train
       train.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"))
+    elif command == "compile":
+      from flowar_jax.commands import compile as compile_command
+      compile_command.run(_need(_CONFIG.value, "config"), _need(_TOPOLOGY.value, "topology"), sampler=_SAMPLER.value)
     elif command == "convert":
       from flowar_jax.commands import convert
       convert.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"),
