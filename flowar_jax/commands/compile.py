@@ -19,15 +19,36 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import math
 import os
 import re
 import time
-from typing import Callable
+from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+from flax import nnx
+from jax.experimental import topologies
+
+from flowar_jax.commands.sample import settings_from
+from flowar_jax.config import latent_side, validate_config
+from flowar_jax.models import flops
+from flowar_jax.models.vae import decode_from_latents
+from flowar_jax.parallel import logical
+from flowar_jax.parallel.batch import round_up_to_data_parallel
+from flowar_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
+from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.sampling.sampler import Sampler
+from flowar_jax.training import flowar_stage, vae_stage
+from flowar_jax.training.builders import build_flowar, build_vae
+from flowar_jax.training.optimizer import flowar_optimizer
+from flowar_jax.training.state import init_train_state, make_train_step, split_params
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip
 _GIB = 2**30
+# The TPU compiler refuses a program whose temporaries exceed HBM; its message carries both sizes.
+_COMPILER_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM")
 
 
 class DoesNotFit(ValueError):
@@ -45,7 +66,6 @@ def _quiet_libtpu() -> None:
   for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5p-8"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"), ("TF_CPP_MIN_LOG_LEVEL", "2")):
     os.environ.setdefault(name, value)
-  import jax  # pylint: disable=g-import-not-at-top
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # run on the CPU; compile for the TPU topology
 
@@ -60,8 +80,19 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Program:
+  """A program to compile: `lower()` lowers it for `args` (abstract, sharded) at `batch_size`."""
+  name: str
+  lower: Callable[[], jax.stages.Lowered]
+  args: Any
+  batch_size: int
+  model_flops: float | None = None  # analytic, per step, all chips
+
+
+@dataclasses.dataclass(frozen=True)
 class ProgramReport:
-  """One compiled program; byte counts and FLOPs are per chip."""
+  """One compiled program; byte counts and FLOPs are per chip. When the compiler refused the program for
+  lack of HBM, `compiled` is False, `temp_bytes` is the compiler's figure and the FLOPs are unknown (NaN)."""
   name: str
   batch_size: int
   argument_bytes: int
@@ -71,7 +102,8 @@ class ProgramReport:
   flops_per_chip: float
   chips: int
   compile_seconds: float
-  model_flops: float | None = None  # analytic, per step, all chips
+  model_flops: float | None = None
+  compiled: bool = True
 
   @property
   def hbm_bytes(self) -> int:
@@ -93,90 +125,92 @@ class CompileReport:
 
   @property
   def fits(self) -> bool:
-    return all(p.hbm_bytes <= self.hbm_capacity_bytes for p in self.programs)
+    return all(p.compiled and p.hbm_bytes <= self.hbm_capacity_bytes for p in self.programs)
 
 
-def _program_report(name: str, lowered, batch_size: int, chips: int, model_flops: float | None = None
-                    ) -> ProgramReport:
+def _per_chip_bytes(args: Any) -> int:
+  """Bytes of one chip's shards of the abstract arguments (the largest shard where shards differ)."""
+  total = 0
+  for leaf in jax.tree.leaves(args):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return total
+
+
+def _compile(program: Program, chips: int) -> ProgramReport:
+  lowered = program.lower()
   start = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError; re-raised unless it is the OOM)
+    match = _COMPILER_OOM.search(str(e))
+    if not match:
+      raise
+    temp = int(float(match.group(1)) * 1024 ** ("KMGT".index(match.group(2)) + 1))
+    return ProgramReport(program.name, program.batch_size, _per_chip_bytes(program.args), 0, 0, temp,
+                         float("nan"), chips, time.perf_counter() - start, program.model_flops, compiled=False)
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0]
-  return ProgramReport(name, batch_size, int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes),
-                       int(memory.alias_size_in_bytes), int(memory.temp_size_in_bytes),
-                       float(cost.get("flops", 0.0)), chips, seconds, model_flops)
+  return ProgramReport(program.name, program.batch_size, int(memory.argument_size_in_bytes),
+                       int(memory.output_size_in_bytes), int(memory.alias_size_in_bytes),
+                       int(memory.temp_size_in_bytes), float(cost.get("flops", 0.0)), chips, seconds,
+                       program.model_flops)
 
 
-def _train_programs(config: ml_collections.ConfigDict, plan) -> list[tuple[str, Callable, int, float | None]]:
-  """(name, lower(), batch size, model FLOPs) of the training steps `config.stage` runs."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from flowar_jax.config import latent_side  # pylint: disable=g-import-not-at-top
-  from flowar_jax.models import flops  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training import flowar_stage, vae_stage  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_flowar, build_vae  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.optimizer import flowar_optimizer  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.state import init_train_state, make_train_step, split_params  # pylint: disable=g-import-not-at-top
+def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> list[Program]:
+  """The training steps `config.stage` runs, as the stages build them."""
 
   def batch_of(batch_size: int, **shapes):
     sharding = plan.batch_sharding()
     return {key: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
             for key, (shape, dtype) in shapes.items()}
 
-  def lower_step(model_factory, tx, schedule, ema_decay, loss_fn, batch, context):
-    abstract = plan.abstract(jax.eval_shape(lambda: init_train_state(model_factory(), tx, config.seed)))
+  def step_program(name, model_factory, tx, schedule, ema_decay, loss_fn, batch, context, model_flops=None):
+    state = plan.abstract(jax.eval_shape(lambda: init_train_state(model_factory(), tx, config.seed)))
     graphdef, _ = split_params(nnx.eval_shape(model_factory))
     step = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule, plan=plan,
-                           state_shardings=jax.tree.map(lambda x: x.sharding, abstract),
+                           state_shardings=jax.tree.map(lambda x: x.sharding, state),
                            context_shardings=jax.tree.map(lambda x: x.sharding, context))
-    return lambda: step.lower(abstract, batch, context)
+    args = (state, batch, context)
+    return Program(name, lambda: step.lower(*args), args, jax.tree.leaves(batch)[0].shape[0], model_flops)
 
   size, channels = config.data.image_size, config.vae.in_channels
+  images = ((size, size, channels), jnp.float32)
+  labels = ((), jnp.int32)
   programs = []
   if config.stage in ("vae", "both"):
     tx, schedule = vae_stage.vae_optimizer(config.vae.train)
-    b = config.vae.train.batch_size
-    batch = batch_of(b, image=((size, size, channels), jnp.float32), label=((), jnp.int32))
-    lower = lower_step(functools.partial(vae_stage.VAETrainable, config, config.seed), tx, schedule,
-                       vae_stage.VAE_EMA_DECAY, vae_stage.vae_stage_loss(config.vae.train), batch, None)
-    programs.append(("vae train step", lower, b, None))
+    programs.append(step_program(
+        "vae train step", functools.partial(vae_stage.VAETrainable, config, config.seed), tx, schedule,
+        vae_stage.VAE_EMA_DECAY, vae_stage.vae_stage_loss(config.vae.train),
+        batch_of(config.vae.train.batch_size, image=images, label=labels), None))
   if config.stage in ("flowar", "both"):
     vae_graphdef, vae_params = split_params(nnx.eval_shape(functools.partial(build_vae, config)))
-    context = plan.abstract(vae_params)
     tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
-    b = config.batch_size
     if config.data.cache_latents:
       side = latent_side(config)
-      batch = batch_of(b, moments=((side, side, 2 * config.vae.latent_channels), jnp.float32), label=((), jnp.int32))
+      batch = batch_of(config.batch_size, moments=((side, side, 2 * config.vae.latent_channels), jnp.float32),
+                       label=labels)
     else:
-      batch = batch_of(b, image=((size, size, channels), jnp.float32), label=((), jnp.int32))
-    lower = lower_step(functools.partial(build_flowar, config, config.seed), tx, schedule,
-                       config.optimizer.ema_decay, flowar_stage.flowar_loss_fn(vae_graphdef, config), batch, context)
-    programs.append(("flowar train step", lower, b, float(flops.training_flops_per_step(config))))
+      batch = batch_of(config.batch_size, image=images, label=labels)
+    programs.append(step_program(
+        "flowar train step", functools.partial(build_flowar, config, config.seed), tx, schedule,
+        config.optimizer.ema_decay, flowar_stage.flowar_loss_fn(vae_graphdef, config), batch,
+        plan.abstract(vae_params), float(flops.training_flops_per_step(config))))
   return programs
 
 
-def _sampler_program(config: ml_collections.ConfigDict, plan) -> tuple[str, Callable, int, None]:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from flowar_jax.commands.sample import settings_from  # pylint: disable=g-import-not-at-top
-  from flowar_jax.models.vae import decode_from_latents  # pylint: disable=g-import-not-at-top
-  from flowar_jax.parallel.batch import round_up_to_data_parallel  # pylint: disable=g-import-not-at-top
-  from flowar_jax.sampling.sampler import Sampler  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_flowar, build_vae  # pylint: disable=g-import-not-at-top
-
+def _sampler_program(config: ml_collections.ConfigDict, plan: ShardingPlan) -> Program:
   model = nnx.eval_shape(functools.partial(build_flowar, config))
   vae = nnx.eval_shape(functools.partial(build_vae, config))
   scale = config.vae.latent_scale or 1.0
   sampler = Sampler(model, settings_from(config), decode=lambda v, z: decode_from_latents(v, z, scale),
                     decoder_module=vae, plan=plan)
   batch = round_up_to_data_parallel(plan, config.sampling.batch_size)
-  return "sampler", lambda: sampler.lower(batch), batch, None
+  return Program("sampler", lambda: sampler.lower(batch), sampler.lower_args(batch), batch)
 
 
 def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True
@@ -187,29 +221,20 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sa
   """
   generation, _ = parse_topology(topology)
   _quiet_libtpu()
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-
-  from flowar_jax.config import validate_config  # pylint: disable=g-import-not-at-top
-  from flowar_jax.parallel import logical  # pylint: disable=g-import-not-at-top
-  from flowar_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape  # pylint: disable=g-import-not-at-top
-  from flowar_jax.parallel.plan import ShardingPlan  # pylint: disable=g-import-not-at-top
-
   try:
     description = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-  except Exception as e:  # libtpu's errors are long; keep the gist
+  except Exception as e:  # pylint: disable=broad-except  (libtpu's errors are long; keep the gist)
     raise ValueError(f"libtpu cannot describe topology {topology!r} (is the `tpu` extra installed?): "
                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
   chips = len(description.devices)
   validate_config(config, chips, num_slices=1)
   ici, _ = resolve_mesh_shape(config.mesh, chips, 1)
-  mesh = topologies.make_mesh(description, ici, MESH_AXES)
-  plan = ShardingPlan(mesh, logical.parse_rules(config.sharding.rules))
+  plan = ShardingPlan(topologies.make_mesh(description, ici, MESH_AXES), logical.parse_rules(config.sharding.rules))
   programs = _train_programs(config, plan)
   if sampler and config.stage in ("flowar", "both"):
     programs.append(_sampler_program(config, plan))
-  reports = [_program_report(name, lower(), batch, chips, model_flops) for name, lower, batch, model_flops in programs]
   return CompileReport(topology, chips, dict(zip(MESH_AXES, ici)), config.model.remat,
-                       HBM_GIB[generation] * _GIB, reports)
+                       HBM_GIB[generation] * _GIB, [_compile(p, chips) for p in programs])
 
 
 def format_report(report: CompileReport) -> str:
@@ -221,21 +246,25 @@ def format_report(report: CompileReport) -> str:
            f"{'model FLOPs':>13}{'compile s':>11}  fits"]
   for p in report.programs:
     model = f"{p.model_flops:.3g}" if p.model_flops else "-"
-    lines.append(f"{p.name:<20}{p.batch_size:>7}{p.hbm_bytes / _GIB:>14.2f}{p.argument_bytes / _GIB:>8.2f}"
-                 f"{p.temp_bytes / _GIB:>8.2f}{p.flops_per_step:>12.3g}{model:>13}{p.compile_seconds:>11.1f}  "
-                 f"{'yes' if p.hbm_bytes <= report.hbm_capacity_bytes else 'NO'}")
+    fits = "yes" if p.compiled and p.hbm_bytes <= report.hbm_capacity_bytes else "NO"
+    hbm = f"{p.hbm_bytes / _GIB:.2f}" + ("" if p.compiled else "+")
+    lines.append(f"{p.name:<20}{p.batch_size:>7}{hbm:>14}{p.argument_bytes / _GIB:>8.2f}"
+                 f"{p.temp_bytes / _GIB:>8.2f}{p.flops_per_step:>12.3g}{model:>13}{p.compile_seconds:>11.1f}  {fits}")
+  if not all(p.compiled for p in report.programs):
+    lines.append("+ the TPU compiler stopped at its HBM limit: the temporaries alone exceed it (outputs not counted)")
   return "\n".join(lines)
 
 
 def check_fits(report: CompileReport) -> None:
   """Raises DoesNotFit naming the largest program's HBM need, the chip's capacity, and what to change."""
-  too_big = [p for p in report.programs if p.hbm_bytes > report.hbm_capacity_bytes]
+  too_big = [p for p in report.programs if not p.compiled or p.hbm_bytes > report.hbm_capacity_bytes]
   if too_big:
     worst = max(too_big, key=lambda p: p.hbm_bytes)
     raise DoesNotFit(
-        f"{worst.name} needs {worst.hbm_bytes / _GIB:.1f} GiB of HBM per chip but a {report.topology} chip has "
-        f"{report.hbm_capacity_bytes / _GIB:.0f} GiB: turn on rematerialisation (--config.model.remat=full), "
-        f"shard the state (--config.mesh.fsdp=-1 --config.mesh.data=1), lower the batch, or use more chips")
+        f"{worst.name} needs {'more than ' if not worst.compiled else ''}{worst.hbm_bytes / _GIB:.1f} GiB of HBM "
+        f"per chip but a {report.topology} chip has {report.hbm_capacity_bytes / _GIB:.0f} GiB: turn on "
+        f"rematerialisation (--config.model.remat=full), shard the state (--config.mesh.fsdp=-1 "
+        f"--config.mesh.data=1), lower the batch, or use more chips")
 
 
 def run(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True) -> CompileReport:

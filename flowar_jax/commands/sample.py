@@ -46,6 +46,21 @@ def class_labels(num_samples: int, num_classes: int, labels: list[int] | None = 
   return np.resize(pool, num_samples).astype(np.int32)
 
 
+def sampling_plan(config: ml_collections.ConfigDict) -> ShardingPlan:
+  """`config.mesh` over this job's devices; when it does not fit them (e.g. the mesh of a pod run, sampled on a
+  laptop), data parallelism over all devices instead."""
+  try:
+    return ShardingPlan.from_config(config)
+  except ValueError as e:
+    fallback = ml_collections.ConfigDict(config.to_dict())
+    fallback.mesh.data, fallback.mesh.fsdp, fallback.mesh.tensor = -1, 1, 1
+    for axis in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+      fallback.mesh[axis] = 1
+    logging.warning("sampling: config.mesh does not fit the %d devices here (%s); sampling data-parallel over "
+                    "all of them", jax.device_count(), e)
+    return ShardingPlan.from_config(fallback)
+
+
 def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndarray, seed: int,
              settings: SamplingSettings, batch_size: int, use_ema: bool = True) -> np.ndarray:
   """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i).
@@ -53,7 +68,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndar
   Runs sharded over `config.mesh` (every process gets every image); `batch_size` is rounded up to a multiple
   of the data-parallel devices.
   """
-  plan = ShardingPlan.from_config(config)
+  plan = sampling_plan(config)
   flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
   vae = load_vae(config, workdir, plan)
   latent_scale = config.vae.latent_scale

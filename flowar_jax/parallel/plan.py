@@ -25,6 +25,9 @@ from flowar_jax.parallel import logical
 from flowar_jax.parallel.mesh import MESH_AXES, data_parallel_size, make_mesh
 
 
+_REPORTED_FALLBACKS: set[tuple] = set()
+
+
 def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -95,6 +98,10 @@ class ShardingPlan:
 
     out = jax.tree_util.tree_map_with_path(place, tree, is_leaf=_is_variable)
     for (name, size, wanted, kept), paths in fallbacks.items():
+      key = (tuple(self.mesh.shape.items()), name, size, wanted, kept)
+      if key in _REPORTED_FALLBACKS:  # the same model is placed several times (state, EMA, sampler)
+        continue
+      _REPORTED_FALLBACKS.add(key)
       sizes = " x ".join(f"{a}={self.mesh.shape[a]}" for a in wanted)
       logging.warning("sharding: %d parameter(s) keep logical axis %r of size %d %s: it is not divisible by "
                       "mesh %s (e.g. %s)", len(paths), name, size,

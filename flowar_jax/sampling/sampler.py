@@ -142,8 +142,12 @@ class Sampler:
     out = self._fn(self._state, replicated_batch(self.plan, labels), np.int32(seed), np.int32(first_index))
     return to_host(out)[:real]
 
-  def lower(self, batch_size: int) -> jax.stages.Lowered:
-    """The sampling program for batches of `batch_size` labels, lowered (e.g. to compile for another topology)."""
+  def lower_args(self, batch_size: int) -> tuple:
+    """The program's arguments for batches of `batch_size` labels: (state, labels, seed, first index)."""
     labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.plan.batch_sharding())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.plan.replicated)
-    return self._fn.lower(self._state, labels, scalar, scalar)
+    return self._state, labels, scalar, scalar
+
+  def lower(self, batch_size: int) -> jax.stages.Lowered:
+    """The sampling program for batches of `batch_size` labels, lowered (e.g. to compile for another topology)."""
+    return self._fn.lower(*self.lower_args(batch_size))
