@@ -67,8 +67,10 @@ if [[ -n "$repo" ]]; then
     "rm -rf ~/flowar_jax && git clone --depth 1 --branch $(printf '%q' "$ref") $(printf '%q' "$repo") ~/flowar_jax"
 else
   archive="$(mktemp -d)/flowar_jax.tar.gz"
-  (cd "$root" && git ls-files -z --cached --others --exclude-standard |
-     tar -czf "$archive" --null --ignore-failed-read -T -)
+  if [[ -z "$dry" ]]; then
+    (cd "$root" && git ls-files -z --cached --others --exclude-standard |
+       tar -czf "$archive" --null --ignore-failed-read -T -)
+  fi
   run gcloud compute tpus tpu-vm scp "$archive" "$name:flowar_jax.tar.gz" "${common[@]}" --worker=all
   run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command \
     "mkdir -p ~/flowar_jax && tar -xzf ~/flowar_jax.tar.gz -C ~/flowar_jax"

@@ -73,11 +73,13 @@ class Run:
                                    state_shardings=jax.tree.map(lambda x: x.sharding, self.state),
                                    context_shardings=jax.tree.map(lambda x: x.sharding, self.context))
 
-  def train(self, data):
-    """Steps on the global batches `data`; each process passes its rows, as its data iterator would."""
+  def train(self, data, whole_batches=False):
+    """Steps on the global batches `data`; each process passes its rows, as its data iterator would (or the
+    whole batch: a single-device run inside a multi-process job)."""
     losses = []
-    share = self.config.batch_size // jax.process_count()
-    rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+    share = self.config.batch_size // (1 if whole_batches else jax.process_count())
+    first = 0 if whole_batches else jax.process_index() * share
+    rows = slice(first, first + share)
     for batch in data:
       local = {key: value[rows] for key, value in batch.items()}
       self.state, metrics = self.step_fn(self.state, global_batch(self.plan, local), self.context)

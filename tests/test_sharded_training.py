@@ -1,14 +1,12 @@
-"""Sharded training on 8 fake CPU devices equals one device; checkpoints move between meshes; two
-jax.distributed processes on localhost train together and agree with one device.
+"""Sharded training on 8 fake CPU devices equals one device; checkpoints move between meshes.
 
-The work runs in subprocesses (tests/sharded_run.py with XLA_FLAGS=--xla_force_host_platform_device_count=8,
-tests/multiprocess_run.py twice), so the test process keeps its single device.
+The work runs once, in a subprocess (tests/sharded_run.py) started with
+XLA_FLAGS=--xla_force_host_platform_device_count=8, so this process keeps its single device.
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,7 +20,7 @@ ROOT = os.path.dirname(HERE)
 def run_with_devices(script: str, args: list[str], devices: int, timeout: int = 900) -> dict:
   """Runs tests/SCRIPT in a fresh Python with `devices` CPU devices; returns the JSON after 'REPORT '."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             # Both sides of every comparison compile alike; -O0 halves the CPU compile time of the tests.
+             # Both sides of every comparison compile alike; -O0 halves the CPU compile time of these tests.
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
   result = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
@@ -68,63 +66,3 @@ def test_checkpoint_restores_onto_another_mesh(report):
 def test_sharded_sampler_matches_one_device(report):
   assert report["sample_max_diff"] < 1e-5  # (2, 2, 2): 10 labels padded to a multiple of the 4 data-parallel devices
 
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def multiprocess(tmp_path_factory):
-  """tests/multiprocess_run.py in 2 processes x 2 CPU devices joined by jax.distributed on localhost."""
-  workdir = tmp_path_factory.mktemp("multiprocess")
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_run.py"), str(workdir)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=900))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  reports = []
-  for proc, (out, err) in zip(procs, outputs):
-    lines = [line[len("REPORT "):] for line in out.splitlines() if line.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, (out[-3000:], err[-6000:])
-    reports.append(json.loads(lines[-1]))
-  return workdir, reports
-
-
-@pytest.mark.multiprocess
-def test_two_processes_train_together_and_agree(report, multiprocess):
-  _, (first, second) = multiprocess
-  assert (first["process"], second["process"]) == (0, 1)
-  assert first["processes"] == 2 and first["devices"] == 4
-  assert first["losses"] == second["losses"]  # one program, one global loss
-  # Each process fed its half of every batch: the same 5 losses as one device on the whole batches.
-  np.testing.assert_allclose(first["losses"], report["losses"]["1"], rtol=1e-5, atol=1e-6)
-  # The multi-host checkpoint, restored onto another mesh (data=2, fsdp=2), is bit-identical.
-  assert first["restore_max_diff"] == second["restore_max_diff"] == 0.0
-
-
-@pytest.mark.multiprocess
-def test_multiprocess_command_writes_once(multiprocess):
-  """`train` in both processes: one metrics file written by process 0, checkpoints of both stages, samples."""
-  workdir, _ = multiprocess
-  command = os.path.join(workdir, "command")
-  for path, steps in ((os.path.join(command, "vae", "metrics.jsonl"), 2), (os.path.join(command, "metrics.jsonl"), 2)):
-    with open(path) as f:
-      records = [json.loads(line) for line in f if "loss" in line]
-    assert [r["step"] for r in records] == list(range(1, steps + 1)), path  # not doubled by process 1
-  for directory in (os.path.join(command, "vae", "checkpoints", "2"), os.path.join(command, "checkpoints", "2")):
-    assert os.path.isdir(directory), directory
-  with np.load(os.path.join(command, "samples", "samples.npz")) as f:
-    assert f["images"].shape == (8, 16, 16, 3)
