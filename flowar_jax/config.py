@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Rematerialisation per backbone and flow-head block (flowar_jax.parallel.remat): 'none' | 'full' |
   # 'dots_saveable' | 'dots_with_no_batch_dims_saveable'. Saves activation memory for recomputation.
   c.model.remat = "none"
+  # Run each stack of identical blocks as one lax.scan: the block compiles once (deep models compile in a
+  # fraction of the time and host memory); the values do not change.
+  c.model.scan_blocks = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.base_lr = 5e-5  # lr = base_lr * batch_size / 256
@@ -186,11 +189,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, num
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
   if config.vae.latent_scale < 0:
     raise ValueError(f"config.vae.latent_scale must be > 0, or 0 to measure it, got {config.vae.latent_scale}")
-  from flowar_jax.parallel import logical, mesh, remat  # pylint: disable=g-import-not-at-top  (imports jax)
+  from flowar_jax.parallel import blocks, logical, mesh, remat  # pylint: disable=g-import-not-at-top  (imports jax)
   remat.check_remat(config.model.remat)
   logical.parse_rules(config.sharding.rules)
   ici, dcn = mesh.resolve_mesh_shape(config.mesh, num_devices, num_slices)
   data, fsdp = ici[0] * dcn[0], ici[1] * dcn[1]
+  blocks.check_scan_mesh(config.model.scan_blocks, data, fsdp, ici[2] * dcn[2])
   for key in ("batch_size", "vae.train.batch_size"):
     if flat[key] % (data * fsdp):
       raise ValueError(f"config.{key} {flat[key]} is not divisible by the {data * fsdp} devices that split the "

@@ -34,13 +34,17 @@ from flowar_jax.training.state import make_train_step, split_params  # noqa: E40
 STEPS = 5
 MESHES = {"1": None, "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
 SAMPLED = ("1", "2x2x2")
+SCANNED = (2, 4, 1)
 
 
 def make_config(mesh_shape):
   config = tiny_config("v2")  # cross-attention too; dropout stays on (RNG must not depend on the mesh)
+  config.model.depth, config.model.head.depth = 2, 2
   config.num_train_steps = STEPS
   if mesh_shape is not None:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
+  if mesh_shape == SCANNED:  # the same values with every stack scanned and rematerialised
+    config.model.scan_blocks, config.model.remat = True, "full"
   return config
 
 

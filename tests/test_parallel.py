@@ -176,3 +176,25 @@ def test_sampling_falls_back_to_data_parallel_when_the_trained_mesh_does_not_fit
   config.mesh.data, config.mesh.fsdp, config.mesh.dcn_data = 1, 8, 4  # a 4-slice pod run, sampled here
   plan = sampling_plan(config)
   assert dict(plan.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_scan_blocks_runs_each_stack_as_one_scan(scan):
+  """Both backbone stacks and the head at each of the 3 scales (tests/sharded_run.py checks the values)."""
+  config = tiny_config("v2")
+  config.model.depth, config.model.head.depth = 2, 2
+  config.model.scan_blocks = scan
+  graphdef, params = nnx.split(build_flowar(config), nnx.Param)
+  loss = lambda p: nnx.merge(graphdef, p).loss(jnp.zeros((2, 4, 4, 4)), jnp.arange(2), jax.random.key(2))[0]
+  jaxpr = jax.make_jaxpr(loss)(params)
+  assert sum(e.primitive.name == "scan" for e in jaxpr.eqns) == (5 if scan else 0)
+
+
+def test_scan_blocks_refused_on_meshes_that_split_every_axis():
+  config = tiny_config("v2")
+  config.model.scan_blocks = True
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  with pytest.raises(ValueError, match="scan_blocks is not supported on a mesh that splits data"):
+    validate_config(config, 8)
+  config.mesh.data, config.mesh.fsdp = 1, 4
+  validate_config(config, 8)

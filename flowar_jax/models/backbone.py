@@ -15,7 +15,7 @@ from flowar_jax.models.attention import SelfAttention, dot_product_attention
 from flowar_jax.models.layers import TOKENS, GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm, split_rng
 from flowar_jax.models.rope import sequence_rope_tables
 from flowar_jax.parallel.logical import constrain, param_axes, with_axes
-from flowar_jax.parallel.remat import remat
+from flowar_jax.parallel.blocks import run_blocks
 from flowar_jax.scales import ScaleSchedule
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values [B, N_seen, H, Dh]
@@ -67,6 +67,7 @@ class Backbone(nnx.Module):
     self.num_classes = config.num_classes
     self.num_heads = config.num_heads
     self.remat_policy = config.get("remat", "none")
+    self.scan_blocks = config.get("scan_blocks", False)
     embed_init = nnx.initializers.normal(0.02)
     # One extra row: the null class used for label dropout and the unconditional branch of CFG.
     self.class_emb = nnx.Embed(config.num_classes + 1, dim, embedding_init=embed_init, rngs=rngs,
@@ -102,14 +103,14 @@ class Backbone(nnx.Module):
     cos, sin = self._rope()
     mask = self.schedule.visibility()
     rngs = split_rng(rng, len(self.encoder_blocks) + len(self.decoder_blocks))
-    block_fn = remat(BackboneBlock.__call__, self.remat_policy)
+    stack = dict(remat_policy=self.remat_policy, scan=self.scan_blocks, names=TOKENS)
     x = self.embed_inputs(class_embedding, scale_inputs)
     x = constrain(self.z_proj_ln(x + self.encoder_pos_embed_learned[...]), TOKENS)
-    for block, r in zip(self.encoder_blocks, rngs):
-      x = constrain(block_fn(block, x, class_embedding, cos, sin, mask, r), TOKENS)
+    x = run_blocks(self.encoder_blocks, x, class_embedding, cos, sin, mask,
+                   per_block=rngs[:len(self.encoder_blocks)], **stack)
     x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[...]
-    for block, r in zip(self.decoder_blocks, rngs[len(self.encoder_blocks):]):
-      x = constrain(block_fn(block, x, class_embedding, cos, sin, mask, r), TOKENS)
+    x = run_blocks(self.decoder_blocks, x, class_embedding, cos, sin, mask,
+                   per_block=rngs[len(self.encoder_blocks):], **stack)
     return self.decoder_norm(x) + self.diffusion_pos_embed_learned[...]
 
   def cached_step(self, k: int, tokens: jax.Array, class_embedding: jax.Array,

@@ -17,7 +17,7 @@ from flowar_jax.models.attention import CrossAttention, SelfAttention
 from flowar_jax.models.layers import TOKENS, GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm
 from flowar_jax.models.rope import rope_tables
 from flowar_jax.parallel.logical import constrain
-from flowar_jax.parallel.remat import remat
+from flowar_jax.parallel.blocks import run_blocks
 
 TIME_FREQUENCY_DIM = 256
 
@@ -94,9 +94,10 @@ class FlowHead(nnx.Module):
   """Velocity field v(x_t, t | z) for the tokens of one scale."""
 
   def __init__(self, config: ml_collections.ConfigDict, cond_dim: int, latent_channels: int, rope_grid: int,
-               *, rngs: nnx.Rngs, remat_policy: str = "none"):
+               *, rngs: nnx.Rngs, remat_policy: str = "none", scan_blocks: bool = False):
     """`config` is `config.model.head`; `cond_dim` the backbone width; `rope_grid` the latent side;
-    `remat_policy` one of `flowar_jax.parallel.remat.REMAT_POLICIES`, applied per block."""
+    `remat_policy` (`flowar_jax.parallel.remat`) and `scan_blocks` say how the blocks run
+    (`flowar_jax.parallel.blocks.run_blocks`)."""
     width = config.width
     if width % config.head_dim:
       raise ValueError(f"model.head.width {width} is not divisible by model.head.head_dim {config.head_dim}")
@@ -104,6 +105,7 @@ class FlowHead(nnx.Module):
     self.rope_grid = rope_grid
     self.head_dim = config.head_dim
     self.remat_policy = remat_policy
+    self.scan_blocks = scan_blocks
     self.time_embed = TimestepEmbedder(width, rngs=rngs)
     self.cond_embed = linear(cond_dim, width, rngs=rngs, axes=("embed", "embed"))
     self.input_proj = linear(latent_channels, width, rngs=rngs, axes=("latent", "embed"))
@@ -125,6 +127,6 @@ class FlowHead(nnx.Module):
     x = constrain(self.input_proj(x_t), TOKENS)
     t_emb = self.time_embed(t)[:, None]
     c = constrain(self.cond_embed(z), TOKENS)
-    for block in self.res_blocks:
-      x = constrain(remat(type(block).__call__, self.remat_policy)(block, x, t_emb, c, z, cos, sin), TOKENS)
+    x = run_blocks(self.res_blocks, x, t_emb, c, z, cos, sin, remat_policy=self.remat_policy,
+                   scan=self.scan_blocks, names=TOKENS)
     return self.final_layer(x, c + t_emb)
