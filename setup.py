@@ -1,4 +1,5 @@
-"""Install flowar_jax: `pip install -e .` (CPU), `pip install -e .[test]`, `.[tpu]`, `.[gpu]`, `.[torch]`."""
+"""Install flowar_jax: `pip install -e .` (CPU), `pip install -e .[test]`, `.[tpu]`, `.[gpu]`, `.[torch]`,
+`.[tensorboard]`, `.[notebooks]`."""
 from setuptools import find_packages, setup
 
 setup(
@@ -19,14 +20,17 @@ setup(
         "numpy",
         "pillow",
         "scikit-learn",
+        "scipy",  # evaluation: Frechet distance, Inception Score (also a dependency of scikit-learn)
         "tensorflow-datasets>=4.9",
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist"],
+        # The tests also read TensorBoard event files back and execute the notebooks in a Jupyter kernel.
+        "test": ["pytest>=8", "pytest-xdist", "tensorboard", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "tpu": ["jax[tpu]"],  # libtpu: run on TPUs, or compile for them ahead of time anywhere
         "gpu": ["jax[cuda12]"],
-        "tensorboard": ["tensorflow-cpu"],
+        "tensorboard": ["tensorboard"],  # event files and the viewer; no TensorFlow needed
+        "notebooks": ["matplotlib"],
         "torch": ["torch", "safetensors"],
     },
     entry_points={"console_scripts": ["flowar-jax=flowar_jax.cli:run"]},

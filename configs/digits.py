@@ -17,6 +17,7 @@ def get_config():
   c.num_train_steps = 1600
   c.checkpoint_every_steps = 500
   c.log_every_steps = 100
+  c.sample_every_steps = 400  # a 2 x 10 grid of EMA samples in TensorBoard and runs/digits/images/
 
   c.data.name = "digits"
   c.data.image_size = 16
@@ -61,4 +62,9 @@ def get_config():
   c.sampling.num_steps = 25
   c.sampling.num_samples = 100
   c.sampling.batch_size = 100
+
+  # `python -m flowar_jax evaluate`: the digits classifier metric, no downloads (docs/evaluation.md).
+  c.eval.metrics = ("digits",)
+  c.eval.num_samples = 1000
+  c.eval.train_num_samples = 200
   return c

@@ -1,9 +1,10 @@
 """Command line: `python -m flowar_jax COMMAND --config CONFIG[:ARG] [--config.key=value ...] --workdir DIR`.
 
-Commands: train, sample, summary, convert (official PyTorch weights -> WORKDIR), compile (ahead of time for a
-TPU topology: `compile --config CONFIG --topology v5p:4x4x4`).
+Commands: train, sample, evaluate (FID, sFID, IS, precision/recall, digits metric), summary, convert (official
+PyTorch weights -> WORKDIR), compile (ahead of time for a TPU topology: `compile --config CONFIG --topology
+v5p:4x4x4`).
 
-`train` and `sample` start multi-process JAX first when the launch environment asks for it
+`train`, `sample` and `evaluate` start multi-process JAX first when the launch environment asks for it
 (`flowar_jax.parallel.distributed`: TPU pods, SLURM, or explicit JAX_COORDINATOR_ADDRESS).
 """
 from __future__ import annotations
@@ -14,12 +15,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "summary", "convert", "compile")
+from flowar_jax.commands.flag_errors import USAGE_EXIT_CODE, parse_flags
+
+COMMANDS = ("train", "sample", "evaluate", "summary", "convert", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/digits.py), with "
                                           "--config.key=value overrides.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample: number of images (default config.sampling).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample / evaluate: number of images (default "
+                                    "config.sampling.num_samples / config.eval.num_samples).")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: sample i uses noise from (seed, i).")
 _CFG = flags.DEFINE_float("cfg", None, "sample: classifier-free guidance scale (1 disables it).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sample: ODE steps per scale.")
@@ -33,6 +37,12 @@ _FROM_TORCH = flags.DEFINE_string("from_torch", None, "convert: official FlowAR 
 _VAE_TORCH = flags.DEFINE_string("vae_torch", None, "convert: MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile: TPU topology, e.g. v5e:2x2 or v5p:4x4x4.")
 _SAMPLER = flags.DEFINE_boolean("sampler", True, "compile: also compile the sampler.")
+_METRICS = flags.DEFINE_list("metrics", None, "evaluate: fid, sfid, is, precision, recall, digits (default "
+                             "config.eval.metrics).")
+_REFERENCE = flags.DEFINE_string("reference", None, "evaluate: ADM-layout reference .npz or dataset:train / "
+                                 "dataset:eval (default config.eval.reference).")
+_INCEPTION = flags.DEFINE_string("inception_weights", None, "evaluate: FID Inception weights (.pth, .npz or the "
+                                 "TF graph .pb; default config.eval.inception_weights, else ~/.cache/flowar_jax).")
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -70,8 +80,10 @@ def main(argv: list[str]) -> None:
     # Library logs only on request (-v 0): Orbax alone writes dozens of lines per checkpoint.
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_QuietOrbax())
+  from flowar_jax.training.nonfinite import NonFiniteError  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training.preemption import EXIT_CODE, Preempted  # pylint: disable=g-import-not-at-top
   try:
-    if command in ("train", "sample"):
+    if command in ("train", "sample", "evaluate"):
       from flowar_jax.parallel.distributed import initialize_from_environment
       initialize_from_environment()
     if command == "summary":
@@ -87,6 +99,17 @@ def main(argv: list[str]) -> None:
       from flowar_jax.commands import convert
       convert.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"),
                   flowar_path=_need(_FROM_TORCH.value, "from_torch"), vae_path=_VAE_TORCH.value, use_ema=_USE_EMA.value)
+    elif command == "evaluate":
+      from flowar_jax.commands import evaluate, sample
+      workdir = _need(_WORKDIR.value, "workdir")
+      config = _CONFIG.value or sample.stored_config(workdir)
+      settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
+                                      guidance=_GUIDANCE.value, solver=_SOLVER.value)
+      evaluate.run(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.eval.num_samples),
+                   seed=_SEED.value, settings=settings,
+                   batch_size=_default(_BATCH.value, config.sampling.batch_size),
+                   use_ema=_default(_USE_EMA.value, config.sampling.use_ema), metrics=_METRICS.value,
+                   reference=_REFERENCE.value, inception_weights=_INCEPTION.value)
     else:
       from flowar_jax.commands import sample
       workdir = _need(_WORKDIR.value, "workdir")
@@ -97,11 +120,17 @@ def main(argv: list[str]) -> None:
                                seed=_SEED.value, settings=settings, labels=_parse_labels(_LABELS.value),
                                batch_size=_default(_BATCH.value, config.sampling.batch_size),
                                use_ema=_default(_USE_EMA.value, True))
-  except (ValueError, FileNotFoundError, ImportError) as e:
+  except Preempted as e:  # a checkpoint is saved; exit non-zero so that the scheduler reruns the command
+    print(f"flowar-jax {command}: {e}", file=sys.stderr)
+    sys.exit(EXIT_CODE)
+  except NonFiniteError as e:
     print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1)
+  except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
 
 
 def run() -> None:
   """Console-script entry point (`flowar-jax`)."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -19,6 +19,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3
   c.log_every_steps = 100
+  # Sample grids while FlowAR trains (TensorBoard images, WORKDIR/images/, metrics.jsonl): the EMA weights and
+  # the sampling settings below, from fixed noise, so the grids of successive steps compare.
+  c.sample_every_steps = 0  # 0 = off; the last step is always included when on
+  c.sample_grid_labels = ()  # classes, one column each (two rows); () = up to 10 spread over the classes
+  # A step whose loss, gradients or new params are not finite is skipped (params, optimizer state and EMA
+  # unchanged, counted in the state); this many in a row stop training with an error.
+  c.max_consecutive_nonfinite_steps = 10
   # Which stages `train` runs: 'vae', 'flowar', or 'both' (VAE first, then FlowAR on its latents).
   c.stage = "flowar"
   # Workdir (or checkpoint directory) of a trained VAE; '' means WORKDIR/vae.
@@ -69,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.label_drop_prob = 0.1
   c.model.attn_dropout = 0.1
   c.model.proj_dropout = 0.1
+  # Backbone attention: 'xla' (dense masked attention), 'pallas' (the scale-causal flash kernels of
+  # flowar_jax.kernels; interpreted on CPU) or 'auto' (the kernels on TPU and GPU, XLA elsewhere).
+  c.model.attention_impl = "xla"
   c.model.head = ml_collections.ConfigDict()
   c.model.head.variant = "v1"  # 'v1' (spatial adaLN) | 'v2' (with cross-attention)
   c.model.head.depth = 2
@@ -120,6 +130,17 @@ def base_config() -> ml_collections.ConfigDict:
                      ("qkv", ""), ("mlp", "tensor"), ("modulation", "tensor"), ("vocab", ""), ("latent", ""),
                      ("time", ""), ("norm", ""), ("conv_in", ""), ("conv_out", "fsdp")):
     c.sharding.rules[name] = axes
+
+  # `evaluate` and evaluation during training (docs/evaluation.md).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # evaluate during FlowAR training every N steps and at the end (0 = off)
+  c.eval.num_samples = 50_000  # `evaluate`'s default; class labels cycle, equal counts per class
+  c.eval.train_num_samples = 10_000  # per evaluation during training
+  c.eval.metrics = ("fid", "sfid", "is", "precision", "recall")  # and/or 'digits' (the bundled data)
+  c.eval.reference = "dataset:train"  # ADM-layout .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or dataset:SPLIT
+  c.eval.inception_weights = ""  # '' = look in ~/.cache/flowar_jax (nothing is downloaded)
+  c.eval.resize = "adm"  # Inception input: 'adm' (ADM's TF graph) | 'pytorch-fid'
+  c.eval.inception_batch_size = 200  # images per Inception step, split over the devices
   c.lock()  # existing keys can change; new (misspelt) ones raise
   return c
 
@@ -136,21 +157,84 @@ _CHOICES = {
     "stage": ("vae", "flowar", "both"),
     "data.name": ("digits", "image_folder", "imagenet"),
     "model.head.variant": ("v1", "v2"),
+    "model.attention_impl": ("xla", "pallas", "auto"),
     "sampling.solver": ("euler", "heun"),
+    "eval.resize": ("adm", "pytorch-fid"),
 }
+_EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits")
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, num_slices: int | None = None) -> None:
-  """Checks that need more than types, before any compute. Errors name the offending key.
+# The element type of schema tuples whose default is empty.
+_EMPTY_TUPLE_ELEMENTS = {"sample_grid_labels": int}
+_TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", str: "a string"}
+
+
+def _type_error(key: str, value, expected: type) -> str | None:
+  """Why `value` can't stand where the schema has a value of type `expected` (None when it can)."""
+  if isinstance(value, bool) or expected is bool:
+    ok = isinstance(value, bool) and expected is bool
+  elif expected is float:
+    ok = isinstance(value, (int, float))
+  else:
+    ok = isinstance(value, expected)
+  if ok:
+    return None
+  return f"config.{key} must be {_TYPE_NAMES.get(expected, expected.__name__)}, got {value!r} ({type(value).__name__})"
+
+
+def check_types(config: ml_collections.ConfigDict) -> None:
+  """Every key of the schema (`base_config()`) is present with a value of its type, and no other key is.
+
+  Catches what a locked ConfigDict lets through: a config built by hand or from JSON, and tuple overrides
+  such as `--config.model.scales=(1,2.5,4)` or `=(1,2,x)`, which parse element by element.
+  """
+  schema = dict(_flatten(base_config()))
+  flat = dict(_flatten(config))
+  unknown = sorted(set(flat) - set(schema))
+  if unknown:
+    raise ValueError(f"unknown config key(s): {', '.join('config.' + k for k in unknown)}")
+  missing = sorted(set(schema) - set(flat))
+  if missing:
+    raise ValueError(f"config key(s) missing: {', '.join('config.' + k for k in missing)}")
+  for key, default in schema.items():
+    value = flat[key]
+    if default is None:
+      continue
+    if isinstance(default, tuple):
+      element_type = type(default[0]) if default else _EMPTY_TUPLE_ELEMENTS[key]
+      if not isinstance(value, (tuple, list)) or any(_type_error(key, v, element_type) for v in value):
+        raise ValueError(f"config.{key} must be a tuple of {element_type.__name__}s like {default}, got {value!r}")
+      continue
+    problem = _type_error(key, value, type(default))
+    if problem:
+      raise ValueError(problem)
+
+
+def check_batch_divisible(config: ml_collections.ConfigDict, data_parallel_devices: int) -> None:
+  """The global batches split evenly over the devices that hold different examples (data x fsdp)."""
+  if data_parallel_devices < 1:
+    raise ValueError(f"the number of data-parallel devices must be >= 1, got {data_parallel_devices}")
+  for key, batch in (("batch_size", config.batch_size), ("vae.train.batch_size", config.vae.train.batch_size)):
+    if batch % data_parallel_devices:
+      raise ValueError(f"config.{key} {batch} is not divisible by the {data_parallel_devices} devices it is "
+                       f"split over (data parallel); use a multiple of {data_parallel_devices}")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                    num_slices: int | None = None) -> None:
+  """Checks types and values before any compute; errors name the offending key.
 
   `num_devices` (all processes) and `num_slices` (TPU slices or other DCN groups; None = what config.mesh.dcn_*
-  says) size the mesh.
+  says) size the mesh; with `num_devices` None (e.g. sampling, which picks its own mesh) the mesh and the batch
+  split are not checked.
   """
+  check_types(config)
   flat = {k: v for k, v in _flatten(config)}
   for key, choices in _CHOICES.items():
     if flat[key] not in choices:
       raise ValueError(f"config.{key} must be one of {choices}, got {flat[key]!r}")
   for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints",
+              "max_consecutive_nonfinite_steps",
               "vae.train.batch_size", "vae.train.num_train_steps", "model.width", "model.depth",
               "model.num_heads", "model.num_classes", "model.head.width", "model.head.depth",
               "model.head.head_dim", "data.image_size", "sampling.num_steps", "sampling.num_samples",
@@ -185,6 +269,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, num
               "sampling.guidance", "optimizer.ema_decay"):
     if not 0.0 <= flat[key] <= 1.0:
       raise ValueError(f"config.{key} must lie in [0, 1], got {flat[key]}")
+  if config.sample_every_steps < 0:
+    raise ValueError(f"config.sample_every_steps must be >= 0 (0 = off), got {config.sample_every_steps}")
+  grid_labels = tuple(config.sample_grid_labels)
+  if len(grid_labels) > 64 or any(not 0 <= int(k) < config.model.num_classes for k in grid_labels):
+    raise ValueError(f"config.sample_grid_labels must hold at most 64 classes in [0, model.num_classes = "
+                     f"{config.model.num_classes}), got {grid_labels}")
+  unknown = [m for m in config.eval.metrics if m not in _EVAL_METRICS]
+  if unknown:
+    raise ValueError(f"config.eval.metrics has unknown metrics {unknown}; choose from {_EVAL_METRICS}")
+  if config.eval.every_steps < 0:
+    raise ValueError(f"config.eval.every_steps must be >= 0 (0 turns it off), got {config.eval.every_steps}")
+  for key in ("eval.num_samples", "eval.train_num_samples"):
+    if flat[key] < 2:
+      raise ValueError(f"config.{key} must be >= 2 (feature covariances need two samples), got {flat[key]}")
+  if config.eval.inception_batch_size < 1:
+    raise ValueError(f"config.eval.inception_batch_size must be >= 1, got {config.eval.inception_batch_size}")
   if config.sampling.cfg < 0:
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
   if config.vae.latent_scale < 0:
@@ -192,13 +292,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, num
   from flowar_jax.parallel import blocks, logical, mesh, remat  # pylint: disable=g-import-not-at-top  (imports jax)
   remat.check_remat(config.model.remat)
   logical.parse_rules(config.sharding.rules)
+  if num_devices is None:
+    return
   ici, dcn = mesh.resolve_mesh_shape(config.mesh, num_devices, num_slices)
-  data, fsdp = ici[0] * dcn[0], ici[1] * dcn[1]
-  blocks.check_scan_mesh(config.model.scan_blocks, data, fsdp, ici[2] * dcn[2])
-  for key in ("batch_size", "vae.train.batch_size"):
-    if flat[key] % (data * fsdp):
-      raise ValueError(f"config.{key} {flat[key]} is not divisible by the {data * fsdp} devices that split the "
-                       f"batch (mesh data={data} x fsdp={fsdp})")
+  blocks.check_scan_mesh(config.model.scan_blocks, ici[0] * dcn[0], ici[1] * dcn[1], ici[2] * dcn[2])
+  check_batch_divisible(config, ici[0] * dcn[0] * ici[1] * dcn[1])  # data x fsdp hold different examples
+
+
+def flatten_config(config: ml_collections.ConfigDict) -> dict:
+  """{'model.width': 768, 'model.scales': (1, 2, 4, 8, 16), ...}: every leaf under its dotted key."""
+  return dict(_flatten(config))
 
 
 def _flatten(config, prefix=""):

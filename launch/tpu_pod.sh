@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice (single- or multi-host):
 #
-#   launch/tpu_pod.sh --name NAME --zone ZONE --accelerator-type TYPE [--version RUNTIME] [--project PROJECT]
+#   launch/tpu_pod.sh --name NAME --zone ZONE [--accelerator-type TYPE] [--version RUNTIME] [--project PROJECT]
 #                     [--spot] [--repo URL [--ref REF]] [--dry-run] CONFIG WORKDIR [--] [--config.key=value ...]
 #
 #   e.g. launch/tpu_pod.sh --name flowar-l --zone us-east5-a --accelerator-type v5p-64 \
 #          configs/flowar_l.py gs://BUCKET/runs/flowar_l -- --config.data.data_dir=/mnt/imagenet
 #
-# 1. Creates the slice NAME (gcloud compute tpus tpu-vm create) unless it exists; the runtime version
+# 1. Creates the slice NAME (gcloud compute tpus tpu-vm create) unless it exists (creating needs
+#    --accelerator-type; options also take the --option=value form); the runtime version
 #    defaults from TYPE (v5p: v2-alpha-tpuv5, v5litepod: v2-alpha-tpuv5-lite, v6e: v2-alpha-tpuv6e,
 #    v4: tpu-ubuntu2204-base).
 # 2. Puts the code on every worker in ~/flowar_jax: this checkout's files (git ls-files: tracked and
@@ -19,6 +20,7 @@
 set -euo pipefail
 name=""; zone=""; type=""; version=""; project=""; spot=""; repo=""; ref="main"; dry=""
 while [[ $# -gt 0 && "$1" == --* && "$1" != --config* && "$1" != -- ]]; do
+  if [[ "$1" == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi  # --zone=Z as --zone Z
   case "$1" in
     --name) name="$2"; shift 2 ;;
     --zone) zone="$2"; shift 2 ;;
@@ -32,7 +34,7 @@ while [[ $# -gt 0 && "$1" == --* && "$1" != --config* && "$1" != -- ]]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-if [[ -z "$name" || -z "$zone" || -z "$type" || $# -lt 2 ]]; then
+if [[ -z "$name" || -z "$zone" || $# -lt 2 ]]; then
   sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
@@ -41,7 +43,7 @@ config="$1"; workdir="$2"; shift 2
 if [[ "$workdir" != gs://* ]]; then
   echo "warning: WORKDIR $workdir is not a gs:// path; each worker will write its own local copy" >&2
 fi
-if [[ -z "$version" ]]; then
+if [[ -z "$version" && -n "$type" ]]; then
   case "$type" in
     v5p-*) version="v2-alpha-tpuv5" ;;
     v5litepod-*|v5e-*) version="v2-alpha-tpuv5-lite" ;;
@@ -59,7 +61,10 @@ run() {
 quoted_args=""
 for arg in "$config" "$workdir" "$@"; do quoted_args+=" $(printf '%q' "$arg")"; done
 
-if [[ -n "$dry" ]] || ! gcloud compute tpus tpu-vm describe "$name" "${common[@]}" >/dev/null 2>&1; then
+if [[ -n "$dry" && -n "$type" ]] || { [[ -z "$dry" ]] && ! gcloud compute tpus tpu-vm describe "$name" "${common[@]}" >/dev/null 2>&1; }; then
+  if [[ -z "$type" ]]; then
+    echo "slice $name does not exist in $zone: pass --accelerator-type (e.g. v5p-64) to create it" >&2; exit 2
+  fi
   run gcloud compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type "$type" --version "$version" $spot
 fi
 if [[ -n "$repo" ]]; then

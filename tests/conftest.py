@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs that build and run in seconds on a CPU."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -58,14 +59,9 @@ def tiny():
   return tiny_config()
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-  """VAE (40 steps) then FlowAR (40 steps) on real digits with the tiny config, once per test session.
-
-  Returns (config, workdir, report); tests must not modify the workdir (copy it first).
-  """
-  from flowar_jax.commands import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("run"))
+def trained_config():
+  """The config of the `trained` run: the tiny config, 40 VAE and 40 FlowAR steps, checkpoints and sample
+  grids every 20."""
   config = tiny_config()
   config.vae.train.num_train_steps = 40
   config.num_train_steps = 40
@@ -73,5 +69,51 @@ def trained(tmp_path_factory):
   config.batch_size = 16
   config.vae.train.batch_size = 16
   config.data.cache_latents = True
-  report = train.run(config, workdir)
+  config.sample_every_steps = 20
+  return config
+
+
+@pytest.fixture(scope="session")
+def compilation_cache_dir(tmp_path_factory) -> str:
+  """A JAX compilation cache shared within the session: the programs the `trained` run compiles are loaded,
+  not compiled again, by command-line tests that run the same config in a subprocess."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def compilation_cache_env(directory: str) -> dict[str, str]:
+  """Environment variables that make a subprocess read and write the compilation cache in `directory`."""
+  return {"JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: str):
+  """Within the block, this process also writes every program it compiles to `directory`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  settings = {"jax_compilation_cache_dir": directory, "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  previous = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # the cache is set up at the first compile; make it see the new directory
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, compilation_cache_dir):
+  """VAE (40 steps) then FlowAR (40 steps) on real digits with `trained_config()`, once per test session.
+
+  Returns (config, workdir, report); tests must not modify the workdir (copy it first).
+  """
+  from flowar_jax.commands import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = trained_config()
+  with persistent_compilation_cache(compilation_cache_dir):
+    report = train.run(config, workdir)
   return config, workdir, report

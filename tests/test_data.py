@@ -12,6 +12,7 @@ import pytest
 from flowar_jax import config as config_lib
 from flowar_jax import data
 from flowar_jax.data import digits
+from flowar_jax.data import image_folder
 from flowar_jax.data import imagenet
 from flowar_jax.data import preprocess
 from flowar_jax.data import splits
@@ -325,8 +326,8 @@ def image_root(tmp_path_factory):
 
 
 def _folder_config(root, **overrides):
-  return _data_config(name="image_folder", data_dir=root, image_size=16, resize_size=20,
-                      eval_fraction=0.25, **overrides)
+  return _data_config(**dict(dict(name="image_folder", data_dir=root, image_size=16, resize_size=20,
+                                  eval_fraction=0.25), **overrides))
 
 
 def test_image_folder_loads_every_readable_image_as_rgb(image_root):
@@ -367,9 +368,106 @@ def test_image_folder_batches_have_the_right_size(image_root):
 
 
 def test_image_folder_logs_skipped_count(image_root, caplog):
+  image_folder._SCANS.clear()  # the scan (and its warning) happens once per process while files stay the same
   with caplog.at_level("WARNING"):
     data.build_source(_folder_config(image_root), "train")
   assert any("Skipped 3 unreadable file(s) of 16" in r.getMessage() for r in caplog.records)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def every_kind_root(tmp_path_factory):
+  """modes/: one readable file per PIL mode and size extreme; broken/: one readable file among bad ones;
+  unreadable_only/ and no_files/: classes that end up without an image."""
+  root = tmp_path_factory.mktemp("every_kind")
+  modes, broken = root / "modes", root / "broken"
+  readable = {
+      "l.png": Image.new("L", (10, 12), 80),
+      "la.png": Image.new("LA", (10, 12), (0, 0)),  # fully transparent: white
+      "rgba.webp": Image.new("RGBA", (10, 12), (200, 10, 20, 255)),
+      "palette.gif": Image.new("P", (10, 12), 0),
+      "i16.png": Image.fromarray(np.full((12, 10), 65535, np.uint16)),
+      "i32.tif": Image.fromarray(np.full((12, 10), 65535, np.int32), mode="I"),
+      "float.tif": Image.fromarray(np.full((12, 10), 1.0, np.float32)),
+      "cmyk.tif": Image.new("CMYK", (10, 12), (0, 255, 255, 0)),
+      "cmyk.jpg": Image.new("CMYK", (10, 12), (0, 255, 255, 0)),
+      "bits.bmp": Image.new("1", (10, 12), 1),
+      "one_pixel.png": Image.new("RGB", (1, 1), (7, 8, 9)),
+      "nested/deep/huge.png": Image.new("RGB", (5000, 3000), (10, 120, 240)),
+  }
+  for name, image in readable.items():
+    _save(image, modes / name)
+  truncated_png = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)))
+  _save(Image.new("RGB", (9, 9), (1, 2, 3)), broken / "ok.png")
+  (broken / "truncated.png").write_bytes(truncated_png[:len(truncated_png) // 2])
+  (broken / "truncated.jpg").write_bytes(_jpeg_bytes(Image.new("RGB", (64, 64), (5, 5, 5)))[:300])
+  (broken / "empty.jpg").write_bytes(b"")
+  (broken / "readme.txt").write_text("not an image")
+  (broken / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: not even a candidate
+  (root / "unreadable_only").mkdir()
+  (root / "unreadable_only" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+  (root / "no_files").mkdir()
+  return str(root)
+
+
+def test_image_folder_reads_every_mode_and_size_and_skips_bad_files(every_kind_root, caplog):
+  image_folder._SCANS.clear()
+  with caplog.at_level("WARNING"):
+    source = data.build_source(_folder_config(every_kind_root, eval_fraction=0.0), "train")
+  assert source.class_names == ["broken", "modes", "no_files", "unreadable_only"]
+  assert len(source) == 13 and source.num_skipped == 5
+  messages = " ".join(r.getMessage() for r in caplog.records)
+  assert "Skipped 5 unreadable file(s) of 18" in messages
+  assert "broken/empty.jpg (UnidentifiedImageError" in messages and "broken/readme.txt (" in messages
+  assert "broken/truncated.png (" in messages
+  assert "without a readable image: no_files, unreadable_only" in messages
+  pixels = {os.path.relpath(path, os.path.join(every_kind_root, "modes")): source[i]["image"]
+            for i, path in enumerate(source.paths)}
+  for name, image in pixels.items():
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, name
+  assert pixels["l.png"][0, 0].tolist() == [80, 80, 80]
+  assert pixels["la.png"][0, 0].tolist() == [255, 255, 255]
+  assert pixels["i16.png"][0, 0].tolist() == [255, 255, 255]
+  assert pixels["i32.tif"][0, 0].tolist() == [255, 255, 255]
+  assert pixels["float.tif"][0, 0].tolist() == [255, 255, 255]
+  assert pixels["cmyk.tif"][0, 0].tolist() == [255, 0, 0]
+  assert pixels["bits.bmp"][0, 0].tolist() == [255, 255, 255]
+  assert pixels["one_pixel.png"].shape == (1, 1, 3)
+  assert pixels["nested/deep/huge.png"].shape == (3000, 5000, 3)
+  # Every one of them comes out of the pipeline at the training size.
+  config = _folder_config(every_kind_root, eval_fraction=0.0, random_crop=True, random_flip=True)
+  batches = _take(data.make_train_iterator(config, 13, seed=0), 2)
+  for batch in batches:
+    assert batch["image"].shape == (13, 16, 16, 3) and np.isfinite(batch["image"]).all()
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert sorted(batches[0]["label"].tolist()) == [0] + [1] * 12
+
+
+def test_image_folder_scan_is_cached_until_a_file_changes(every_kind_root, monkeypatch):
+  image_folder.scan(every_kind_root)
+  calls = []
+  original = image_folder._read_problem
+  monkeypatch.setattr(image_folder, "_read_problem", lambda path: calls.append(path) or original(path))
+  image_folder.scan(every_kind_root)
+  assert not calls
+  ok = os.path.join(every_kind_root, "broken", "ok.png")
+  os.utime(ok, ns=(0, 0))
+  paths, _, _, skipped = image_folder.scan(every_kind_root)
+  assert len(calls) == 18 and len(paths) == 13 and len(skipped) == 5
+
+
+def test_images_beyond_the_size_guard_are_skipped(tmp_path, monkeypatch):
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # so that 5000x3000 stands for a decompression bomb
+  _save(Image.new("RGB", (20, 20)), tmp_path / "a" / "small.png")
+  _save(Image.new("RGB", (5000, 3000)), tmp_path / "a" / "bomb.png")
+  paths, _, _, skipped = image_folder.scan(str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ["small.png"]
+  assert [os.path.basename(p) for p in skipped] == ["bomb.png"]
 
 
 def test_image_folder_errors_name_the_path(tmp_path):

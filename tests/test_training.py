@@ -110,6 +110,9 @@ def test_resume_continues_the_same_run(trained, tmp_path):
     ("model.head.variant", "v3", "model.head.variant"),
     ("batch_size", 0, "batch_size"),
     ("sampling.cfg", -1.0, "sampling.cfg"),
+    ("model.scales", (2, 1, 4), "strictly increasing"),
+    ("max_consecutive_nonfinite_steps", 0, "config.max_consecutive_nonfinite_steps must be >= 1"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints must be >= 1"),
 ])
 def test_validation_names_the_field(key, value, match):
   config = tiny_config()

@@ -122,6 +122,7 @@ class CompileReport:
   remat: str
   hbm_capacity_bytes: int
   programs: list[ProgramReport]
+  scanned: bool = False  # config.model.scan_blocks
 
   @property
   def fits(self) -> bool:
@@ -234,7 +235,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sa
   if sampler and config.stage in ("flowar", "both"):
     programs.append(_sampler_program(config, plan))
   return CompileReport(topology, chips, dict(zip(MESH_AXES, ici)), config.model.remat,
-                       HBM_GIB[generation] * _GIB, [_compile(p, chips) for p in programs])
+                       HBM_GIB[generation] * _GIB, [_compile(p, chips) for p in programs],
+                       scanned=bool(config.model.scan_blocks))
 
 
 def format_report(report: CompileReport) -> str:
@@ -250,6 +252,9 @@ def format_report(report: CompileReport) -> str:
     hbm = f"{p.hbm_bytes / _GIB:.2f}" + ("" if p.compiled else "+")
     lines.append(f"{p.name:<20}{p.batch_size:>7}{hbm:>14}{p.argument_bytes / _GIB:>8.2f}"
                  f"{p.temp_bytes / _GIB:>8.2f}{p.flops_per_step:>12.3g}{model:>13}{p.compile_seconds:>11.1f}  {fits}")
+  if report.scanned:
+    lines.append("scan_blocks: XLA's cost analysis counts each scanned block once, not once per layer, so FLOPs/step "
+                 "is a lower bound (model FLOPs are analytic)")
   if not all(p.compiled for p in report.programs):
     lines.append("+ the TPU compiler stopped at its HBM limit: the temporaries alone exceed it (outputs not counted)")
   return "\n".join(lines)

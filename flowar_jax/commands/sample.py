@@ -9,12 +9,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flowar_jax.config import config_from_dict
-from flowar_jax.models.vae import decode_from_latents
+from flowar_jax.config import config_from_dict, validate_config
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.images import write_samples
-from flowar_jax.sampling.sampler import Sampler, SamplingSettings
+from flowar_jax.sampling.sampler import Sampler, SamplingSettings, image_sampler
 from flowar_jax.training.builders import build_flowar, load_params
 from flowar_jax.training.flowar_stage import stored_latent_scale
 from flowar_jax.training.checkpointing import Checkpointer
@@ -61,6 +60,22 @@ def sampling_plan(config: ml_collections.ConfigDict) -> ShardingPlan:
     return ShardingPlan.from_config(fallback)
 
 
+def load_image_sampler(config: ml_collections.ConfigDict, workdir: str, settings: SamplingSettings,
+                       use_ema: bool = True, plan: ShardingPlan | None = None) -> Sampler:
+  """`image_sampler` for the latest FlowAR checkpoint in WORKDIR and its VAE, sharded by `plan` (default
+  `sampling_plan(config)`)."""
+  validate_config(config)
+  plan = plan or sampling_plan(config)
+  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
+  vae = load_vae(config, workdir, plan)
+  latent_scale = config.vae.latent_scale
+  if latent_scale <= 0:  # measured during training and stored with the checkpoint
+    latent_scale = stored_latent_scale(workdir)
+    if latent_scale is None:
+      raise ValueError("vae.latent_scale is 0 (measure it) but the checkpoint in WORKDIR stores no measured value")
+  return image_sampler(flowar, vae, settings, latent_scale, plan)
+
+
 def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndarray, seed: int,
              settings: SamplingSettings, batch_size: int, use_ema: bool = True) -> np.ndarray:
   """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i).
@@ -69,21 +84,13 @@ def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndar
   of the data-parallel devices.
   """
   plan = sampling_plan(config)
-  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
-  vae = load_vae(config, workdir, plan)
-  latent_scale = config.vae.latent_scale
-  if latent_scale <= 0:  # measured during training and stored with the checkpoint
-    latent_scale = stored_latent_scale(workdir)
-    if latent_scale is None:
-      raise ValueError("vae.latent_scale is 0 (measure it) but the checkpoint in WORKDIR stores no measured value")
-  decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
-  sampler = Sampler(flowar, settings, decode=decode, decoder_module=vae, plan=plan)
+  sampler = load_image_sampler(config, workdir, settings, use_ema, plan)
   sampler.check_labels(labels)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   batch_size = round_up_to_data_parallel(plan, min(batch_size, len(labels)))
   out = []
-  progress = Progress(len(labels), desc="sample")
+  progress = Progress(len(labels), desc="sample", unit="image")
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
     real = len(chunk)

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from flowar_jax.config import validate_config
 from flowar_jax.models.params import flat_params
 from flowar_jax.training.builders import build_flowar, build_vae
 
@@ -27,6 +28,7 @@ def group(counts: dict[str, int], depth: int) -> dict[str, int]:
 
 
 def summarize(config: ml_collections.ConfigDict) -> str:
+  validate_config(config)
   flowar = count_params(functools.partial(build_flowar, config))
   vae = count_params(functools.partial(build_vae, config))
   lines = [f"{'module':<48}{'params':>16}"]

@@ -1,14 +1,19 @@
 """Images in `root/<class_name>/...`, one subfolder per class; labels follow the sorted class names.
 
-Every non-hidden file below a class folder (nested folders included) is a candidate. Building a source
-decodes each candidate once, in a thread pool, so unreadable files (not an image, corrupt, truncated,
-beyond PIL's size guard) are dropped up front and reported in one warning, instead of failing a step
-hours into training. Both splits come from the same readable set, `eval_fraction` per class held out
-with a fixed seed (`splits.eval_mask`).
+Every non-hidden file below a class folder (nested folders included) is a candidate; hidden files
+(`.DS_Store`, `._x.jpg`) and folders are not. Building a source decodes each candidate once, in a thread
+pool, so unreadable files (not an image, empty, corrupt, truncated, beyond PIL's size guard) are dropped
+up front and reported in one warning with the first few and why, instead of failing a step hours into
+training. Doing it up front keeps the example list, and so the shuffled order and a checkpointed
+iterator position, fixed for the run. The scan is cached per process (keyed by every candidate's path,
+size and modification time), so the train split, the eval split and the latent cache share one scan.
+Both splits come from the same readable set, `eval_fraction` per class held out with a fixed seed
+(`splits.eval_mask`).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 
 from absl import logging
@@ -18,6 +23,8 @@ from flowar_jax.data import preprocess
 from flowar_jax.data import splits
 
 _SCAN_THREADS = 16
+_NAMED_SKIPS = 5  # unreadable files named in the warning
+_SCANS: dict[str, tuple[str, tuple]] = {}  # root -> (digest of the candidates' stats, scan result)
 
 
 def class_names(root: str) -> list[str]:
@@ -46,44 +53,66 @@ def _candidate_files(class_dir: str) -> list[str]:
   return found
 
 
-def _is_readable(path: str) -> bool:
+def _read_problem(path: str) -> str | None:
+  """Why `path` can't be decoded as an image ('ErrorType: message'), or None when it can."""
   try:
     preprocess.decode_image(path, min_side=1)  # Smallest JPEG scale still reads every byte.
-  except Exception:  # PIL raises many types for bad data; any of them means "skip this file".
-    return False
-  return True
+  except Exception as error:  # PIL raises many types for bad data; any of them means "skip this file".
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+  return None
+
+
+def _digest(paths: list[str]) -> str:
+  """Changes when any candidate is added, removed, rewritten or touched."""
+  hasher = hashlib.sha1()
+  for path in paths:
+    stat = os.stat(path)
+    hasher.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+  return hasher.hexdigest()
 
 
 def scan(root: str) -> tuple[list[str], np.ndarray, list[str], list[str]]:
-  """Lists and checks every candidate image under `root`.
+  """Lists and checks every candidate image under `root` (cached while the files stay the same).
 
   Returns:
     (paths of readable images, their int32 labels `[N]`, class names, paths of skipped files).
+
+  Raises:
+    ValueError naming `root` when no file under it is a readable image.
   """
   names = class_names(root)
   candidates, candidate_labels = [], []
   for label, name in enumerate(names):
     files = _candidate_files(os.path.join(root, name))
-    if not files:
-      logging.warning("Class folder %r under %r has no files.", name, root)
     candidates.extend(files)
     candidate_labels.extend([label] * len(files))
+  digest = _digest(candidates)
+  cached = _SCANS.get(root)
+  if cached is not None and cached[0] == digest:
+    paths, labels, skipped = cached[1]
+    return list(paths), labels.copy(), names, list(skipped)
   with concurrent.futures.ThreadPoolExecutor(_SCAN_THREADS) as pool:
-    readable = list(pool.map(_is_readable, candidates))
-  paths = [p for p, ok in zip(candidates, readable) if ok]
-  labels = np.array([l for l, ok in zip(candidate_labels, readable) if ok], dtype=np.int32)
-  skipped = [p for p, ok in zip(candidates, readable) if not ok]
+    problems = list(pool.map(_read_problem, candidates))
+  paths = [p for p, problem in zip(candidates, problems) if problem is None]
+  labels = np.array([l for l, problem in zip(candidate_labels, problems) if problem is None], dtype=np.int32)
+  skipped = [(p, problem) for p, problem in zip(candidates, problems) if problem is not None]
   if skipped:
-    logging.warning(
-        "Skipped %d unreadable file(s) of %d under %r, e.g. %s",
-        len(skipped), len(candidates), root, skipped[:3],
-    )
+    named = "; ".join(f"{os.path.relpath(p, root)} ({problem})" for p, problem in skipped[:_NAMED_SKIPS])
+    more = f"; and {len(skipped) - _NAMED_SKIPS} more" if len(skipped) > _NAMED_SKIPS else ""
+    logging.warning("Skipped %d unreadable file(s) of %d under %r: %s%s", len(skipped), len(candidates), root,
+                    named, more)
   if not paths:
     raise ValueError(
         f"Image folder {root!r} has no readable images ({len(candidates)} file(s) found, "
         f"{len(skipped)} unreadable)."
     )
-  return paths, labels, names, skipped
+  empty = [name for label, name in enumerate(names) if not np.any(labels == label)]
+  if empty:
+    logging.warning("Class folder(s) under %r without a readable image: %s. Their labels stay in the label "
+                    "space but never occur in training.", root, ", ".join(empty))
+  skipped_paths = [p for p, _ in skipped]
+  _SCANS[root] = (digest, (tuple(paths), labels, tuple(skipped_paths)))
+  return paths, labels.copy(), names, skipped_paths
 
 
 class ImageFolderSource:

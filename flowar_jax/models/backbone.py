@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from flowar_jax.models.attention import SelfAttention, dot_product_attention
+from flowar_jax.kernels import ScaleCausalMask, decode_attention, scale_causal_attention
+from flowar_jax.models.attention import SelfAttention
 from flowar_jax.models.layers import TOKENS, GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm, split_rng
 from flowar_jax.models.rope import sequence_rope_tables
 from flowar_jax.parallel.logical import constrain, param_axes, with_axes
@@ -25,9 +26,10 @@ class BackboneBlock(nnx.Module):
   """x += g1 * Attn(norm(x) * (1 + s1) + b1); x += g2 * MLP(norm(x) * (1 + s2) + b2), adaLN from the class."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_dropout: float, proj_dropout: float,
-               *, rngs: nnx.Rngs):
+               *, rngs: nnx.Rngs, attention_impl: str = "xla"):
     self.attn = SelfAttention(dim, num_heads, qkv_bias=True, attn_dropout=attn_dropout,
                               proj_dropout=proj_dropout, rngs=rngs)
+    self.attention_impl = attention_impl  # 'xla' | 'pallas' | 'auto', see flowar_jax.kernels
     self.mlp = GatedMLP(dim, mlp_hidden(dim, mlp_ratio), dropout_rate=proj_dropout, rngs=rngs)
     self.ada_lin = linear(dim, 6 * dim, rngs=rngs, axes=("embed", "modulation"))
 
@@ -36,13 +38,22 @@ class BackboneBlock(nnx.Module):
     mod = self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
     return [mod[:, :, i] for i in range(6)]
 
-  def __call__(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array, mask: ScaleCausalMask,
                rng: jax.Array | None = None) -> jax.Array:
-    """Teacher-forced pass. x `[B, L, D]`, cond `[B, D]`, mask `[L, L]` -> `[B, L, D]`."""
+    """Teacher-forced pass. x `[B, L, D]`, cond `[B, D]`, mask: the keys each token sees -> `[B, L, D]`."""
     r_attn, r_mlp = split_rng(rng, 2)
     g1, g2, s1, s2, b1, b2 = self._modulation(cond)
-    x = x + self.attn(modulate(rms_norm(x), b1, s1), cos, sin, mask, r_attn) * g1
+    x = x + self._masked_attention(modulate(rms_norm(x), b1, s1), cos, sin, mask, r_attn) * g1
     return x + self.mlp(modulate(rms_norm(x), b2, s2), r_mlp) * g2
+
+  def _masked_attention(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: ScaleCausalMask,
+                        rng: jax.Array | None) -> jax.Array:
+    """`SelfAttention.__call__` with the scale-causal attention of `flowar_jax.kernels` (same rng split)."""
+    r_attn, r_proj = split_rng(rng, 2)
+    q, k, v = self.attn.project_qkv(x, cos, sin)
+    attended = scale_causal_attention(q, k, v, mask, impl=self.attention_impl,
+                                      dropout_rate=self.attn.attn_dropout, rng=r_attn)
+    return self.attn.output(attended, r_proj)
 
   def cached_step(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array,
                   cache: KVCache | None) -> tuple[jax.Array, KVCache]:
@@ -52,7 +63,7 @@ class BackboneBlock(nnx.Module):
     if cache is not None:
       k = jnp.concatenate([cache[0], k], axis=1)
       v = jnp.concatenate([cache[1], v], axis=1)
-    x = x + self.attn.output(dot_product_attention(q, k, v), None) * g1
+    x = x + self.attn.output(decode_attention(q, k, v, impl=self.attention_impl), None) * g1
     x = x + self.mlp(modulate(rms_norm(x), b2, s2)) * g2
     return x, (k, v)
 
@@ -81,7 +92,8 @@ class Backbone(nnx.Module):
 
     def stack():
       return nnx.List([BackboneBlock(dim, config.num_heads, config.mlp_ratio, config.attn_dropout,
-                                     config.proj_dropout, rngs=rngs) for _ in range(config.depth)])
+                                     config.proj_dropout, rngs=rngs, attention_impl=config.attention_impl)
+                       for _ in range(config.depth)])
 
     self.encoder_blocks = stack()
     self.encoder_norm = RMSNorm(dim)
@@ -101,7 +113,7 @@ class Backbone(nnx.Module):
                rng: jax.Array | None = None) -> jax.Array:
     """Teacher-forced pass over all scales: -> z `[B, L, D]`. Dropout is on when `rng` is given."""
     cos, sin = self._rope()
-    mask = self.schedule.visibility()
+    mask = ScaleCausalMask.from_schedule(self.schedule)
     rngs = split_rng(rng, len(self.encoder_blocks) + len(self.decoder_blocks))
     stack = dict(remat_policy=self.remat_policy, scan=self.scan_blocks, names=TOKENS)
     x = self.embed_inputs(class_embedding, scale_inputs)

@@ -29,10 +29,12 @@ def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *shared: Any, per_blo
     scan: run the blocks as a `lax.scan` over their stacked parameters.
     names: logical axis names to constrain `x` to after every block.
   """
-  call = remat(type(blocks[0]).__call__, remat_policy)
+  block_call = type(blocks[0]).__call__
+  # The shared arguments are closed over, so that static ones (e.g. a mask description) need not be JAX types.
+  call = remat(lambda block, x, *extra: block_call(block, x, *shared, *extra), remat_policy)
 
   def apply(block, x, extra):
-    out = call(block, x, *shared, *extra)
+    out = call(block, x, *extra)
     return out if names is None else constrain(out, names)
 
   extras = [() if per_block is None else (per_block[i],) for i in range(len(blocks))]

@@ -29,6 +29,12 @@ def grid_columns(labels: np.ndarray) -> int:
   return max(1, min(16, math.ceil(math.sqrt(len(labels)))))
 
 
+def enlarge(images: np.ndarray, min_side: int = 64) -> np.ndarray:
+  """uint8 `[N, H, W, C]` -> `[N, f H, f W, C]` (nearest neighbour), f the smallest integer with f H >= min_side."""
+  factor = max(1, math.ceil(min_side / images.shape[1]))
+  return images if factor == 1 else images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def write_samples(directory: str, images: np.ndarray, labels: np.ndarray, upscale_to: int = 64) -> list[str]:
   """Writes `samples.npz` (images uint8 [N, H, W, C], labels int [N]) and grids of at most 256 images.
 
@@ -41,12 +47,9 @@ def write_samples(directory: str, images: np.ndarray, labels: np.ndarray, upscal
   np.savez(tmp, images=images, labels=np.asarray(labels, np.int64))
   os.replace(tmp, npz)
   paths = [npz]
-  factor = max(1, math.ceil(upscale_to / images.shape[1]))
   columns = grid_columns(labels)
   for start in range(0, len(images), GRID_MAX_IMAGES):
-    chunk = images[start:start + GRID_MAX_IMAGES]
-    if factor > 1:
-      chunk = chunk.repeat(factor, axis=1).repeat(factor, axis=2)
+    chunk = enlarge(images[start:start + GRID_MAX_IMAGES], upscale_to)
     grid = make_grid(chunk, columns)
     name = "grid.png" if len(images) <= GRID_MAX_IMAGES else f"grid_{start // GRID_MAX_IMAGES:03d}.png"
     path = os.path.join(directory, name)

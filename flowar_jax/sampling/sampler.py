@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax.models.flowar import FlowAR
+from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.ode import integrate
@@ -125,6 +126,13 @@ class Sampler:
       return latents
     return to_uint8(self._decode(decoder_module, latents))
 
+  def set_weights(self, model: FlowAR, decoder_module: nnx.Module | None = None) -> None:
+    """Swaps in other weights of the same structure (e.g. each evaluation during training) without recompiling."""
+    graph, state = nnx.split((model, decoder_module))
+    if graph != self._graph:
+      raise ValueError("set_weights needs a model (and decoder) of the structure this sampler was built for")
+    self._state = self.plan.place(state)
+
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -151,3 +159,11 @@ class Sampler:
   def lower(self, batch_size: int) -> jax.stages.Lowered:
     """The sampling program for batches of `batch_size` labels, lowered (e.g. to compile for another topology)."""
     return self._fn.lower(*self.lower_args(batch_size))
+
+
+def image_sampler(flowar: FlowAR, vae: AutoencoderKL, settings: SamplingSettings, latent_scale: float,
+                  plan: ShardingPlan | None = None) -> Sampler:
+  """A compiled sampler from class labels to uint8 images, decoding with `vae` at `latent_scale` (sharded by
+  `plan`, see `Sampler`)."""
+  decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
+  return Sampler(flowar, settings, decode=decode, decoder_module=vae, plan=plan)

@@ -10,6 +10,11 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 never leaves a partial checkpoint that looks finished, and old steps are only deleted once a newer one
 is committed. Before any array is read, the saved tree is compared with the expected one, so a
 mismatch fails with the parameter's name and both shapes instead of deep inside Orbax.
+
+Restoring the latest checkpoint tolerates a broken one (files deleted or truncated, a step directory
+copied without Orbax's commit marker): it logs a warning naming the step and the problem and takes the
+newest checkpoint that reads back completely. A mismatch with the expected tree is not damage and
+still fails, since every older checkpoint of the run would mismatch too.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import atexit
 import json
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -29,6 +34,15 @@ from etils import epath
 
 _STATE, _DATA, _CONFIG = "state", "data", "config"
 _MAX_LISTED = 8  # missing / unexpected keys named in an error message
+_COMMIT_MARKER = "commit_success.txt"  # Orbax writes it into a step directory as the save's last file
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's tree differs from the state it is restored into (another model config)."""
+
+
+class UnreadableCheckpointError(ValueError):
+  """No checkpoint in the directory (or not the one asked for) reads back completely."""
 
 
 def _absolute(directory: str) -> str:
@@ -52,6 +66,48 @@ def _resolve_step(directory: str, step: int | None) -> int:
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r}; it has steps {steps}")
   return step
+
+
+def _damage(directory: str, step: int) -> str | None:
+  """Why checkpoint `step` is visibly incomplete (without reading arrays), or None."""
+  step_dir = epath.Path(directory) / str(step)
+  if not (step_dir / _COMMIT_MARKER).exists():
+    return f"it has no {_COMMIT_MARKER}, so its save never finished"
+  if not (step_dir / _STATE).is_dir():
+    return f"it has no {_STATE!r} item"
+  return None
+
+
+def _describe(error: BaseException) -> str:
+  first_line = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first_line[:300]}"
+
+
+def _read_newest_first(directory: str, step: int | None, read: Callable[[int], Any],
+                       on_damaged: Callable[[int], None] = lambda step: None) -> Any:
+  """`read(step)`, or with `step=None` `read` of the newest checkpoint that reads back completely.
+
+  A checkpoint that fails (anything but a mismatch with the expected tree) is skipped with a warning
+  naming the step and the problem, and reported to `on_damaged`; when `step` is given it is an error.
+  """
+  candidates = [_resolve_step(directory, step)] if step is not None else _finalized_steps(directory)[::-1]
+  if not candidates:
+    raise FileNotFoundError(f"no checkpoint in {directory!r}")
+  problems = []
+  for candidate in candidates:
+    problem = _damage(directory, candidate)
+    if problem is None:
+      try:
+        return read(candidate)
+      except CheckpointMismatchError:
+        raise
+      except Exception as error:  # pylint: disable=broad-except  # Orbax / TensorStore / JSON raise many types
+        problem = f"reading it failed ({_describe(error)})"
+    problems.append(f"step {candidate}: {problem}")
+    on_damaged(candidate)
+    if step is None:
+      logging.warning("checkpoint %d in %s is damaged: %s; trying the one before it", candidate, directory, problem)
+  raise UnreadableCheckpointError(f"no readable checkpoint in {directory!r}: " + "; ".join(problems))
 
 
 def checkpoint_exists(directory: str) -> bool:
@@ -117,7 +173,7 @@ def _check_matches(saved_tree: Any, abstract: Any, where: str) -> None:
     problems.append(f"missing from the checkpoint: {listed(missing)}")
   if unexpected:
     problems.append(f"in the checkpoint but not expected: {listed(unexpected)}")
-  raise ValueError(f"{where} does not match the state to restore (was the model config changed?): "
+  raise CheckpointMismatchError(f"{where} does not match the state to restore (was the model config changed?): "
                    + "; ".join(problems))
 
 
@@ -148,6 +204,7 @@ class Checkpointer:
     self._reader: ocp.CheckpointManager | None = None
     self._writer: ocp.CheckpointManager | None = None
     self._warned_iterator = False
+    self._damaged: set[int] = set()  # steps found unreadable; saving that step again replaces them
     _OPEN.add(self)
 
   def _manager(self, *, write: bool = False) -> ocp.CheckpointManager:
@@ -185,7 +242,10 @@ class Checkpointer:
     """
     self.wait()  # one save in flight at a time; also surfaces an error of the previous one
     if step in self.all_steps():
-      if not force:
+      if step in self._damaged:
+        logging.warning("replacing the damaged checkpoint %d in %s", step, self.directory)
+        self._damaged.discard(step)
+      elif not force:
         logging.info("checkpoint %d already in %s; not saving it again", step, self.directory)
         return
       self._manager(write=True).delete(step)
@@ -210,16 +270,22 @@ class Checkpointer:
       abstract_state: the state's structure, e.g. `jax.eval_shape(init)`: a pytree of
         `jax.ShapeDtypeStruct` whose `.sharding` says where each array goes (so a checkpoint can be
         restored onto another mesh); leaves without one go to the first local device.
-      step: which checkpoint; None means the latest complete one.
+      step: which checkpoint; None means the newest one that reads back completely (a damaged newer
+        one is skipped with a warning, and replaced when this checkpointer saves that step again).
       data_iterator: a grain iterator, moved in place to where it was when the checkpoint was saved.
 
     Raises:
       FileNotFoundError: no (such) checkpoint in the directory.
-      ValueError: the saved tree has other keys or shapes than `abstract_state` (names the first
-        differing parameter and both shapes).
+      CheckpointMismatchError: the saved tree has other keys or shapes than `abstract_state` (names the
+        first differing parameter and both shapes).
+      UnreadableCheckpointError: every checkpoint (or the one asked for) is damaged.
     """
     self.wait()
-    step = _resolve_step(self.directory, step)
+    return _read_newest_first(self.directory, step,
+                              lambda candidate: self._restore_step(candidate, abstract_state, data_iterator),
+                              on_damaged=self._damaged.add)
+
+  def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     manager = self._manager()
     metadata = manager.item_metadata(step)
     _check_matches(metadata[_STATE].tree, abstract_state, f"checkpoint {step} in {self.directory!r}")
@@ -233,14 +299,17 @@ class Checkpointer:
     return manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
 
   def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict | None:
-    """The config saved with checkpoint `step` (None: the latest), or None if it was saved without one."""
+    """The config saved with checkpoint `step` (None: the newest readable one), or None if it has none."""
     self.wait()
-    step = _resolve_step(self.directory, step)
-    manager = self._manager()
-    if _CONFIG not in manager.item_metadata(step):
-      return None
-    values = manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
-    return ml_collections.ConfigDict(values[_CONFIG])
+
+    def read(candidate: int) -> ml_collections.ConfigDict | None:
+      manager = self._manager()
+      if _CONFIG not in manager.item_metadata(candidate):
+        return None
+      values = manager.restore(candidate, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
+      return ml_collections.ConfigDict(values[_CONFIG])
+
+    return _read_newest_first(self.directory, step, read)
 
   def wait(self) -> None:
     """Blocks until the save in flight (if any) is written and committed."""
@@ -269,14 +338,18 @@ def restore_params_only(directory: str, abstract_params: Any, *, step: int | Non
   Args:
     directory: a checkpoint directory written by `Checkpointer`.
     abstract_params: the params' structure, e.g. the nnx.State of `nnx.eval_shape(model_factory)`.
-    step: which checkpoint; None means the latest complete one.
+    step: which checkpoint; None means the newest one that reads back completely.
     use_ema: read the EMA weights (for sampling) rather than the raw training weights.
 
   Returns:
     A pytree shaped like `abstract_params` holding the stored arrays.
   """
   directory = _absolute(directory)
-  step = _resolve_step(directory, step)
+  return _read_newest_first(directory, step,
+                            lambda candidate: _restore_params_step(directory, candidate, abstract_params, use_ema))
+
+
+def _restore_params_step(directory: str, step: int, abstract_params: Any, use_ema: bool) -> Any:
   key = "ema_params" if use_ema else "params"
   state_dir = epath.Path(directory) / str(step) / _STATE
   handler = ocp.PyTreeCheckpointHandler()
@@ -284,7 +357,7 @@ def restore_params_only(directory: str, abstract_params: Any, *, step: int | Non
     saved = handler.metadata(state_dir).tree
     if not isinstance(saved, dict) or key not in saved:
       found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-      raise ValueError(f"checkpoint {step} in {directory!r} holds no {key!r} (it has {found})")
+      raise CheckpointMismatchError(f"checkpoint {step} in {directory!r} holds no {key!r} (it has {found})")
     _check_matches({key: saved[key]}, {key: abstract_params}, f"{key} of checkpoint {step} in {directory!r}")
     target = {key: _with_default_sharding(abstract_params)}
     restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(

@@ -15,7 +15,9 @@ from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training import latent_cache, loop
 from flowar_jax.training.builders import build_flowar
+from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.optimizer import flowar_optimizer
+from flowar_jax.training.sample_grids import SampleGrids
 from flowar_jax.training.state import split_params
 from flowar_jax.training.checkpointing import Checkpointer, checkpoint_exists
 from flowar_jax.training.vae_stage import load_vae
@@ -98,12 +100,23 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
     iterator = data.make_train_iterator(config.data, config.batch_size, config.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
   tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
+  model_factory = functools.partial(build_flowar, config, config.seed)
+  graphdef, _ = split_params(nnx.eval_shape(model_factory))
+  periodic = []
+  if config.eval.every_steps > 0:
+    from flowar_jax.evaluation.during_training import periodic_evaluation  # pylint: disable=g-import-not-at-top
+    periodic.append(loop.Periodic(config.eval.every_steps, periodic_evaluation(config, workdir, graphdef, vae, plan)))
   logging.info("FlowAR: %d steps at batch %d, peak lr %.2e", config.num_train_steps, config.batch_size,
                config.optimizer.base_lr * config.batch_size / 256)
-  return loop.train(
-      workdir=workdir, model_factory=functools.partial(build_flowar, config, config.seed),
-      loss_fn=flowar_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
-      ema_decay=config.optimizer.ema_decay, data_iterator=iterator, num_steps=config.num_train_steps,
-      config=config, seed=config.seed, checkpoint_every=config.checkpoint_every_steps,
-      keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar",
-      batch_size=config.batch_size, plan=plan)
+  with MetricWriter(workdir) as writer:
+    if config.sample_every_steps:
+      periodic.append(loop.Periodic(config.sample_every_steps, SampleGrids(config, graphdef, vae, writer, plan)))
+    return loop.train(
+        workdir=workdir, model_factory=model_factory,
+        loss_fn=flowar_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
+        ema_decay=config.optimizer.ema_decay, data_iterator=iterator, num_steps=config.num_train_steps,
+        config=config, seed=config.seed, checkpoint_every=config.checkpoint_every_steps,
+        keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar",
+        batch_size=config.batch_size, tokens_per_image=sum(side * side for side in config.model.scales),
+        periodic=periodic, writer=writer,
+        max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps, plan=plan)

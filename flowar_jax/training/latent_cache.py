@@ -19,6 +19,7 @@ from flowar_jax import data
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
 from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.training.progress import Progress
 
 _ENCODE_BATCH = 64
 
@@ -43,14 +44,20 @@ def encode_train_split(vae: AutoencoderKL, config: ml_collections.ConfigDict, ma
   batch_sharding = plan.batch_sharding()
   encode = plan.jit(encode, in_shardings=(jax.tree.map(lambda x: x.sharding, state), batch_sharding),
                     out_shardings=batch_sharding)
-  moments, labels = [], []
+  total = len(data.build_source(config.data, "train"))
+  if max_examples is not None:
+    total = min(total, max_examples)
+  moments, labels, done = [], [], 0
   batch_size = round_up_to_data_parallel(plan, _ENCODE_BATCH)
-  for batch in data.make_eval_batches(config.data, batch_size, split="train"):
-    keep = batch["mask"]
-    moments.append(to_host(encode(state, replicated_batch(plan, batch["image"])))[keep])
-    labels.append(batch["label"][keep])
-    if max_examples is not None and sum(len(l) for l in labels) >= max_examples:
-      break
+  with Progress(total, desc="encode latents", unit="image", every=max(1, total // 20)) as progress:
+    for batch in data.make_eval_batches(config.data, batch_size, split="train"):
+      keep = batch["mask"]
+      moments.append(to_host(encode(state, replicated_batch(plan, batch["image"])))[keep])
+      labels.append(batch["label"][keep])
+      done += len(labels[-1])
+      progress.update(min(done, total))
+      if done >= total:
+        break
   return np.concatenate(moments), np.concatenate(labels).astype(np.int32)
 
 

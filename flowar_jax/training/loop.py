@@ -12,10 +12,13 @@ import optax
 from absl import logging
 from flax import nnx
 
+from flowar_jax.config import flatten_config
 from flowar_jax.parallel.batch import global_batch
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.metrics import MetricWriter
+from flowar_jax.training.nonfinite import NonFiniteMonitor
+from flowar_jax.training.preemption import Preempted, PreemptionWatcher
 from flowar_jax.training.progress import Progress
 from flowar_jax.training.state import LossFn, TrainState, init_train_state, make_train_step, split_params
 
@@ -61,15 +64,24 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
           data_iterator: Iterator[dict], num_steps: int, config: ml_collections.ConfigDict,
           seed: int, checkpoint_every: int, keep: int, log_every: int, context: Any = None,
           batch_to_device: Callable[[dict], dict] | None = None, desc: str = "train",
-          batch_size: int | None = None, periodic: Sequence[Periodic] = (),
-          plan: ShardingPlan | None = None) -> tuple[nnx.GraphDef, TrainState]:
+          batch_size: int | None = None, tokens_per_image: int | None = None,
+          periodic: Sequence[Periodic] = (), writer: MetricWriter | None = None,
+          max_consecutive_nonfinite: int = 10, plan: ShardingPlan | None = None) -> tuple[nnx.GraphDef, TrainState]:
   """Trains to `num_steps` (resuming from `workdir/checkpoints`) and returns (graphdef, final state).
 
   With `batch_size` (global), the logged metrics include throughput in images per second, measured
-  over the steps since the previous log line (the first line after a (re)start includes compilation).
+  over the steps since the previous log line (the first line after a (re)start includes compilation),
+  and with `tokens_per_image` also in tokens per second. `writer` (e.g. shared with periodic actions)
+  stays open for its owner; without one the loop writes WORKDIR/metrics.jsonl itself. A run starting
+  from step 0 also writes its config as TensorBoard hparams.
+
   The state is sharded by `plan` (default: `config.mesh` and `config.sharding`); the iterator yields
   this process's share of each batch, which `batch_to_device` (default: `global_batch`) assembles; the
   `context` must already be placed (e.g. `plan.place`).
+
+  Raises:
+    Preempted: a SIGTERM arrived; the current step was checkpointed first (see `preemption`).
+    NonFiniteError: `max_consecutive_nonfinite` steps in a row were skipped (see `nonfinite`).
   """
   os.makedirs(workdir, exist_ok=True)
   plan = plan or ShardingPlan.from_config(config)
@@ -85,29 +97,50 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
   step_fn = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule, plan=plan,
                             state_shardings=jax.tree.map(lambda x: x.sharding, state),
                             context_shardings=jax.tree.map(lambda x: x.sharding, context))
-  writer = MetricWriter(workdir)
+  owns_writer = writer is None
+  if owns_writer:
+    writer = MetricWriter(workdir)
+  if start == 0:
+    writer.write_hparams(flatten_config(config))
   progress = Progress(num_steps, initial=start, desc=desc)
   last_log = (start, time.perf_counter())
+  monitor = NonFiniteMonitor(max_consecutive_nonfinite, desc=desc, checkpoint_dir=checkpointer.directory)
+  preemption = PreemptionWatcher().start()
   try:
     for step in range(start + 1, num_steps + 1):
       batch = batch_to_device(next(data_iterator))
       state, metrics = step_fn(state, batch, context)
+      monitor.observe(step, metrics)
       if step % log_every == 0 or step == num_steps:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         if batch_size:
           scalars["images_per_s"] = batch_size * (step - last_log[0]) / max(now - last_log[1], 1e-9)
+          if tokens_per_image:
+            scalars["tokens_per_s"] = scalars["images_per_s"] * tokens_per_image
         last_log = (step, now)
         writer.write_scalars(step, scalars)
         progress.update(step, scalars)
       if step % checkpoint_every == 0 or step == num_steps:
         checkpointer.save(step, state, data_iterator=data_iterator, config=config)
+      if preemption.reached(step):
+        checkpointer.save(step, state, data_iterator=data_iterator, config=config)  # no-op if just saved
+        checkpointer.wait()
+        raise Preempted(step, checkpointer.directory)
+      actions_start = time.perf_counter()
       for action in periodic:
         if action.due(step, num_steps):
           action.action(step, state)
+      # Throughput counts training (and checkpoints), not the time periodic actions take.
+      last_log = (last_log[0], last_log[1] + time.perf_counter() - actions_start)
+    monitor.finish()
   finally:
+    preemption.stop()
     progress.close()
-    writer.close()
+    if owns_writer:
+      writer.close()
+    else:
+      writer.flush()
     checkpointer.wait()
     checkpointer.close()
   return graphdef, state

@@ -5,10 +5,10 @@ Every `write_*` call appends one JSON object to WORKDIR/metrics.jsonl, e.g.
 and can be tailed or loaded with `pandas.read_json(path, lines=True)`. Non-finite values are written
 as NaN / Infinity (Python's json reads them back).
 
-TensorBoard event files (WORKDIR/tensorboard/) come through clu's SummaryWriter, which needs
-tensorflow (the `tensorboard` extra: `pip install tensorflow-cpu`); clu's other backend needs torch.
-Without either, the writer keeps to JSON lines and image PNGs. Only process 0 writes anything, so
-multi-host runs don't race on the same files.
+TensorBoard event files (WORKDIR/tensorboard/) come through `TensorBoardWriter`, which needs only the
+`tensorboard` package (the `tensorboard` extra; no TensorFlow): every scalar of the JSON lines, each image
+grid, and the run's config as hparams. Without it the writer keeps to JSON lines and image PNGs. Only
+process 0 writes anything, so multi-host runs don't race on the same files.
 """
 from __future__ import annotations
 
@@ -28,16 +28,24 @@ from flowar_jax.sampling.images import make_grid
 
 
 def _tensorboard_writer(logdir: str):
-  """clu's TensorBoard writer, or None when tensorflow is not installed."""
+  """The TensorBoard event-file writer, or None when the `tensorboard` package is not installed."""
   try:
-    from clu import metric_writers  # imports tensorflow
+    from flowar_jax.training.tensorboard_writer import TensorBoardWriter  # pylint: disable=g-import-not-at-top
   except ImportError as error:
     logging.info("TensorBoard logging off (%s); metrics go to metrics.jsonl", error)
     return None
-  except Exception as error:  # a broken tensorflow install must not stop training
+  except Exception as error:  # a broken tensorboard install must not stop training
     logging.warning("TensorBoard logging off, importing its backend failed: %r", error)
     return None
-  return metric_writers.SummaryWriter(logdir)
+  return TensorBoardWriter(logdir)
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl, given the file or the run directory holding it (e.g. to plot losses)."""
+  file = epath.Path(path)
+  if file.is_dir():
+    file = file / "metrics.jsonl"
+  return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -90,29 +98,35 @@ class MetricWriter:
     if self._log_scalars:
       logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in values.items()))
 
-  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-    """Saves each uint8 `[N, H, W, C]` batch as one grid PNG (WORKDIR/images/NAME_STEP.png) and to TensorBoard.
+  def write_images(self, step: int, images: Mapping[str, np.ndarray], columns: int | None = None) -> None:
+    """Saves each uint8 `[N, H, W, C]` batch as one grid PNG (WORKDIR/images/NAME_STEP.png), also to TensorBoard.
 
-    The JSON line maps each name to its PNG's path relative to WORKDIR.
+    The grid has `columns` columns (default: a square-ish grid). The JSON line maps each name to its PNG's
+    path relative to WORKDIR.
     """
     if not self.active:
       return
     image_dir = epath.Path(self.workdir) / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    record, batches = {"step": int(step)}, {}
+    record, grids = {"step": int(step)}, {}
     for name, batch in images.items():
       batch = np.asarray(jax.device_get(batch))
       if batch.ndim != 4 or batch.dtype != np.uint8:
         raise ValueError(f"images {name!r} must be uint8 [N, H, W, C], got {batch.dtype} {batch.shape}")
-      grid = make_grid(batch, columns=math.ceil(math.sqrt(len(batch))))
+      grid = make_grid(batch, columns=columns or math.ceil(math.sqrt(len(batch))))
       filename = f"{name.replace('/', '_')}_{int(step):08d}.png"
       with (image_dir / filename).open("wb") as f:
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")
       record[name] = os.path.join("images", filename)
-      batches[name] = batch
+      grids[name] = grid
     self._append(record)
     if self._tensorboard is not None:
-      self._tensorboard.write_images(int(step), batches)
+      self._tensorboard.write_images(int(step), grids)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """A flat {key: value} mapping (e.g. the run's config) for TensorBoard's HParams dashboard."""
+    if self.active and self._tensorboard is not None:
+      self._tensorboard.write_hparams(hparams)
 
   def flush(self) -> None:
     if self._file is not None:

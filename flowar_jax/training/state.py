@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.training import nonfinite
 
 # loss_fn(model, batch, rng, context, step) -> (scalar loss, metrics). `context` holds frozen arrays
 # (e.g. the VAE's params while FlowAR trains) passed as an argument so they aren't baked into the program.
@@ -23,6 +24,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any
   rng: jax.Array  # typed PRNG key
+  skipped: nonfinite.SkipCounts  # updates skipped for a non-finite loss, gradient or update
 
 
 def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -36,7 +38,8 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
   _, params = split_params(model)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.key(seed))
+                    ema_params=jax.tree.map(jnp.copy, params), rng=jax.random.key(seed),
+                    skipped=nonfinite.SkipCounts.zeros())
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
@@ -44,8 +47,12 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
                     state_shardings: Any = None, context_shardings: Any = None):
   """-> jitted `step(state, batch, context) -> (state, metrics)`, donating the old state.
 
+  An update whose loss, gradients or new params are not finite is dropped: params, optimizer state and
+  EMA stay as they were, the step still advances, and `state.skipped` counts it (see `nonfinite`).
+
   With a `plan`, the step is traced under its mesh and rules, with explicit shardings: the state's
-  (`state_shardings`, e.g. `plan.shardings(abstract_state)`), the batch split by the 'batch' rule, the
+  (`state_shardings`, e.g. `plan.shardings(abstract_state)`: parameters, EMA and moments by their logical
+  axes, counters such as `step` and `skipped` replicated), the batch split by the 'batch' rule, the
   context's (`context_shardings`), and replicated metrics.
   """
 
@@ -59,10 +66,17 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = nonfinite.all_finite(loss, grad_norm, params)
+    params, opt_state, ema = nonfinite.keep_if(finite, (params, opt_state, ema),
+                                               (state.params, state.opt_state, state.ema_params))
+    skipped = nonfinite.count(state.skipped, finite)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, **{nonfinite.SKIPPED: skipped.total,
+                                                               nonfinite.CONSECUTIVE: skipped.consecutive})
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                              skipped=skipped)
     return new_state, metrics
 
   if plan is None:

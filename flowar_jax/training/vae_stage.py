@@ -73,7 +73,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str):
       data_iterator=iterator, num_steps=train_config.num_train_steps, config=config, seed=config.seed,
       checkpoint_every=config.checkpoint_every_steps, keep=config.keep_checkpoints,
       log_every=config.log_every_steps, desc="vae",
-      batch_size=train_config.batch_size)
+      batch_size=train_config.batch_size, max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps)
 
 
 def load_vae(config: ml_collections.ConfigDict, workdir: str, plan: ShardingPlan | None = None) -> AutoencoderKL:

@@ -3,12 +3,15 @@
 WORKDIR/vae/{checkpoints,metrics.jsonl}   the VAE stage
 WORKDIR/{checkpoints,metrics.jsonl}       the FlowAR stage
 WORKDIR/samples/                          sample grids and samples.npz
+WORKDIR/report.json                       written when `train` completes (e.g. the digits accuracy)
 """
 from __future__ import annotations
 
 import os
 
 import ml_collections
+
+REPORT_FILE = "report.json"  # sweeps read it, and take it to mean the run is finished
 
 
 def checkpoint_dir(stage_dir: str) -> str:
