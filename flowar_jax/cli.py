@@ -1,7 +1,11 @@
 """Command line: `python -m flowar_jax COMMAND --config CONFIG[:ARG] [--config.key=value ...] --workdir DIR`.
 
 Commands: train, sample, evaluate (FID, sFID, IS, precision/recall, digits metric), summary, convert (official
-PyTorch weights -> WORKDIR).
+PyTorch weights -> WORKDIR), compile (ahead of time for a TPU topology: `compile --config CONFIG --topology
+v5p:4x4x4`).
+
+`train`, `sample` and `evaluate` start multi-process JAX first when the launch environment asks for it
+(`flowar_jax.parallel.distributed`: TPU pods, SLURM, or explicit JAX_COORDINATOR_ADDRESS).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from ml_collections import config_flags
 
 from flowar_jax.commands.flag_errors import USAGE_EXIT_CODE, parse_flags
 
-COMMANDS = ("train", "sample", "evaluate", "summary", "convert")
+COMMANDS = ("train", "sample", "evaluate", "summary", "convert", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/digits.py), with "
                                           "--config.key=value overrides.", lock_config=True)
@@ -33,6 +37,8 @@ _FROM_TORCH = flags.DEFINE_string("from_torch", None, "convert: official FlowAR 
 _VAE_TORCH = flags.DEFINE_string("vae_torch", None, "convert: MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz).")
 _TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "convert: read torch files with full unpickling, "
                                      "for trusted files that hold Python objects besides tensors.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile: TPU topology, e.g. v5e:2x2 or v5p:4x4x4.")
+_SAMPLER = flags.DEFINE_boolean("sampler", True, "compile: also compile the sampler.")
 _METRICS = flags.DEFINE_list("metrics", None, "evaluate: fid, sfid, is, precision, recall, digits (default "
                              "config.eval.metrics).")
 _REFERENCE = flags.DEFINE_string("reference", None, "evaluate: ADM-layout reference .npz or dataset:train / "
@@ -79,12 +85,18 @@ def main(argv: list[str]) -> None:
   from flowar_jax.training.nonfinite import NonFiniteError  # pylint: disable=g-import-not-at-top
   from flowar_jax.training.preemption import EXIT_CODE, Preempted  # pylint: disable=g-import-not-at-top
   try:
+    if command in ("train", "sample", "evaluate"):
+      from flowar_jax.parallel.distributed import initialize_from_environment
+      initialize_from_environment()
     if command == "summary":
       from flowar_jax.commands.summary import summarize
       print(summarize(_need(_CONFIG.value, "config")))
     elif command == "train":
       from flowar_jax.commands import train
       train.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"))
+    elif command == "compile":
+      from flowar_jax.commands import compile as compile_command
+      compile_command.run(_need(_CONFIG.value, "config"), _need(_TOPOLOGY.value, "topology"), sampler=_SAMPLER.value)
     elif command == "convert":
       from flowar_jax.commands import convert
       convert.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"),

@@ -85,6 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head.width = 1024
   c.model.head.head_dim = 64
   c.model.head.mlp_ratio = 4.0
+  # Rematerialisation per backbone and flow-head block (flowar_jax.parallel.remat): 'none' | 'full' |
+  # 'dots_saveable' | 'dots_with_no_batch_dims_saveable'. Saves activation memory for recomputation.
+  c.model.remat = "none"
+  # Run each stack of identical blocks as one lax.scan: the block compiles once (deep models compile in a
+  # fraction of the time and host memory); the values do not change.
+  c.model.scan_blocks = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.base_lr = 5e-5  # lr = base_lr * batch_size / 256
@@ -104,6 +110,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.num_samples = 64
   c.sampling.batch_size = 64
   c.sampling.use_ema = True
+
+  # The device mesh (flowar_jax.parallel.mesh): 'data' splits the batch, 'fsdp' the batch and the parameters,
+  # EMA and optimizer state, 'tensor' attention heads and MLP units. -1 = the devices left over (at most once
+  # per level). dcn_* split the same axes across TPU slices (or GPU nodes); each axis then has ici * dcn devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+
+  # Logical axis name -> mesh axes, comma-separated ('' = replicated); the names are listed in
+  # flowar_jax.parallel.logical. E.g. --config.sharding.rules.mlp=fsdp,tensor.
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = ml_collections.ConfigDict()
+  for name, axes in (("batch", "data,fsdp"), ("length", ""), ("embed", "fsdp"), ("heads", "tensor"), ("kv", ""),
+                     ("qkv", ""), ("mlp", "tensor"), ("modulation", "tensor"), ("vocab", ""), ("latent", ""),
+                     ("time", ""), ("norm", ""), ("conv_in", ""), ("conv_out", "fsdp")):
+    c.sharding.rules[name] = axes
 
   # `evaluate` and evaluation during training (docs/evaluation.md).
   c.eval = ml_collections.ConfigDict()
@@ -194,10 +220,13 @@ def check_batch_divisible(config: ml_collections.ConfigDict, data_parallel_devic
                        f"split over (data parallel); use a multiple of {data_parallel_devices}")
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                    num_slices: int | None = None) -> None:
   """Checks types and values before any compute; errors name the offending key.
 
-  `num_devices` is the number of data-parallel devices the batches are split over.
+  `num_devices` (all processes) and `num_slices` (TPU slices or other DCN groups; None = what config.mesh.dcn_*
+  says) size the mesh; with `num_devices` None (e.g. sampling, which picks its own mesh) the mesh and the batch
+  split are not checked.
   """
   check_types(config)
   flat = {k: v for k, v in _flatten(config)}
@@ -260,7 +289,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
   if config.vae.latent_scale < 0:
     raise ValueError(f"config.vae.latent_scale must be > 0, or 0 to measure it, got {config.vae.latent_scale}")
-  check_batch_divisible(config, num_devices)
+  from flowar_jax.parallel import blocks, logical, mesh, remat  # pylint: disable=g-import-not-at-top  (imports jax)
+  remat.check_remat(config.model.remat)
+  logical.parse_rules(config.sharding.rules)
+  if num_devices is None:
+    return
+  ici, dcn = mesh.resolve_mesh_shape(config.mesh, num_devices, num_slices)
+  blocks.check_scan_mesh(config.model.scan_blocks, ici[0] * dcn[0], ici[1] * dcn[1], ici[2] * dcn[2])
+  check_batch_divisible(config, ici[0] * dcn[0] * ici[1] * dcn[1])  # data x fsdp hold different examples
 
 
 def flatten_config(config: ml_collections.ConfigDict) -> dict:

@@ -129,9 +129,8 @@ def test_dry_run_prints_local_and_pod_commands(tmp_path, capsys):
   assert len(pod_lines) == 6
   config = runner.resolve_config(load_sweep(sweep), sweep)
   assert pod_lines[5].split("] ", 1)[1] == (
-      f"launch/tpu_pod.sh v5e-64 --zone us-west4-a -- --config {config} --workdir "
-      "gs://bucket/lr/05_base_lr=0.008_width=128 --config.sample_every_steps=0 --config.optimizer.base_lr=0.008 "
-      "--config.model.width=128")
+      f"launch/tpu_pod.sh --name v5e-64 --zone us-west4-a {config} gs://bucket/lr/05_base_lr=0.008_width=128 -- "
+      "--config.sample_every_steps=0 --config.optimizer.base_lr=0.008 --config.model.width=128")
   assert not (tmp_path / "local").exists()
 
 

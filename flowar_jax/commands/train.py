@@ -9,6 +9,7 @@ from etils import epath
 
 from flowar_jax.commands.sample import sample_to_workdir, settings_from
 from flowar_jax.config import validate_config
+from flowar_jax.parallel.mesh import job_slices
 from flowar_jax.training.flowar_stage import train_flowar
 from flowar_jax.training.resume_check import check_config_matches_checkpoints
 from flowar_jax.training.vae_stage import train_vae
@@ -18,7 +19,7 @@ from flowar_jax.training.workdir import REPORT_FILE, vae_dir
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains what `config.stage` names in WORKDIR; returns a small report (e.g. the digits metric), also
   written to WORKDIR/report.json once everything is done."""
-  validate_config(config, jax.device_count())
+  validate_config(config, jax.device_count(), job_slices(config.mesh, jax.devices()))
   check_config_matches_checkpoints(config, workdir)
   report = {}
   if config.stage in ("vae", "both"):
@@ -34,9 +35,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       real = real_heldout_metrics(config.data.image_size, config.data.eval_fraction)
       report.update(digit_accuracy_samples=samples["digits_accuracy"], digit_fd_samples=samples["digits_fd"],
                     digit_accuracy_real_heldout=real["digits_accuracy"], digit_fd_real_heldout=real["digits_fd"])
-      print(f"digits metric: samples accuracy {samples['digits_accuracy']:.3f}, FD {samples['digits_fd']:.3g} "
-            f"(real held-out digits: accuracy {real['digits_accuracy']:.3f}, FD {real['digits_fd']:.3g})",
-            flush=True)
+      if jax.process_index() == 0:
+        print(f"digits metric: samples accuracy {samples['digits_accuracy']:.3f}, FD {samples['digits_fd']:.3g} "
+              f"(real held-out digits: accuracy {real['digits_accuracy']:.3f}, FD {real['digits_fd']:.3g})",
+              flush=True)
   if jax.process_index() == 0:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     (epath.Path(workdir) / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")

@@ -16,14 +16,16 @@ from flax import nnx
 
 from flowar_jax.evaluation import runner, suite
 from flowar_jax.models.vae import AutoencoderKL
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.sampler import SamplingSettings, image_sampler
 from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.state import TrainState
 
 
 def periodic_evaluation(config: ml_collections.ConfigDict, workdir: str, graphdef: nnx.GraphDef,
-                        vae: AutoencoderKL) -> Callable[[int, TrainState], None]:
-  """-> `action(step, state)` for `loop.Periodic`. Weights and reference are checked now, before training."""
+                        vae: AutoencoderKL, plan: ShardingPlan | None = None) -> Callable[[int, TrainState], None]:
+  """-> `action(step, state)` for `loop.Periodic`. Weights and reference are checked now, before training.
+  Samples are drawn sharded by `plan` (the training run's; default one device)."""
   setup = suite.prepare(config, metrics=config.eval.metrics, cache_dir=suite.default_cache_dir(workdir))
   settings = SamplingSettings(cfg=config.sampling.cfg, guidance=config.sampling.guidance,
                               num_steps=config.sampling.num_steps, solver=config.sampling.solver)
@@ -33,7 +35,7 @@ def periodic_evaluation(config: ml_collections.ConfigDict, workdir: str, graphde
   def action(step: int, state: TrainState) -> None:
     flowar = nnx.merge(graphdef, state.ema_params if use_ema else state.params)
     if not samplers:
-      samplers.append(image_sampler(flowar, vae, settings, config.vae.latent_scale))
+      samplers.append(image_sampler(flowar, vae, settings, config.vae.latent_scale, plan))
     sampler = samplers[0]
     sampler.set_weights(flowar, vae)
     plan = runner.SamplingPlan(num_samples=config.eval.train_num_samples, num_classes=config.model.num_classes,

@@ -7,6 +7,9 @@ from flax import nnx
 
 from flowar_jax.models.layers import dropout, linear, split_rng
 from flowar_jax.models.rope import apply_rope
+from flowar_jax.parallel.logical import constrain
+
+HEADS = ("batch", "length", "heads", "kv")  # logical names of q, k, v and attention outputs [B, N, H, Dh]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
@@ -24,6 +27,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
+def per_head_projection(x: jax.Array, projection: nnx.Linear, groups: int, num_heads: int) -> jax.Array:
+  """x `[B, N, Din]` through a fused projection (output laid out as groups x heads x head_dim) ->
+  `[B, N, groups, H, Dh]`.
+
+  The kernel `[Din, groups * H * Dh]` is regrouped per head before the matmul, so that tensor parallelism
+  splits heads (each device computes its heads' q, k and v) rather than slices of the fused output.
+  """
+  kernel = projection.kernel[...]
+  kernel = constrain(kernel.reshape(kernel.shape[0], groups, num_heads, -1), ("embed", None, "heads", "kv"))
+  out = jnp.einsum("bnd,dghk->bnghk", x, kernel)
+  if projection.bias is not None:
+    out = out + projection.bias[...].reshape(kernel.shape[1:])
+  return out
+
+
 class SelfAttention(nnx.Module):
   """qkv projection, RoPE on q and k, attention, output projection."""
 
@@ -33,21 +51,21 @@ class SelfAttention(nnx.Module):
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.qkv = linear(dim, 3 * dim, rngs=rngs, bias=qkv_bias)
-    self.proj = linear(dim, dim, rngs=rngs)
+    self.qkv = linear(dim, 3 * dim, rngs=rngs, bias=qkv_bias, axes=("embed", "qkv"))
+    self.proj = linear(dim, dim, rngs=rngs, axes=("heads", "embed"))
     self.attn_dropout = attn_dropout
     self.proj_dropout = proj_dropout
 
   def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """[B, N, D] -> q, k, v `[B, N, H, Dh]` with RoPE applied to q and k."""
-    b, n, _ = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    qkv = per_head_projection(x, self.qkv, 3, self.num_heads)
+    q, k, v = (constrain(qkv[:, :, i], HEADS) for i in range(3))
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def output(self, attended: jax.Array, rng: jax.Array | None) -> jax.Array:
     """[B, N, H, Dh] -> [B, N, D]."""
     b, n = attended.shape[:2]
+    attended = constrain(attended, HEADS)
     return dropout(self.proj(attended.reshape(b, n, -1)), self.proj_dropout, rng)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None = None,
@@ -66,15 +84,15 @@ class CrossAttention(nnx.Module):
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.q = linear(dim, dim, rngs=rngs, bias=False)
-    self.kv = linear(cond_dim, 2 * dim, rngs=rngs, bias=False)
-    self.proj = linear(dim, dim, rngs=rngs)
+    self.q = linear(dim, dim, rngs=rngs, bias=False, axes=("embed", "heads"))
+    self.kv = linear(cond_dim, 2 * dim, rngs=rngs, bias=False, axes=("embed", "qkv"))
+    self.proj = linear(dim, dim, rngs=rngs, axes=("heads", "embed"))
 
   def __call__(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x `[B, N, D]`, cond `[B, N, Dc]` -> `[B, N, D]`."""
     b, n, _ = x.shape
-    q = apply_rope(self.q(x).reshape(b, n, self.num_heads, self.head_dim), cos, sin)
-    kv = self.kv(cond).reshape(b, cond.shape[1], 2, self.num_heads, self.head_dim)
-    k = apply_rope(kv[:, :, 0], cos, sin)
-    out = dot_product_attention(q, k, kv[:, :, 1])
+    q = apply_rope(constrain(self.q(x).reshape(b, n, self.num_heads, self.head_dim), HEADS), cos, sin)
+    kv = per_head_projection(cond, self.kv, 2, self.num_heads)
+    k = apply_rope(constrain(kv[:, :, 0], HEADS), cos, sin)
+    out = constrain(dot_product_attention(q, k, constrain(kv[:, :, 1], HEADS)), HEADS)
     return self.proj(out.reshape(b, n, -1))

@@ -13,8 +13,10 @@ from flax import nnx
 
 from flowar_jax.kernels import ScaleCausalMask, decode_attention, scale_causal_attention
 from flowar_jax.models.attention import SelfAttention
-from flowar_jax.models.layers import GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm, split_rng
+from flowar_jax.models.layers import TOKENS, GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm, split_rng
 from flowar_jax.models.rope import sequence_rope_tables
+from flowar_jax.parallel.logical import constrain, param_axes, with_axes
+from flowar_jax.parallel.blocks import run_blocks
 from flowar_jax.scales import ScaleSchedule
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values [B, N_seen, H, Dh]
@@ -29,7 +31,7 @@ class BackboneBlock(nnx.Module):
                               proj_dropout=proj_dropout, rngs=rngs)
     self.attention_impl = attention_impl  # 'xla' | 'pallas' | 'auto', see flowar_jax.kernels
     self.mlp = GatedMLP(dim, mlp_hidden(dim, mlp_ratio), dropout_rate=proj_dropout, rngs=rngs)
-    self.ada_lin = linear(dim, 6 * dim, rngs=rngs)
+    self.ada_lin = linear(dim, 6 * dim, rngs=rngs, axes=("embed", "modulation"))
 
   def _modulation(self, cond: jax.Array) -> list[jax.Array]:
     """cond `[B, D]` -> gamma1, gamma2, scale1, scale2, shift1, shift2, each `[B, 1, D]`."""
@@ -75,14 +77,18 @@ class Backbone(nnx.Module):
     dim, length = config.width, self.schedule.num_tokens
     self.num_classes = config.num_classes
     self.num_heads = config.num_heads
+    self.remat_policy = config.get("remat", "none")
+    self.scan_blocks = config.get("scan_blocks", False)
     embed_init = nnx.initializers.normal(0.02)
     # One extra row: the null class used for label dropout and the unconditional branch of CFG.
-    self.class_emb = nnx.Embed(config.num_classes + 1, dim, embedding_init=embed_init, rngs=rngs)
-    self.z_proj = linear(latent_channels, dim, rngs=rngs)
+    self.class_emb = nnx.Embed(config.num_classes + 1, dim, embedding_init=embed_init, rngs=rngs,
+                               embedding_metadata=param_axes("vocab", "embed"))
+    self.z_proj = linear(latent_channels, dim, rngs=rngs, axes=("latent", "embed"))
     self.z_proj_ln = RMSNorm(dim)
-    self.encoder_pos_embed_learned = nnx.Param(embed_init(rngs.params(), (1, length, dim)))
-    self.decoder_pos_embed_learned = nnx.Param(embed_init(rngs.params(), (1, length, dim)))
-    self.diffusion_pos_embed_learned = nnx.Param(embed_init(rngs.params(), (1, length, dim)))
+    pos_init = with_axes(embed_init, None, "length", "embed")
+    self.encoder_pos_embed_learned = nnx.Param(pos_init(rngs.params(), (1, length, dim)))
+    self.decoder_pos_embed_learned = nnx.Param(pos_init(rngs.params(), (1, length, dim)))
+    self.diffusion_pos_embed_learned = nnx.Param(pos_init(rngs.params(), (1, length, dim)))
 
     def stack():
       return nnx.List([BackboneBlock(dim, config.num_heads, config.mlp_ratio, config.attn_dropout,
@@ -91,7 +97,7 @@ class Backbone(nnx.Module):
 
     self.encoder_blocks = stack()
     self.encoder_norm = RMSNorm(dim)
-    self.decoder_embed = linear(dim, dim, rngs=rngs)
+    self.decoder_embed = linear(dim, dim, rngs=rngs, axes=("embed", "embed"))
     self.decoder_blocks = stack()
     self.decoder_norm = RMSNorm(dim)
 
@@ -109,13 +115,14 @@ class Backbone(nnx.Module):
     cos, sin = self._rope()
     mask = ScaleCausalMask.from_schedule(self.schedule)
     rngs = split_rng(rng, len(self.encoder_blocks) + len(self.decoder_blocks))
+    stack = dict(remat_policy=self.remat_policy, scan=self.scan_blocks, names=TOKENS)
     x = self.embed_inputs(class_embedding, scale_inputs)
-    x = self.z_proj_ln(x + self.encoder_pos_embed_learned[...])
-    for block, r in zip(self.encoder_blocks, rngs):
-      x = block(x, class_embedding, cos, sin, mask, r)
+    x = constrain(self.z_proj_ln(x + self.encoder_pos_embed_learned[...]), TOKENS)
+    x = run_blocks(self.encoder_blocks, x, class_embedding, cos, sin, mask,
+                   per_block=rngs[:len(self.encoder_blocks)], **stack)
     x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[...]
-    for block, r in zip(self.decoder_blocks, rngs[len(self.encoder_blocks):]):
-      x = block(x, class_embedding, cos, sin, mask, r)
+    x = run_blocks(self.decoder_blocks, x, class_embedding, cos, sin, mask,
+                   per_block=rngs[len(self.encoder_blocks):], **stack)
     return self.decoder_norm(x) + self.diffusion_pos_embed_learned[...]
 
   def cached_step(self, k: int, tokens: jax.Array, class_embedding: jax.Array,

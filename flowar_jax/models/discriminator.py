@@ -10,6 +10,9 @@ import math
 import jax
 from flax import nnx
 
+from flowar_jax.models.vae_blocks import CONV_AXES, IMAGES, NORM_AXES
+from flowar_jax.parallel.logical import constrain
+
 _LEAKY_SLOPE = 0.2
 _MAX_WIDTH_MULT = 8
 
@@ -17,12 +20,13 @@ _MAX_WIDTH_MULT = 8
 def _conv(in_channels: int, out_channels: int, stride: int, bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
   # 4x4 kernels with padding 1 and N(0, 0.02) weights, the usual GAN discriminator init.
   return nnx.Conv(in_channels, out_channels, (4, 4), strides=stride, padding=((1, 1), (1, 1)), use_bias=bias,
-                  kernel_init=nnx.initializers.normal(0.02), bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+                  kernel_init=nnx.initializers.normal(0.02), bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+                  **CONV_AXES)
 
 
 def _norm(channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
   return nnx.GroupNorm(channels, num_groups=math.gcd(32, channels), epsilon=1e-5, use_fast_variance=False,
-                       rngs=rngs)
+                       rngs=rngs, **NORM_AXES)
 
 
 class PatchDiscriminator(nnx.Module):
@@ -45,7 +49,7 @@ class PatchDiscriminator(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """[B, H, W, Cin] -> patch logits [B, h, w, 1]."""
-    h = jax.nn.leaky_relu(self.conv_in(images), _LEAKY_SLOPE)
+    h = jax.nn.leaky_relu(self.conv_in(constrain(images, IMAGES)), _LEAKY_SLOPE)
     for conv, norm in zip(self.convs, self.norms):
-      h = jax.nn.leaky_relu(norm(conv(h)), _LEAKY_SLOPE)
+      h = constrain(jax.nn.leaky_relu(norm(conv(h)), _LEAKY_SLOPE), IMAGES)
     return self.conv_out(h)

@@ -16,8 +16,10 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax.models.attention import CrossAttention, SelfAttention
-from flowar_jax.models.layers import GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm
+from flowar_jax.models.layers import TOKENS, GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm
 from flowar_jax.models.rope import rope_tables
+from flowar_jax.parallel.logical import constrain
+from flowar_jax.parallel.blocks import run_blocks
 
 TIME_FREQUENCY_DIM = 256
 
@@ -44,8 +46,8 @@ def timestep_frequencies(t: jax.Array, dim: int = TIME_FREQUENCY_DIM, max_period
 class TimestepEmbedder(nnx.Module):
   def __init__(self, width: int, *, rngs: nnx.Rngs):
     init = nnx.initializers.normal(0.02)
-    self.mlp = nnx.List([linear(TIME_FREQUENCY_DIM, width, rngs=rngs, kernel_init=init),
-                         linear(width, width, rngs=rngs, kernel_init=init)])
+    self.mlp = nnx.List([linear(TIME_FREQUENCY_DIM, width, rngs=rngs, kernel_init=init, axes=("time", "embed")),
+                         linear(width, width, rngs=rngs, kernel_init=init, axes=("embed", "embed"))])
 
   def __call__(self, t: jax.Array) -> jax.Array:
     """t `[B]` -> `[B, W]`."""
@@ -56,7 +58,7 @@ class HeadBlockV1(nnx.Module):
   def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs):
     self.attn = SelfAttention(width, num_heads, qkv_bias=False, rngs=rngs)
     self.mlp = GatedMLP(width, mlp_hidden(width, mlp_ratio), rngs=rngs)
-    self.ada_lin = linear(width, 6 * width, rngs=rngs)
+    self.ada_lin = linear(width, 6 * width, rngs=rngs, axes=("embed", "modulation"))
 
   def __call__(self, x, t_emb, c, z, cos, sin):
     """x, c `[B, N, W]`, t_emb `[B, 1, W]`, z unused -> `[B, N, W]`."""
@@ -74,8 +76,8 @@ class HeadBlockV2(nnx.Module):
     self.norm2_1 = RMSNorm(width)
     self.norm2_2 = RMSNorm(cond_dim)
     self.mlp = GatedMLP(width, mlp_hidden(width, mlp_ratio), rngs=rngs)
-    self.ada_lin_attn = linear(width, 3 * width, rngs=rngs)
-    self.ada_lin_mlp = linear(width, 3 * width, rngs=rngs)
+    self.ada_lin_attn = linear(width, 3 * width, rngs=rngs, axes=("embed", "modulation"))
+    self.ada_lin_mlp = linear(width, 3 * width, rngs=rngs, axes=("embed", "modulation"))
 
   def __call__(self, x, t_emb, c, z, cos, sin):
     """x, c `[B, N, W]`, t_emb `[B, 1, W]`, z `[B, N, D]` -> `[B, N, W]`."""
@@ -91,8 +93,9 @@ class HeadBlockV2(nnx.Module):
 
 class FinalLayer(nnx.Module):
   def __init__(self, width: int, out_channels: int, *, rngs: nnx.Rngs):
-    self.linear = linear(width, out_channels, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
-    self.adaLN_modulation = linear(width, 2 * width, rngs=rngs)  # pylint: disable=invalid-name
+    self.linear = linear(width, out_channels, rngs=rngs, kernel_init=nnx.initializers.zeros_init(),
+                         axes=("embed", "latent"))
+    self.adaLN_modulation = linear(width, 2 * width, rngs=rngs, axes=("embed", "modulation"))  # pylint: disable=invalid-name
 
   def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(cond)), 2, axis=-1)
@@ -103,17 +106,21 @@ class FlowHead(nnx.Module):
   """Velocity field v(x_t, t | z) for the tokens of one scale."""
 
   def __init__(self, config: ml_collections.ConfigDict, cond_dim: int, latent_channels: int, rope_grid: int,
-               *, rngs: nnx.Rngs):
-    """`config` is `config.model.head`; `cond_dim` the backbone width; `rope_grid` the latent side."""
+               *, rngs: nnx.Rngs, remat_policy: str = "none", scan_blocks: bool = False):
+    """`config` is `config.model.head`; `cond_dim` the backbone width; `rope_grid` the latent side;
+    `remat_policy` (`flowar_jax.parallel.remat`) and `scan_blocks` say how the blocks run
+    (`flowar_jax.parallel.blocks.run_blocks`)."""
     width = config.width
     if width % config.head_dim:
       raise ValueError(f"model.head.width {width} is not divisible by model.head.head_dim {config.head_dim}")
     num_heads = width // config.head_dim
     self.rope_grid = rope_grid
     self.head_dim = config.head_dim
+    self.remat_policy = remat_policy
+    self.scan_blocks = scan_blocks
     self.time_embed = TimestepEmbedder(width, rngs=rngs)
-    self.cond_embed = linear(cond_dim, width, rngs=rngs)
-    self.input_proj = linear(latent_channels, width, rngs=rngs)
+    self.cond_embed = linear(cond_dim, width, rngs=rngs, axes=("embed", "embed"))
+    self.input_proj = linear(latent_channels, width, rngs=rngs, axes=("latent", "embed"))
     if config.variant == "v1":
       blocks = [HeadBlockV1(width, num_heads, config.mlp_ratio, rngs=rngs) for _ in range(config.depth)]
     elif config.variant == "v2":
@@ -129,9 +136,9 @@ class FlowHead(nnx.Module):
     if side * side != x_t.shape[1]:
       raise ValueError(f"the flow head takes the s*s tokens of one scale, got {x_t.shape[1]} tokens")
     cos, sin = rope_tables(side, self.rope_grid, self.head_dim)
-    x = self.input_proj(x_t)
+    x = constrain(self.input_proj(x_t), TOKENS)
     t_emb = self.time_embed(t)[:, None]
-    c = self.cond_embed(z)
-    for block in self.res_blocks:
-      x = block(x, t_emb, c, z, cos, sin)
+    c = constrain(self.cond_embed(z), TOKENS)
+    x = run_blocks(self.res_blocks, x, t_emb, c, z, cos, sin, remat_policy=self.remat_policy,
+                   scan=self.scan_blocks, names=TOKENS)
     return self.final_layer(x, c + t_emb)

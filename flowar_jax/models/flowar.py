@@ -17,7 +17,8 @@ class FlowAR(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, latent_channels: int, *, rngs: nnx.Rngs):
     """`config` is `config.model`; `latent_channels` comes from the VAE."""
     self.backbone = Backbone(config, latent_channels, rngs=rngs)
-    self.flownet = FlowHead(config.head, config.width, latent_channels, config.scales[-1], rngs=rngs)
+    self.flownet = FlowHead(config.head, config.width, latent_channels, config.scales[-1], rngs=rngs,
+                            remat_policy=config.get("remat", "none"), scan_blocks=config.get("scan_blocks", False))
     self.num_classes = config.num_classes
     self.label_drop_prob = config.label_drop_prob
     self.latent_channels = latent_channels

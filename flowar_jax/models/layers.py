@@ -5,14 +5,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowar_jax.parallel.logical import constrain, param_axes
+
 XAVIER = nnx.initializers.xavier_uniform()
+TOKENS = ("batch", "length", "embed")  # logical names of a residual stream [B, L, D]
 
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, bias: bool = True,
-           kernel_init=XAVIER) -> nnx.Linear:
-  """Linear layer with the official init: xavier-uniform kernel `[in, out]`, zero bias."""
+           kernel_init=XAVIER, axes: tuple[str | None, str | None] | None = None) -> nnx.Linear:
+  """Linear layer with the official init: xavier-uniform kernel `[in, out]`, zero bias.
+
+  `axes` are the logical names of the kernel's (in, out) dimensions (`flowar_jax.parallel.logical`); the
+  bias takes the out name.
+  """
+  metadata = {}
+  if axes is not None:
+    metadata = dict(kernel_metadata=param_axes(*axes), bias_metadata=param_axes(axes[1]))
   return nnx.Linear(in_features, out_features, use_bias=bias, kernel_init=kernel_init,
-                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+                    bias_init=nnx.initializers.zeros_init(), rngs=rngs, **metadata)
 
 
 def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -25,7 +35,7 @@ class RMSNorm(nnx.Module):
   """RMSNorm with a learned per-channel weight (initialised to one)."""
 
   def __init__(self, dim: int, eps: float = 1e-6):
-    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), **param_axes("norm"))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,15 +65,17 @@ class GatedMLP(nnx.Module):
   """Gated-GELU MLP (timm's SwiGLU with exact GELU): fc2(gelu(fc1_g x) * fc1_x x), biases on."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0):
-    self.fc1_g = linear(dim, hidden, rngs=rngs)
-    self.fc1_x = linear(dim, hidden, rngs=rngs)
-    self.fc2 = linear(hidden, dim, rngs=rngs)
+    self.fc1_g = linear(dim, hidden, rngs=rngs, axes=("embed", "mlp"))
+    self.fc1_x = linear(dim, hidden, rngs=rngs, axes=("embed", "mlp"))
+    self.fc2 = linear(hidden, dim, rngs=rngs, axes=("mlp", "embed"))
     self.dropout_rate = dropout_rate
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """[..., D] -> [..., D]."""
     r1, r2 = split_rng(rng, 2)
     h = jax.nn.gelu(self.fc1_g(x), approximate=False) * self.fc1_x(x)
+    if h.ndim == 3:
+      h = constrain(h, ("batch", "length", "mlp"))
     h = dropout(h, self.dropout_rate, r1)
     return dropout(self.fc2(h), self.dropout_rate, r2)
 

@@ -14,7 +14,8 @@ import ml_collections
 from flax import nnx
 
 from flowar_jax.models.layers import split_rng
-from flowar_jax.models.vae_blocks import Level, MidBlock, conv, group_norm
+from flowar_jax.models.vae_blocks import IMAGES, Level, MidBlock, conv, group_norm
+from flowar_jax.parallel.logical import constrain
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -66,7 +67,7 @@ class Encoder(nnx.Module):
 
   def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
     *level_rngs, mid_rng = split_rng(dropout_rng, len(self.down) + 1)
-    h = self.conv_in(x)
+    h = self.conv_in(constrain(x, IMAGES))
     for level, rng in zip(self.down, level_rngs):
       h = level(h, rng)
     h = self.mid(h, mid_rng)
@@ -92,7 +93,7 @@ class Decoder(nnx.Module):
 
   def __call__(self, z: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
     mid_rng, *level_rngs = split_rng(dropout_rng, len(self.up) + 1)
-    h = self.mid(self.conv_in(z), mid_rng)
+    h = self.mid(self.conv_in(constrain(z, IMAGES)), mid_rng)
     for i in reversed(range(len(self.up))):
       h = self.up[i](h, level_rngs[i])
     return self.conv_out(jax.nn.swish(self.norm_out(h)))

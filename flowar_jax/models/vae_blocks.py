@@ -11,6 +11,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowar_jax.models.layers import dropout, split_rng
+from flowar_jax.parallel.logical import constrain, param_axes
+
+IMAGES = ("batch", None, None, None)  # logical names of feature maps [B, H, W, C]
+CONV_AXES = dict(kernel_metadata=param_axes(None, None, "conv_in", "conv_out"), bias_metadata=param_axes("conv_out"))
+NORM_AXES = dict(scale_metadata=param_axes("norm"), bias_metadata=param_axes("norm"))
 
 # PyTorch's default conv init (kaiming-uniform with a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
 TORCH_CONV_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -25,13 +30,13 @@ def conv(in_channels: int, out_channels: int, kernel: int, *, rngs: nnx.Rngs, st
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
   return nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=stride, padding=padding,
-                  kernel_init=TORCH_CONV_INIT, bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+                  kernel_init=TORCH_CONV_INIT, bias_init=nnx.initializers.zeros_init(), rngs=rngs, **CONV_AXES)
 
 
 def group_norm(channels: int, groups: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
   # Two-pass variance, as torch.nn.GroupNorm computes it.
   return nnx.GroupNorm(channels, num_groups=groups, epsilon=GROUPNORM_EPS, use_fast_variance=False,
-                       rngs=rngs)
+                       rngs=rngs, **NORM_AXES)
 
 
 class ResnetBlock(nnx.Module):
@@ -53,7 +58,7 @@ class ResnetBlock(nnx.Module):
     h = self.conv2(h)
     if self.nin_shortcut is not None:
       x = self.nin_shortcut(x)
-    return x + h
+    return constrain(x + h, IMAGES)
 
 
 class AttnBlock(nnx.Module):
@@ -73,7 +78,7 @@ class AttnBlock(nnx.Module):
     q, k, v = (proj(h).reshape(b, height * width, c) for proj in (self.q, self.k, self.v))
     weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
     out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, height, width, c)
-    return x + self.proj_out(out)
+    return constrain(x + self.proj_out(out), IMAGES)
 
 
 class Downsample(nnx.Module):

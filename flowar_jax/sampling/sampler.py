@@ -15,6 +15,8 @@ from flax import nnx
 
 from flowar_jax.models.flowar import FlowAR
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
+from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.ode import integrate
 from flowar_jax.sampling.time_grid import time_grid
 from flowar_jax.scales import next_scale_input
@@ -46,10 +48,10 @@ class SamplingSettings:
     return 1.0 + (self.cfg - 1.0) * k / (num_scales - 1)
 
 
-def sample_keys(seed: int, first_index: int, batch: int) -> jax.Array:
-  """[B] keys, one per sample index."""
+def sample_keys(seed: int | jax.Array, first_index: int | jax.Array, batch: int) -> jax.Array:
+  """[B] keys, one per sample index (seed and first_index may be traced)."""
   base = jax.random.key(seed)
-  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first_index, first_index + batch))
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(first_index + jnp.arange(batch))
 
 
 def sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: SamplingSettings,
@@ -98,19 +100,27 @@ class Sampler:
   """Compiled sampler: `sampler(labels, seed)` -> uint8 images `[B, H, W, 3]`.
 
   `decode(latents)` is any function from `[B, S, S, C]` latents to `[B, H, W, 3]` images in [-1, 1]
-  (usually the VAE's `decode_from_latents`); pass None to get latents instead of images.
+  (usually the VAE's `decode_from_latents`); pass None to get latents instead of images. With a `plan`,
+  parameters are sharded by its rules and each batch is split over its data-parallel devices (a batch
+  that does not divide is padded); every process passes the same labels and gets every image back.
+  The model and decoder may be abstract (`nnx.eval_shape`) for `lower` only.
   """
 
-  def __init__(self, model: FlowAR, settings: SamplingSettings, decode=None, decoder_module: nnx.Module | None = None):
+  def __init__(self, model: FlowAR, settings: SamplingSettings, decode=None, decoder_module: nnx.Module | None = None,
+               plan: ShardingPlan | None = None):
     self.settings = settings
     self.num_classes = model.num_classes
-    self._decoder_module = decoder_module
-    self._graph, self._state = nnx.split((model, decoder_module))
+    self.plan = plan or ShardingPlan.single_device()
+    self._graph, state = nnx.split((model, decoder_module))
+    self._state = self.plan.place(state)
     self._decode = decode
-    self._fn = jax.jit(self._run)
+    batch, scalar = self.plan.batch_sharding(), self.plan.replicated
+    self._fn = self.plan.jit(self._run, in_shardings=(jax.tree.map(lambda x: x.sharding, self._state), batch,
+                                                      scalar, scalar), out_shardings=batch)
 
-  def _run(self, state, labels, keys):
+  def _run(self, state, labels, seed, first_index):
     model, decoder_module = nnx.merge(self._graph, state)
+    keys = sample_keys(seed, first_index, labels.shape[0])
     latents = sample_latents(model, labels, keys, self.settings)
     if self._decode is None:
       return latents
@@ -121,7 +131,7 @@ class Sampler:
     graph, state = nnx.split((model, decoder_module))
     if graph != self._graph:
       raise ValueError("set_weights needs a model (and decoder) of the structure this sampler was built for")
-    self._state = state
+    self._state = self.plan.place(state)
 
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
@@ -135,11 +145,25 @@ class Sampler:
 
   def __call__(self, labels: np.ndarray, seed: int, first_index: int = 0) -> np.ndarray:
     labels = self.check_labels(labels)
-    keys = sample_keys(seed, first_index, labels.shape[0])
-    return np.asarray(self._fn(self._state, jnp.asarray(labels), keys))
+    real = labels.shape[0]
+    labels = np.resize(labels, round_up_to_data_parallel(self.plan, real))
+    out = self._fn(self._state, replicated_batch(self.plan, labels), np.int32(seed), np.int32(first_index))
+    return to_host(out)[:real]
+
+  def lower_args(self, batch_size: int) -> tuple:
+    """The program's arguments for batches of `batch_size` labels: (state, labels, seed, first index)."""
+    labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.plan.batch_sharding())
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.plan.replicated)
+    return self._state, labels, scalar, scalar
+
+  def lower(self, batch_size: int) -> jax.stages.Lowered:
+    """The sampling program for batches of `batch_size` labels, lowered (e.g. to compile for another topology)."""
+    return self._fn.lower(*self.lower_args(batch_size))
 
 
-def image_sampler(flowar: FlowAR, vae: AutoencoderKL, settings: SamplingSettings, latent_scale: float) -> Sampler:
-  """A compiled sampler from class labels to uint8 images, decoding with `vae` at `latent_scale`."""
+def image_sampler(flowar: FlowAR, vae: AutoencoderKL, settings: SamplingSettings, latent_scale: float,
+                  plan: ShardingPlan | None = None) -> Sampler:
+  """A compiled sampler from class labels to uint8 images, decoding with `vae` at `latent_scale` (sharded by
+  `plan`, see `Sampler`)."""
   decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
-  return Sampler(flowar, settings, decode=decode, decoder_module=vae)
+  return Sampler(flowar, settings, decode=decode, decoder_module=vae, plan=plan)

@@ -97,10 +97,9 @@ def train_command(config_path: str, workdir: str, overrides: Mapping[str, Any]) 
 
 def pod_command(pod: str, pod_args: Sequence[str], config_path: str, workdir: str,
                 overrides: Mapping[str, Any]) -> list[str]:
-  """`launch/tpu_pod.sh POD [POD_ARGS...] -- TRAIN_ARGS...`: the launcher passes what follows `--` to
-  `flowar_jax train` on every host of the pod."""
-  return [POD_LAUNCHER, pod, *pod_args, "--", "--config", config_path, "--workdir", workdir,
-          *override_flags(overrides)]
+  """`launch/tpu_pod.sh --name POD [POD_ARGS...] CONFIG WORKDIR -- OVERRIDES...`: the launcher trains CONFIG in
+  WORKDIR with the overrides on every host of the slice POD (see docs/tpu_pods.md)."""
+  return [POD_LAUNCHER, "--name", pod, *pod_args, config_path, workdir, "--", *override_flags(overrides)]
 
 
 def plan(points: Sequence[Point], root: str, config_path: str, pod: str | None = None,

@@ -12,6 +12,7 @@ from flax import nnx
 
 from flowar_jax import data
 from flowar_jax.models.vae import AutoencoderKL
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training import latent_cache, loop
 from flowar_jax.training.builders import build_flowar
 from flowar_jax.training.metrics import MetricWriter
@@ -39,8 +40,8 @@ def _latents_from_batch(vae: AutoencoderKL, batch: dict, latent_scale: float, sa
   return jax.lax.stop_gradient(latents * latent_scale)
 
 
-def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, workdir: str
-                         ) -> ml_collections.ConfigDict:
+def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, workdir: str,
+                         plan: ShardingPlan | None = None) -> ml_collections.ConfigDict:
   """A copy of `config` whose `vae.latent_scale` is concrete: taken from WORKDIR's checkpoint when resuming,
   else 1 / std of the train set's posterior means (so FlowAR sees unit-variance latents, as 0.2325 gives
   for MAR's KL-16)."""
@@ -49,13 +50,14 @@ def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, 
     scale = stored
   else:
     if config.data.cache_latents:
-      moments, _ = latent_cache.load_or_encode(vae, config, workdir)
+      moments, _ = latent_cache.load_or_encode(vae, config, workdir, plan)
       means = moments[..., :config.vae.latent_channels]
     else:
-      means = latent_cache.encode_train_split(vae, config, max_examples=_SCALE_EXAMPLES)[0][
+      means = latent_cache.encode_train_split(vae, config, max_examples=_SCALE_EXAMPLES, plan=plan)[0][
           ..., :config.vae.latent_channels]
     scale = float(1.0 / np.std(means))
-    print(f"measured vae.latent_scale = {scale:.6g} (1 / std of {len(means)} train latents)", flush=True)
+    if jax.process_index() == 0:
+      print(f"measured vae.latent_scale = {scale:.6g} (1 / std of {len(means)} train latents)", flush=True)
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.vae.latent_scale = scale
   resolved.lock()
@@ -87,12 +89,13 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
 
   With `vae.latent_scale == 0` the scale is measured first and stored in the checkpoint's config.
   """
-  vae = load_vae(config, workdir)
+  plan = ShardingPlan.from_config(config)
+  vae = load_vae(config, workdir, plan)
   vae_graphdef, vae_params = split_params(vae)
   if config.vae.latent_scale <= 0:
-    config = resolve_latent_scale(config, vae, workdir)
+    config = resolve_latent_scale(config, vae, workdir, plan)
   if config.data.cache_latents:
-    iterator = latent_cache.make_latent_iterator(vae, config, workdir)
+    iterator = latent_cache.make_latent_iterator(vae, config, workdir, plan)
   else:
     iterator = data.make_train_iterator(config.data, config.batch_size, config.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -102,12 +105,12 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
   periodic = []
   if config.eval.every_steps > 0:
     from flowar_jax.evaluation.during_training import periodic_evaluation  # pylint: disable=g-import-not-at-top
-    periodic.append(loop.Periodic(config.eval.every_steps, periodic_evaluation(config, workdir, graphdef, vae)))
+    periodic.append(loop.Periodic(config.eval.every_steps, periodic_evaluation(config, workdir, graphdef, vae, plan)))
   logging.info("FlowAR: %d steps at batch %d, peak lr %.2e", config.num_train_steps, config.batch_size,
                config.optimizer.base_lr * config.batch_size / 256)
   with MetricWriter(workdir) as writer:
     if config.sample_every_steps:
-      periodic.append(loop.Periodic(config.sample_every_steps, SampleGrids(config, graphdef, vae, writer)))
+      periodic.append(loop.Periodic(config.sample_every_steps, SampleGrids(config, graphdef, vae, writer, plan)))
     return loop.train(
         workdir=workdir, model_factory=model_factory,
         loss_fn=flowar_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
@@ -116,4 +119,4 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
         keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar",
         batch_size=config.batch_size, tokens_per_image=sum(side * side for side in config.model.scales),
         periodic=periodic, writer=writer,
-        max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps)
+        max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps, plan=plan)

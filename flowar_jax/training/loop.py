@@ -13,6 +13,8 @@ from absl import logging
 from flax import nnx
 
 from flowar_jax.config import flatten_config
+from flowar_jax.parallel.batch import global_batch
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.nonfinite import NonFiniteMonitor
@@ -34,28 +36,37 @@ class Periodic:
 
 
 def create_or_restore(model_factory: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
-                      checkpointer: Checkpointer, data_iterator=None) -> tuple[nnx.GraphDef, TrainState]:
-  """Builds the state from the latest checkpoint when there is one (the iterator is restored too)."""
+                      checkpointer: Checkpointer, data_iterator=None, plan: ShardingPlan | None = None
+                      ) -> tuple[nnx.GraphDef, TrainState]:
+  """Builds the state from the latest checkpoint when there is one (the iterator is restored too).
+
+  With a `plan`, the state is created (or restored, from a checkpoint of any mesh) directly in its
+  sharded layout: nothing is built whole on one device.
+  """
   def init():
     return init_train_state(model_factory(), tx, seed)
 
   graphdef, _ = split_params(nnx.eval_shape(model_factory))
+  abstract = jax.eval_shape(init)
+  if plan is not None:
+    abstract = plan.abstract(abstract)
   if checkpointer.latest_step() is not None:
-    abstract = jax.eval_shape(init)
     state = checkpointer.restore(abstract, data_iterator=data_iterator)
     logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
     return graphdef, state
-  return graphdef, jax.jit(init)()
+  if plan is None:
+    return graphdef, jax.jit(init)()
+  return graphdef, plan.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
 
 
 def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
           tx: optax.GradientTransformation, schedule: optax.Schedule, ema_decay: float,
           data_iterator: Iterator[dict], num_steps: int, config: ml_collections.ConfigDict,
           seed: int, checkpoint_every: int, keep: int, log_every: int, context: Any = None,
-          batch_to_device: Callable[[dict], dict] = lambda b: b, desc: str = "train",
+          batch_to_device: Callable[[dict], dict] | None = None, desc: str = "train",
           batch_size: int | None = None, tokens_per_image: int | None = None,
           periodic: Sequence[Periodic] = (), writer: MetricWriter | None = None,
-          max_consecutive_nonfinite: int = 10) -> tuple[nnx.GraphDef, TrainState]:
+          max_consecutive_nonfinite: int = 10, plan: ShardingPlan | None = None) -> tuple[nnx.GraphDef, TrainState]:
   """Trains to `num_steps` (resuming from `workdir/checkpoints`) and returns (graphdef, final state).
 
   With `batch_size` (global), the logged metrics include throughput in images per second, measured
@@ -64,19 +75,28 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
   stays open for its owner; without one the loop writes WORKDIR/metrics.jsonl itself. A run starting
   from step 0 also writes its config as TensorBoard hparams.
 
+  The state is sharded by `plan` (default: `config.mesh` and `config.sharding`); the iterator yields
+  this process's share of each batch, which `batch_to_device` (default: `global_batch`) assembles; the
+  `context` must already be placed (e.g. `plan.place`).
+
   Raises:
     Preempted: a SIGTERM arrived; the current step was checkpointed first (see `preemption`).
     NonFiniteError: `max_consecutive_nonfinite` steps in a row were skipped (see `nonfinite`).
   """
   os.makedirs(workdir, exist_ok=True)
+  plan = plan or ShardingPlan.from_config(config)
+  if batch_to_device is None:
+    batch_to_device = lambda local: global_batch(plan, local)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
-  graphdef, state = create_or_restore(model_factory, tx, seed, checkpointer, data_iterator)
+  graphdef, state = create_or_restore(model_factory, tx, seed, checkpointer, data_iterator, plan)
   start = int(state.step)
   if start >= num_steps:
     logging.info("%s: already trained to step %d", desc, start)
     checkpointer.close()
     return graphdef, state
-  step_fn = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule)
+  step_fn = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule, plan=plan,
+                            state_shardings=jax.tree.map(lambda x: x.sharding, state),
+                            context_shardings=jax.tree.map(lambda x: x.sharding, context))
   owns_writer = writer is None
   if owns_writer:
     writer = MetricWriter(workdir)

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.images import enlarge
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
 from flowar_jax.training.metrics import MetricWriter
@@ -33,8 +34,9 @@ class SampleGrids:
   """`action(step, state)` for `loop.Periodic`: writes the image `samples` at `step` through `writer`."""
 
   def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, vae: AutoencoderKL,
-               writer: MetricWriter):
-    """`config.vae.latent_scale` must be concrete (measured before training starts, if it was 0)."""
+               writer: MetricWriter, plan: ShardingPlan | None = None):
+    """`config.vae.latent_scale` must be concrete (measured before training starts, if it was 0). The sampler
+    runs sharded by `plan` (the training run's; default one device)."""
     if config.vae.latent_scale <= 0:
       raise ValueError("sample grids need a concrete vae.latent_scale: measure it before training")
     self._graphdef = graphdef
@@ -46,6 +48,7 @@ class SampleGrids:
     self._settings = SamplingSettings(cfg=config.sampling.cfg, guidance=config.sampling.guidance,
                                       num_steps=config.sampling.num_steps, solver=config.sampling.solver)
     self._sampler: Sampler | None = None
+    self._plan = plan
 
   def _decode(self, vae: AutoencoderKL, latents):
     return decode_from_latents(vae, latents, self._latent_scale)
@@ -53,7 +56,8 @@ class SampleGrids:
   def __call__(self, step: int, state: TrainState) -> None:
     model = nnx.merge(self._graphdef, state.ema_params)
     if self._sampler is None:
-      self._sampler = Sampler(model, self._settings, decode=self._decode, decoder_module=self._vae)
+      self._sampler = Sampler(model, self._settings, decode=self._decode, decoder_module=self._vae,
+                              plan=self._plan)
     else:
       self._sampler.set_weights(model, self._vae)
     images = enlarge(self._sampler(self._labels, self._seed))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training import nonfinite
 
 # loss_fn(model, batch, rng, context, step) -> (scalar loss, metrics). `context` holds frozen arrays
@@ -42,11 +43,17 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    ema_decay: float, schedule: optax.Schedule | None = None):
+                    ema_decay: float, schedule: optax.Schedule | None = None, *, plan: ShardingPlan | None = None,
+                    state_shardings: Any = None, context_shardings: Any = None):
   """-> jitted `step(state, batch, context) -> (state, metrics)`, donating the old state.
 
   An update whose loss, gradients or new params are not finite is dropped: params, optimizer state and
   EMA stay as they were, the step still advances, and `state.skipped` counts it (see `nonfinite`).
+
+  With a `plan`, the step is traced under its mesh and rules, with explicit shardings: the state's
+  (`state_shardings`, e.g. `plan.shardings(abstract_state)`: parameters, EMA and moments by their logical
+  axes, counters such as `step` and `skipped` replicated), the batch split by the 'batch' rule, the
+  context's (`context_shardings`), and replicated metrics.
   """
 
   def step(state: TrainState, batch: dict, context: Any) -> tuple[TrainState, dict]:
@@ -72,4 +79,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
                               skipped=skipped)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if plan is None:
+    return jax.jit(step, donate_argnums=0)
+  return plan.jit(step, in_shardings=(state_shardings, plan.batch_sharding(), context_shardings),
+                  out_shardings=(state_shardings, plan.replicated), donate_argnums=0)

@@ -5,11 +5,13 @@ import functools
 
 import jax
 import ml_collections
+import optax
 from flax import nnx
 
 from flowar_jax import data
 from flowar_jax.models.discriminator import PatchDiscriminator
 from flowar_jax.models.vae import AutoencoderKL
+from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training import loop
 from flowar_jax.training.builders import load_params
 from flowar_jax.training.optimizer import adamw, warmup_cosine
@@ -50,15 +52,21 @@ def vae_stage_loss(train_config: ml_collections.ConfigDict):
   return loss_fn
 
 
+def vae_optimizer(train_config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW for `config.vae.train`: GAN betas (0.5, 0.9) with a discriminator, else (0.9, 0.999)."""
+  schedule = warmup_cosine(train_config.learning_rate, train_config.warmup_steps, train_config.num_train_steps,
+                           train_config.learning_rate * 0.1)
+  tx = adamw(schedule, b1=0.5 if train_config.disc_weight > 0 else 0.9, b2=0.9 if train_config.disc_weight > 0
+             else 0.999, weight_decay=0.0, grad_clip=1.0)
+  return tx, schedule
+
+
 def train_vae(config: ml_collections.ConfigDict, workdir: str):
   """Trains the VAE in `workdir` (resuming if a checkpoint is there)."""
   train_config = config.vae.train
   iterator = data.make_train_iterator(config.data, train_config.batch_size, config.seed,
                                       shard_index=jax.process_index(), shard_count=jax.process_count())
-  schedule = warmup_cosine(train_config.learning_rate, train_config.warmup_steps, train_config.num_train_steps,
-                           train_config.learning_rate * 0.1)
-  tx = adamw(schedule, b1=0.5 if train_config.disc_weight > 0 else 0.9, b2=0.9 if train_config.disc_weight > 0
-             else 0.999, weight_decay=0.0, grad_clip=1.0)
+  tx, schedule = vae_optimizer(train_config)
   return loop.train(
       workdir=workdir, model_factory=functools.partial(VAETrainable, config, config.seed),
       loss_fn=vae_stage_loss(train_config), tx=tx, schedule=schedule, ema_decay=VAE_EMA_DECAY,
@@ -68,7 +76,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str):
       batch_size=train_config.batch_size, max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps)
 
 
-def load_vae(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderKL:
-  """The trained VAE (its latest raw parameters) for a FlowAR run in WORKDIR."""
+def load_vae(config: ml_collections.ConfigDict, workdir: str, plan: ShardingPlan | None = None) -> AutoencoderKL:
+  """The trained VAE (its latest raw parameters) for a FlowAR run in WORKDIR, sharded by `plan` if given."""
   directory = find_vae_checkpoints(config, workdir)
-  return load_params(functools.partial(VAETrainable, config), directory, use_ema=False).vae
+  return load_params(functools.partial(VAETrainable, config), directory, use_ema=False, plan=plan).vae

@@ -1,0 +1,280 @@
+"""`compile`: the training step(s) and the sampler compiled ahead of time for a TPU topology, on any host.
+
+  python -m flowar_jax compile --config configs/flowar_h.py --topology v5p:4x4x4 [--config.key=value ...]
+
+The topology's devices come from libtpu (`jax.experimental.topologies`), so this runs on a CPU-only
+machine with the `tpu` extra installed. The mesh is `config.mesh` over the topology's chips and the state
+is built abstractly with its shardings (`jax.eval_shape`, nothing is allocated), exactly as training
+builds it. For each program it reports, per chip:
+
+  HBM     arguments + outputs - aliased (donated) + temporaries, from XLA's memory_analysis();
+          the program must fit in the chip's HBM (HBM_GIB)
+  FLOPs   XLA's cost_analysis() of the per-chip program, times the chips: FLOPs per step, including
+          the frozen VAE encoder (unless latents are cached), elementwise work and remat recomputation
+
+and, for the FlowAR training step, the analytic model FLOPs (`flowar_jax.models.flops`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import math
+import os
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.experimental import topologies
+
+from flowar_jax.commands.sample import settings_from
+from flowar_jax.config import latent_side, validate_config
+from flowar_jax.models import flops
+from flowar_jax.models.vae import decode_from_latents
+from flowar_jax.parallel import logical
+from flowar_jax.parallel.batch import round_up_to_data_parallel
+from flowar_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
+from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.sampling.sampler import Sampler
+from flowar_jax.training import flowar_stage, vae_stage
+from flowar_jax.training.builders import build_flowar, build_vae
+from flowar_jax.training.optimizer import flowar_optimizer
+from flowar_jax.training.state import init_train_state, make_train_step, split_params
+
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip
+_GIB = 2**30
+# The TPU compiler refuses a program whose temporaries exceed HBM; its message carries both sizes.
+_COMPILER_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM")
+
+
+class DoesNotFit(ValueError):
+  """A program needs more HBM per chip than the topology's chips have."""
+
+
+def _quiet_libtpu() -> None:
+  """On a host without TPUs, keeps libtpu from querying the cloud metadata server and printing warnings, and
+  lets several processes load it at once (it only compiles here; its lock guards TPU devices).
+
+  Must run before JAX initialises its backends; does nothing on a TPU VM.
+  """
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return
+  for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5p-8"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"), ("TF_CPP_MIN_LOG_LEVEL", "2")):
+    os.environ.setdefault(name, value)
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")  # run on the CPU; compile for the TPU topology
+
+
+def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
+  """'v5p:4x4x4' -> ('v5p', (4, 4, 4)); a clear error for anything else."""
+  match = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)+)", topology.strip())
+  if not match or match.group(1) not in HBM_GIB:
+    raise ValueError(f"--topology must look like GENERATION:AxBxC with GENERATION one of {sorted(HBM_GIB)} "
+                     f"(e.g. v5e:2x2, v5p:4x4x4), got {topology!r}")
+  return match.group(1), tuple(int(x) for x in match.group(2).split("x"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A program to compile: `lower()` lowers it for `args` (abstract, sharded) at `batch_size`."""
+  name: str
+  lower: Callable[[], jax.stages.Lowered]
+  args: Any
+  batch_size: int
+  model_flops: float | None = None  # analytic, per step, all chips
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramReport:
+  """One compiled program; byte counts and FLOPs are per chip. When the compiler refused the program for
+  lack of HBM, `compiled` is False, `temp_bytes` is the compiler's figure and the FLOPs are unknown (NaN)."""
+  name: str
+  batch_size: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  flops_per_chip: float
+  chips: int
+  compile_seconds: float
+  model_flops: float | None = None
+  compiled: bool = True
+
+  @property
+  def hbm_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @property
+  def flops_per_step(self) -> float:
+    return self.flops_per_chip * self.chips
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+  topology: str
+  chips: int
+  mesh: dict
+  remat: str
+  hbm_capacity_bytes: int
+  programs: list[ProgramReport]
+  scanned: bool = False  # config.model.scan_blocks
+
+  @property
+  def fits(self) -> bool:
+    return all(p.compiled and p.hbm_bytes <= self.hbm_capacity_bytes for p in self.programs)
+
+
+def _per_chip_bytes(args: Any) -> int:
+  """Bytes of one chip's shards of the abstract arguments (the largest shard where shards differ)."""
+  total = 0
+  for leaf in jax.tree.leaves(args):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return total
+
+
+def _compile(program: Program, chips: int) -> ProgramReport:
+  lowered = program.lower()
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError; re-raised unless it is the OOM)
+    match = _COMPILER_OOM.search(str(e))
+    if not match:
+      raise
+    temp = int(float(match.group(1)) * 1024 ** ("KMGT".index(match.group(2)) + 1))
+    return ProgramReport(program.name, program.batch_size, _per_chip_bytes(program.args), 0, 0, temp,
+                         float("nan"), chips, time.perf_counter() - start, program.model_flops, compiled=False)
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0]
+  return ProgramReport(program.name, program.batch_size, int(memory.argument_size_in_bytes),
+                       int(memory.output_size_in_bytes), int(memory.alias_size_in_bytes),
+                       int(memory.temp_size_in_bytes), float(cost.get("flops", 0.0)), chips, seconds,
+                       program.model_flops)
+
+
+def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> list[Program]:
+  """The training steps `config.stage` runs, as the stages build them."""
+
+  def batch_of(batch_size: int, **shapes):
+    sharding = plan.batch_sharding()
+    return {key: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
+            for key, (shape, dtype) in shapes.items()}
+
+  def step_program(name, model_factory, tx, schedule, ema_decay, loss_fn, batch, context, model_flops=None):
+    state = plan.abstract(jax.eval_shape(lambda: init_train_state(model_factory(), tx, config.seed)))
+    graphdef, _ = split_params(nnx.eval_shape(model_factory))
+    step = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule, plan=plan,
+                           state_shardings=jax.tree.map(lambda x: x.sharding, state),
+                           context_shardings=jax.tree.map(lambda x: x.sharding, context))
+    args = (state, batch, context)
+    return Program(name, lambda: step.lower(*args), args, jax.tree.leaves(batch)[0].shape[0], model_flops)
+
+  size, channels = config.data.image_size, config.vae.in_channels
+  images = ((size, size, channels), jnp.float32)
+  labels = ((), jnp.int32)
+  programs = []
+  if config.stage in ("vae", "both"):
+    tx, schedule = vae_stage.vae_optimizer(config.vae.train)
+    programs.append(step_program(
+        "vae train step", functools.partial(vae_stage.VAETrainable, config, config.seed), tx, schedule,
+        vae_stage.VAE_EMA_DECAY, vae_stage.vae_stage_loss(config.vae.train),
+        batch_of(config.vae.train.batch_size, image=images, label=labels), None))
+  if config.stage in ("flowar", "both"):
+    vae_graphdef, vae_params = split_params(nnx.eval_shape(functools.partial(build_vae, config)))
+    tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
+    if config.data.cache_latents:
+      side = latent_side(config)
+      batch = batch_of(config.batch_size, moments=((side, side, 2 * config.vae.latent_channels), jnp.float32),
+                       label=labels)
+    else:
+      batch = batch_of(config.batch_size, image=images, label=labels)
+    programs.append(step_program(
+        "flowar train step", functools.partial(build_flowar, config, config.seed), tx, schedule,
+        config.optimizer.ema_decay, flowar_stage.flowar_loss_fn(vae_graphdef, config), batch,
+        plan.abstract(vae_params), float(flops.training_flops_per_step(config))))
+  return programs
+
+
+def _sampler_program(config: ml_collections.ConfigDict, plan: ShardingPlan) -> Program:
+  model = nnx.eval_shape(functools.partial(build_flowar, config))
+  vae = nnx.eval_shape(functools.partial(build_vae, config))
+  scale = config.vae.latent_scale or 1.0
+  sampler = Sampler(model, settings_from(config), decode=lambda v, z: decode_from_latents(v, z, scale),
+                    decoder_module=vae, plan=plan)
+  batch = round_up_to_data_parallel(plan, config.sampling.batch_size)
+  return Program("sampler", lambda: sampler.lower(batch), sampler.lower_args(batch), batch)
+
+
+def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True
+                         ) -> CompileReport:
+  """Compiles what `config` trains (and the sampler) for `topology` and measures it; see the module doc.
+
+  Raises ValueError for a malformed topology or a config that does not suit its chips (batch or mesh sizes).
+  """
+  generation, _ = parse_topology(topology)
+  _quiet_libtpu()
+  try:
+    description = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as e:  # pylint: disable=broad-except  (libtpu's errors are long; keep the gist)
+    raise ValueError(f"libtpu cannot describe topology {topology!r} (is the `tpu` extra installed?): "
+                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+  chips = len(description.devices)
+  validate_config(config, chips, num_slices=1)
+  ici, _ = resolve_mesh_shape(config.mesh, chips, 1)
+  plan = ShardingPlan(topologies.make_mesh(description, ici, MESH_AXES), logical.parse_rules(config.sharding.rules))
+  programs = _train_programs(config, plan)
+  if sampler and config.stage in ("flowar", "both"):
+    programs.append(_sampler_program(config, plan))
+  return CompileReport(topology, chips, dict(zip(MESH_AXES, ici)), config.model.remat,
+                       HBM_GIB[generation] * _GIB, [_compile(p, chips) for p in programs],
+                       scanned=bool(config.model.scan_blocks))
+
+
+def format_report(report: CompileReport) -> str:
+  """A plain-text table of the report, one row per program."""
+  mesh = " x ".join(f"{k}={v}" for k, v in report.mesh.items())
+  lines = [f"topology {report.topology}: {report.chips} chips, {report.hbm_capacity_bytes / _GIB:.0f} GiB HBM "
+           f"per chip; mesh {mesh}; remat {report.remat}",
+           f"{'program':<20}{'batch':>7}{'HBM/chip GiB':>14}{'args':>8}{'temps':>8}{'FLOPs/step':>12}"
+           f"{'model FLOPs':>13}{'compile s':>11}  fits"]
+  for p in report.programs:
+    model = f"{p.model_flops:.3g}" if p.model_flops else "-"
+    fits = "yes" if p.compiled and p.hbm_bytes <= report.hbm_capacity_bytes else "NO"
+    hbm = f"{p.hbm_bytes / _GIB:.2f}" + ("" if p.compiled else "+")
+    lines.append(f"{p.name:<20}{p.batch_size:>7}{hbm:>14}{p.argument_bytes / _GIB:>8.2f}"
+                 f"{p.temp_bytes / _GIB:>8.2f}{p.flops_per_step:>12.3g}{model:>13}{p.compile_seconds:>11.1f}  {fits}")
+  if report.scanned:
+    lines.append("scan_blocks: XLA's cost analysis counts each scanned block once, not once per layer, so FLOPs/step "
+                 "is a lower bound (model FLOPs are analytic)")
+  if not all(p.compiled for p in report.programs):
+    lines.append("+ the TPU compiler stopped at its HBM limit: the temporaries alone exceed it (outputs not counted)")
+  return "\n".join(lines)
+
+
+def check_fits(report: CompileReport) -> None:
+  """Raises DoesNotFit naming the largest program's HBM need, the chip's capacity, and what to change."""
+  too_big = [p for p in report.programs if not p.compiled or p.hbm_bytes > report.hbm_capacity_bytes]
+  if too_big:
+    worst = max(too_big, key=lambda p: p.hbm_bytes)
+    raise DoesNotFit(
+        f"{worst.name} needs {'more than ' if not worst.compiled else ''}{worst.hbm_bytes / _GIB:.1f} GiB of HBM "
+        f"per chip but a {report.topology} chip has {report.hbm_capacity_bytes / _GIB:.0f} GiB: turn on "
+        f"rematerialisation (--config.model.remat=full), shard the state (--config.mesh.fsdp=-1 "
+        f"--config.mesh.data=1), lower the batch, or use more chips")
+
+
+def run(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True) -> CompileReport:
+  """Compiles, prints the table, and raises DoesNotFit (naming need vs capacity) when a program does not fit."""
+  report = compile_for_topology(config, topology, sampler=sampler)
+  print(format_report(report), flush=True)
+  check_fits(report)
+  return report

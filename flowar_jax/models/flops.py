@@ -1,0 +1,53 @@
+"""Analytic model FLOPs of FlowAR training: what the model must compute, whatever the compiler adds.
+
+Counted: every matmul with a weight (2 FLOPs per multiply-add) at the tokens it runs on, and attention's
+scores and weighted values over the pairs the masks let through (the backbone's scale-causal pairs, the
+flow head's all-pairs within one scale). Not counted: elementwise work (norms, activations, softmax), the
+frozen VAE encoder, and recomputation by rematerialisation. A training step is 3 forward passes
+(forward, and a backward pass of twice the forward's matmuls), as in the usual model-FLOPs utilisation.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from flowar_jax.models.flow_head import TIME_FREQUENCY_DIM
+from flowar_jax.models.layers import mlp_hidden
+from flowar_jax.scales import ScaleSchedule
+
+
+def _backbone_forward(model: ml_collections.ConfigDict, latent_channels: int) -> int:
+  schedule = ScaleSchedule(tuple(model.scales))
+  length, d = schedule.num_tokens, model.width
+  # Each query of scale k sees every token of scales 0..k.
+  visible_pairs = sum(n * schedule.offsets[k + 1] for k, n in enumerate(schedule.lengths))
+  per_token_block = 3 * d * d + d * d + 3 * d * mlp_hidden(d, model.mlp_ratio)  # qkv, proj, gated MLP
+  per_block = 2 * length * per_token_block + 2 * 6 * d * d + 4 * d * visible_pairs  # + adaLN per example
+  embed = 2 * (length - 1) * latent_channels * d + 2 * length * d * d  # z_proj, decoder_embed
+  return 2 * model.depth * per_block + embed
+
+
+def _head_forward(model: ml_collections.ConfigDict, latent_channels: int) -> int:
+  head, d, c = model.head, model.width, latent_channels
+  w, hidden = head.width, mlp_hidden(head.width, head.mlp_ratio)
+  total = 0
+  for side in model.scales:
+    n = side * side
+    total += 2 * n * (c * w + d * w) + 2 * (TIME_FREQUENCY_DIM * w + w * w)  # input, cond, time embeddings
+    if head.variant == "v1":  # self-attention, gated MLP, per-token adaLN (6W)
+      per_block = 2 * n * (4 * w * w + 3 * w * hidden + 6 * w * w) + 4 * w * n * n
+    else:  # self- and cross-attention (kv from z), gated MLP, per-token adaLN (3W), per-example adaLN (3W)
+      per_block = (2 * n * (4 * w * w + 2 * w * w + 2 * d * w + 3 * w * hidden + 3 * w * w) + 2 * 3 * w * w
+                   + 2 * 4 * w * n * n)
+    total += head.depth * per_block + 2 * n * (2 * w * w + w * c)  # final adaLN and projection
+  return total
+
+
+def forward_flops_per_example(config: ml_collections.ConfigDict) -> int:
+  """Matmul FLOPs of one teacher-forced forward pass (backbone over all scales, head once per scale)."""
+  return (_backbone_forward(config.model, config.vae.latent_channels)
+          + _head_forward(config.model, config.vae.latent_channels))
+
+
+def training_flops_per_step(config: ml_collections.ConfigDict, batch_size: int | None = None) -> int:
+  """Model FLOPs of one FlowAR training step at `batch_size` (default `config.batch_size`): 3 x forward."""
+  return 3 * forward_flops_per_example(config) * (config.batch_size if batch_size is None else batch_size)
