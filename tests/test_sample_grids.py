@@ -51,7 +51,7 @@ def test_loaded_weights_reuse_the_compiled_sampler_and_match_a_new_one():
   other = _perturbed(build_flowar(config, 1), 0.02)
   sampler.set_weights(other)
   second = sampler(labels, seed=0)
-  assert sampler._fn._cache_size() == 1  # pylint: disable=protected-access
+  assert sampler._fn._jitted._cache_size() == 1  # pylint: disable=protected-access
   assert np.abs(first - second).max() > 1e-3
   np.testing.assert_array_equal(second, Sampler(other, settings)(labels, seed=0))
   wider = tiny_config()

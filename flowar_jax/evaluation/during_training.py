@@ -38,10 +38,10 @@ def periodic_evaluation(config: ml_collections.ConfigDict, workdir: str, graphde
       samplers.append(image_sampler(flowar, vae, settings, config.vae.latent_scale, plan))
     sampler = samplers[0]
     sampler.set_weights(flowar, vae)
-    plan = runner.SamplingPlan(num_samples=config.eval.train_num_samples, num_classes=config.model.num_classes,
+    sampling_plan = runner.SamplingPlan(num_samples=config.eval.train_num_samples, num_classes=config.model.num_classes,
                                seed=config.seed, settings=settings, use_ema=use_ema, checkpoint_step=step)
-    directory = os.path.join(workdir, "eval", plan.name)
-    report = runner.evaluate_sampler(sampler, plan, setup, config, directory, batch_size=config.sampling.batch_size)
+    directory = os.path.join(workdir, "eval", sampling_plan.name)
+    report = runner.evaluate_sampler(sampler, sampling_plan, setup, config, directory, batch_size=config.sampling.batch_size)
     with MetricWriter(os.path.join(workdir, "eval")) as writer:
       writer.write_scalars(step, {f"eval/{k}": v for k, v in report["metrics"].items()})
     if jax.process_index() == 0:

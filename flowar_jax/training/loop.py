@@ -84,7 +84,8 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
     NonFiniteError: `max_consecutive_nonfinite` steps in a row were skipped (see `nonfinite`).
   """
   os.makedirs(workdir, exist_ok=True)
-  plan = plan or ShardingPlan.from_config(config)
+  if plan is None:  # a config without a mesh section (e.g. a bare loop) trains on one device
+    plan = ShardingPlan.from_config(config) if "mesh" in config else ShardingPlan.single_device()
   if batch_to_device is None:
     batch_to_device = lambda local: global_batch(plan, local)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
