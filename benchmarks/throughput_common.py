@@ -75,10 +75,12 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> t
 
 
 def matmul_rate(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a `size`^3 matrix product on the default device: the practical limit a model step can reach."""
+  """FLOP/s of a `size`^3 matrix product on the default device: the practical limit a model step can reach.
+
+  bf16 operands accumulate in (and return) float32, as the model's products do (`flowar_jax.precision`)."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-  product = jax.jit(jnp.matmul)
+  product = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   seconds, _ = median_seconds(lambda: product(a, b).block_until_ready(), repeats)
   return 2 * size ** 3 / seconds
 

@@ -4,8 +4,8 @@
       [--remat full] [--width .. --depth .. --heads .. --head_depth .. --head_width ..]
 
 Prints the median step time over `--repeats` timed steps (after compile and one warm-up step), images/s,
-the step's FLOPs (XLA cost analysis), and how close the step comes to the device's limit: on a CPU the
-measured rate of a large matrix product in the same dtype (`matmul_limit_fraction`), on a TPU or GPU the
+the step's model FLOPs (`flowar_jax.models.flops`; XLA's count is printed too), and how close the step comes to the device's limit: on a CPU the
+measured rate of a large matrix product in float32 and in the step's dtype (`matmul_limit_fraction_*`), on a TPU or GPU the
 chip's bf16 peak (`mfu`).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.throughput_common import (add_model_flags, compiled_flops, matmul_rate, median_seconds,  # noqa: E402
                                           model_config, peak_flops)
 from flowar_jax.config import validate_config  # noqa: E402
+from flowar_jax.models.flops import training_flops_per_step  # noqa: E402
 from flowar_jax import precision  # noqa: E402
 from flowar_jax.training.builders import build_flowar  # noqa: E402
 from flowar_jax.training.optimizer import flowar_optimizer  # noqa: E402
@@ -61,7 +62,7 @@ def main() -> None:
       "label": jax.random.randint(jax.random.key(2), (args.batch,), 0, config.model.num_classes),
   }
   compiled = step.lower(state, batch, None).compile()
-  flops = compiled_flops(compiled)
+  flops = training_flops_per_step(config)  # model FLOPs: what the step must compute, as for MFU
 
   holder = {"state": state}
 
@@ -75,13 +76,16 @@ def main() -> None:
       "device": jax.devices()[0].device_kind, "preset": args.preset, "params_m": round(num_params / 1e6, 2),
       "batch": args.batch, "tokens": sum(s * s for s in config.model.scales), "compute_dtype": args.compute_dtype,
       "remat": args.remat, "step_s": round(seconds, 4), "step_s_all": [round(t, 4) for t in times],
-      "imgs_per_s": round(args.batch / seconds, 2), "gflop_per_step": round(flops / 1e9, 1),
+      "imgs_per_s": round(args.batch / seconds, 2), "model_gflop_per_step": round(flops / 1e9, 1),
+      "xla_gflop_per_step": round(compiled_flops(compiled) / 1e9, 1),
   }
   peak = peak_flops()
-  if peak is None:
-    rate = matmul_rate(jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32)
-    out.update(matmul_gflops=round(rate / 1e9, 1), matmul_limit_step_s=round(flops / rate, 4),
-               matmul_limit_fraction=round(flops / rate / seconds, 3))
+  if peak is None:  # a CPU: the measured rate of a large product, in float32 and in the step's dtype
+    for dtype in dict.fromkeys(("float32", args.compute_dtype)):
+      rate = matmul_rate(jnp.dtype(dtype))
+      out.update({f"matmul_gflops_{dtype}": round(rate / 1e9, 1),
+                  f"matmul_limit_step_s_{dtype}": round(flops / rate, 4),
+                  f"matmul_limit_fraction_{dtype}": round(flops / rate / seconds, 3)})
   else:
     out.update(peak_tflops=peak / 1e12, mfu=round(flops / seconds / peak, 3))
   print(json.dumps(out))

@@ -92,19 +92,32 @@ def _product(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
   return jax.lax.dot_general(lhs, rhs, ((lc, rc), (lb, rb)), preferred_element_type=jnp.float32)
 
 
+def _forward_product(lhs16: jax.Array, rhs16: jax.Array, dimension_numbers) -> jax.Array:
+  """The forward product. One whose lhs is not laid out [batch..., free..., contracting...] runs on float32
+  copies of the bf16 operands on CPUs (same values): the compiler folds the transpose back into a product
+  it cannot run in bf16. Every product of the model has that layout; other platforms take any in bf16."""
+  (lc, _), (lb, _) = dimension_numbers
+  free = [d for d in range(lhs16.ndim) if d not in lc and d not in lb]
+  if list(lb) + free + list(lc) == list(range(lhs16.ndim)):
+    return _product(lhs16, rhs16, dimension_numbers)
+  in_float32 = lambda a, b: jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dimension_numbers)
+  return jax.lax.platform_dependent(lhs16, rhs16, cpu=in_float32,
+                                    default=lambda a, b: _product(a, b, dimension_numbers))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
-  return _product(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers)
+  return _forward_product(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers)
 
 
 def _forward(lhs, rhs, dimension_numbers):
   lhs16, rhs16 = lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16)
-  return _product(lhs16, rhs16, dimension_numbers), (lhs16, rhs16)  # saves half the bytes of float32
+  return _forward_product(lhs16, rhs16, dimension_numbers), (lhs16, rhs16)  # saves half the bytes of float32
 
 
 def _backward(dimension_numbers, saved, grad):
-  """The transposed products, ordered so that each result comes out in its operand's own layout whenever
-  the forward product had its contracting dimensions last (every product of the model)."""
+  """The two transposed products, each in the operand order that gives the operand's own layout (every
+  product of the model has one)."""
   lhs16, rhs16 = saved
   grad = grad.astype(jnp.bfloat16)
   (lc, rc), (lb, rb) = dimension_numbers
@@ -113,17 +126,41 @@ def _backward(dimension_numbers, saved, grad):
   batch = tuple(range(len(lb)))  # the output is laid out [batch..., lhs free..., rhs free...]
   grad_lhs_free = tuple(range(len(lb), len(lb) + len(lhs_free)))
   grad_rhs_free = tuple(range(len(lb) + len(lhs_free), grad.ndim))
+  # d lhs: grad and rhs contracted over the rhs's free dimensions; its other dimensions are the lhs's
+  # contracting ones, in the rhs's order.
+  d_lhs = _operand_gradient(grad, grad_rhs_free, rhs16, rhs_free, batch, rb,
+                            own_batch=lb, own_free=lhs_free, own_contract=lc, other_contract=rc)
+  d_rhs = _operand_gradient(grad, grad_lhs_free, lhs16, lhs_free, batch, lb,
+                            own_batch=rb, own_free=rhs_free, own_contract=rc, other_contract=lc)
+  return d_lhs, d_rhs
 
-  # d lhs = grad . rhs over the rhs's free dims -> [batch..., lhs free..., rhs contracting (ascending)...]
-  d_lhs = _product(grad, rhs16, ((grad_rhs_free, tuple(rhs_free)), (batch, tuple(rb))))
-  rhs_rest = [d for d in range(rhs16.ndim) if d not in rhs_free and d not in rb]
-  lhs_source = list(lb) + lhs_free + [lc[list(rc).index(d)] for d in rhs_rest]
-  # d rhs = lhs . grad over the lhs's free dims -> [batch..., lhs contracting (ascending)..., rhs free...]
-  d_rhs = _product(lhs16, grad, ((tuple(lhs_free), grad_lhs_free), (tuple(lb), batch)))
-  lhs_rest = [d for d in range(lhs16.ndim) if d not in lhs_free and d not in lb]
-  rhs_source = list(rb) + [rc[list(lc).index(d)] for d in lhs_rest] + rhs_free
-  return (_pinned_transpose(d_lhs, [lhs_source.index(d) for d in range(lhs16.ndim)]),
-          _pinned_transpose(d_rhs, [rhs_source.index(d) for d in range(rhs16.ndim)]))
+
+def _operand_gradient(grad, grad_dims, other, other_free, grad_batch, other_batch, *, own_batch, own_free,
+                      own_contract, other_contract) -> jax.Array:
+  """The gradient of one operand: `grad` contracted with the `other` operand over the other's free dims."""
+  ndim = len(own_batch) + len(own_free) + len(own_contract)
+  other_rest = [d for d in range(other.ndim) if d not in other_free and d not in other_batch]
+  from_other = [own_contract[list(other_contract).index(d)] for d in other_rest]
+  # grad first: [batch..., own free..., rest of other...]; other first: [batch..., rest of other..., own free...]
+  grad_first = list(own_batch) + list(own_free) + from_other
+  other_first = list(own_batch) + from_other + list(own_free)
+  identity = list(range(ndim))
+  if other_first == identity and grad_first != identity:
+    return _product(other, grad, ((tuple(other_free), tuple(grad_dims)), (tuple(other_batch), tuple(grad_batch))))
+  return _transposed_product(grad, other, ((tuple(grad_dims), tuple(other_free)), (tuple(grad_batch),
+                                                                                  tuple(other_batch))),
+                             [grad_first.index(d) for d in identity])
+
+
+def _transposed_product(lhs16: jax.Array, rhs16: jax.Array, dimension_numbers, order: list[int]) -> jax.Array:
+  """`_product` with its result transposed by `order`. When that is not the identity, CPUs run it on float32
+  copies (same values): the compiler would fold the transpose into a bf16 product it cannot run."""
+  in_bf16 = lambda a, b: jnp.transpose(_product(a, b, dimension_numbers), order)
+  if order == list(range(len(order))):
+    return _product(lhs16, rhs16, dimension_numbers)
+  in_float32 = lambda a, b: jnp.transpose(
+      jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dimension_numbers), order)
+  return jax.lax.platform_dependent(lhs16, rhs16, cpu=in_float32, default=in_bf16)
 
 
 _bf16_dot_general.defvjp(_forward, _backward)

@@ -26,8 +26,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = dropout(probs, dropout_rate, rng)
-  # [B, H, Nq, Nk] x [B, Nk, H, Dh] -> [B, H, Nq, Dh]
-  out = dot_general(probs.astype(v.dtype), v, (((3,), (1,)), ((0, 1), (0, 2))))
+  out = dot_general(probs.astype(v.dtype), v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, Nq, Dh]
   return jnp.transpose(out, (0, 2, 1, 3))
 
 
