@@ -10,7 +10,7 @@ from conftest import tiny_config
 from flowar_jax import precision
 from flowar_jax.config import validate_config
 from flowar_jax.models.flowar import FlowAR
-from flowar_jax.models.layers import dropout
+from flowar_jax.models.layers import dropout, linear, linear_chunks
 from flowar_jax.sampling.sampler import SamplingSettings, sample_keys, sample_latents
 
 # (lhs shape, rhs shape, dimension numbers): a linear layer, attention scores and values (batch dimensions
@@ -70,6 +70,14 @@ def test_unknown_compute_dtype_is_rejected():
   config.model.compute_dtype = "bf16"
   with pytest.raises(ValueError, match="model.compute_dtype"):
     validate_config(config)
+
+
+def test_linear_chunks_equal_the_split_output():
+  layer = linear(16, 48, rngs=nnx.Rngs(0))
+  layer.bias[...] = jax.random.normal(jax.random.key(3), (48,))
+  x = jax.random.normal(jax.random.key(4), (2, 5, 16))
+  for got, want in zip(linear_chunks(layer, x, 3), jnp.split(layer(x), 3, axis=-1)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_hash_dropout_keeps_the_expected_fraction_and_scales():

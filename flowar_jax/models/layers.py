@@ -62,6 +62,23 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def linear_chunks(layer: nnx.Linear, x: jax.Array, chunks: int) -> list[jax.Array]:
+  """`jnp.split(layer(x), chunks, axis=-1)` as `chunks` products with column blocks of the kernel.
+
+  Same values. Each chunk comes out contiguous, where slicing one wide output `[..., chunks * D]` copies it
+  strided (and the backward pass pads and transposes it): about a fifth of the flow head's sampling time in
+  float32 on a CPU.
+  """
+  kernel = layer.kernel[...]
+  bias = None if layer.bias is None else layer.bias[...]
+  width = kernel.shape[-1] // chunks
+  out = []
+  for i in range(chunks):
+    y = precision.dot_general(x, kernel[:, i * width:(i + 1) * width], (((x.ndim - 1,), (0,)), ((), ())))
+    out.append(y if bias is None else y + bias[i * width:(i + 1) * width])
+  return out
+
+
 def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
   """n independent keys, or n Nones in evaluation."""
   if rng is None:
