@@ -7,17 +7,18 @@ benchmarks/train_throughput.py and benchmarks/sample_throughput.py at the same s
 Needs torch (`pip install flowar_jax[torch]`) and a checkout of the official repository (the directory that
 holds `models/flowar.py`). Training runs the official step: forward in float32 (as its engine does), backward,
 AdamW with gradient clipping at 3.0, EMA update; sampling runs `sample_tokens` (its float64 Euler ODE). Model
-sizes and timing follow `benchmarks/throughput_common.py`, without importing JAX.
+sizes follow `benchmarks/throughput_common.py` and timing `benchmarks/timing.py`, without importing JAX.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import statistics
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.timing import median_seconds, report  # noqa: E402
 
 SIZES = {  # mirrors benchmarks/throughput_common.SIZES: width, depth, heads, head variant, head depth, head width
     "reduced": (256, 2, 4, "v1", 1, 256),
@@ -40,17 +41,6 @@ def official_model(path: str, preset: str):
                        decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads, mlp_ratio=4,
                        norm_layer=norm, cross=variant == "v2", diffloss_d=head_depth, diffloss_w=head_width,
                        attn_dropout=0.1, proj_dropout=0.1)
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
 
 
 def main() -> None:
@@ -105,7 +95,7 @@ def main() -> None:
     out.update(sample_batch=args.sample_batch, num_steps=args.num_steps, cfg=args.cfg,
                sample_s_per_img=round(seconds / args.sample_batch, 4),
                sample_imgs_per_s=round(args.sample_batch / seconds, 2))
-  print(json.dumps(out))
+  report(out)
 
 
 if __name__ == "__main__":

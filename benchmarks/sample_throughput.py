@@ -11,7 +11,6 @@ run at, and on a TPU or GPU the FLOPs utilisation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.throughput_common import add_model_flags, median_seconds, model_config, peak_flops  # noqa: E402
+from benchmarks.timing import report  # noqa: E402
 from flowar_jax.config import validate_config  # noqa: E402
 from flowar_jax.models.flops import sampling_flops_per_image  # noqa: E402
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings  # noqa: E402
@@ -60,10 +60,7 @@ def main() -> None:
   peak = peak_flops()
   if peak is not None:
     out.update(peak_tflops=peak / 1e12, mfu=round(flops / seconds / peak, 3))
-  print(json.dumps(out))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  report(out, args.json)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from benchmarks.timing import median_seconds
 from flowar_jax.config import base_config
 
 # name -> (width, depth per stack, heads, head variant, head depth, head width); `reduced` is the small model
@@ -56,22 +54,11 @@ def model_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   c.model.head.depth = args.head_depth or head_depth
   c.model.head.width = args.head_width or head_width
   c.model.scales = tuple(int(s) for s in args.scales.split(","))
+  c.data.image_size = c.model.scales[-1] * 16  # the KL-16 VAE's stride
   c.model.compute_dtype = args.compute_dtype
   c.model.attention_impl = args.attention_impl
   c.batch_size = args.batch
   return c
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-  """Median wall time of `fn()` (which must block until its result is ready) after `warmup` untimed calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
 
 
 def matmul_rate(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:

@@ -11,7 +11,6 @@ chip's bf16 peak (`mfu`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.throughput_common import (add_model_flags, compiled_flops, matmul_rate, median_seconds,  # noqa: E402
                                           model_config, peak_flops)
+from benchmarks.timing import report  # noqa: E402
 from flowar_jax.config import validate_config  # noqa: E402
 from flowar_jax.models.flops import training_flops_per_step  # noqa: E402
 from flowar_jax import precision  # noqa: E402
@@ -88,10 +88,7 @@ def main() -> None:
                   f"matmul_limit_fraction_{dtype}": round(flops / rate / seconds, 3)})
   else:
     out.update(peak_tflops=peak / 1e12, mfu=round(flops / seconds / peak, 3))
-  print(json.dumps(out))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  report(out, args.json)
 
 
 if __name__ == "__main__":
