@@ -29,6 +29,8 @@ _CFG = flags.DEFINE_float("cfg", None, "sample: classifier-free guidance scale (
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sample: ODE steps per scale.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "sample: CFG applies where t <= guidance.")
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "sample: ODE solver.")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
+                                   "sample: dtype of the matrix products (default: sampling.compute_dtype).")
 _LABELS = flags.DEFINE_list("labels", None, "sample: class labels, repeated to num_samples (default: all).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "sample: images per compiled batch.")
 _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample: use the EMA weights (default: yes). convert: take the "
@@ -107,7 +109,8 @@ def main(argv: list[str]) -> None:
       workdir = _need(_WORKDIR.value, "workdir")
       config = _CONFIG.value or sample.stored_config(workdir)
       settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
-                                      guidance=_GUIDANCE.value, solver=_SOLVER.value)
+                                      guidance=_GUIDANCE.value, solver=_SOLVER.value,
+                                      compute_dtype=_COMPUTE_DTYPE.value)
       evaluate.run(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.eval.num_samples),
                    seed=_SEED.value, settings=settings,
                    batch_size=_default(_BATCH.value, config.sampling.batch_size),
@@ -118,7 +121,8 @@ def main(argv: list[str]) -> None:
       workdir = _need(_WORKDIR.value, "workdir")
       config = _CONFIG.value or sample.stored_config(workdir)
       settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
-                                      guidance=_GUIDANCE.value, solver=_SOLVER.value)
+                                      guidance=_GUIDANCE.value, solver=_SOLVER.value,
+                                      compute_dtype=_COMPUTE_DTYPE.value)
       sample.sample_to_workdir(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.sampling.num_samples),
                                seed=_SEED.value, settings=settings, labels=_parse_labels(_LABELS.value),
                                batch_size=_default(_BATCH.value, config.sampling.batch_size),

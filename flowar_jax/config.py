@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Backbone attention: 'xla' (dense masked attention), 'pallas' (the scale-causal flash kernels of
   # flowar_jax.kernels; interpreted on CPU) or 'auto' (the kernels on TPU and GPU, XLA elsewhere).
   c.model.attention_impl = "xla"
+  # Matrix products of the FlowAR in training: 'float32', or 'bfloat16' operands accumulated in float32
+  # (flowar_jax.precision; parameters, optimizer state, activations and the loss stay float32).
+  c.model.compute_dtype = "float32"
   c.model.head = ml_collections.ConfigDict()
   c.model.head.variant = "v1"  # 'v1' (spatial adaLN) | 'v2' (with cross-attention)
   c.model.head.depth = 2
@@ -107,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.guidance = 0.9  # guidance applies where t <= this
   c.sampling.num_steps = 25
   c.sampling.solver = "euler"  # 'euler' | 'heun'
+  c.sampling.compute_dtype = "float32"  # matrix products while sampling, as model.compute_dtype
   c.sampling.num_samples = 64
   c.sampling.batch_size = 64
   c.sampling.use_ema = True
@@ -159,6 +163,8 @@ _CHOICES = {
     "model.head.variant": ("v1", "v2"),
     "model.attention_impl": ("xla", "pallas", "auto"),
     "sampling.solver": ("euler", "heun"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "sampling.compute_dtype": ("float32", "bfloat16"),
     "eval.resize": ("adm", "pytorch-fid"),
 }
 _EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits")

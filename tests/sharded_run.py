@@ -90,8 +90,9 @@ class Run:
       losses.append(float(metrics["loss"]))
     return losses
 
-  def sample_latents(self, labels):
-    model = __import__("flax").nnx.merge(self.graphdef, self.state.ema_params)
+  def sample_latents(self, labels, ema_params):
+    """Samples with `ema_params` (host arrays) placed on this run's mesh."""
+    model = __import__("flax").nnx.merge(self.graphdef, ema_params)
     sampler = Sampler(model, SamplingSettings(cfg=2.0, num_steps=3), plan=self.plan)
     return sampler(labels, seed=3)
 
@@ -118,8 +119,10 @@ def main(workdir):
     start = time.perf_counter()
     run = Run(shape, os.path.join(workdir, name))
     report["losses"][name] = run.train(data)
-    if name in SAMPLED:
-      samples[name] = run.sample_latents(labels)
+    if name in SAMPLED:  # every mesh samples the one-device run's weights: only the sampler's sharding differs
+      if name == "1":
+        sampled_weights = jax.tree.map(np.asarray, run.state.ema_params)
+      samples[name] = run.sample_latents(labels, sampled_weights)
     if name == "2x4x1":
       run.checkpointer.save(STEPS, run.state)
       saved = host_leaves(run.state)

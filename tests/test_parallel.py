@@ -197,3 +197,18 @@ def test_scan_blocks_refused_on_meshes_that_split_every_axis():
     validate_config(config, 8)
   config.mesh.data, config.mesh.fsdp = 1, 4
   validate_config(config, 8)
+
+
+def test_sampling_flops_count_every_ode_evaluation():
+  """One unguided Euler step per scale is one teacher-forced forward pass; guided steps double the head and
+  the backbone, Heun steps double the head except on the last step of a scale."""
+  from flowar_jax.sampling.sampler import SamplingSettings  # pylint: disable=g-import-not-at-top
+  config = tiny_config("v1")
+  forward = flops.forward_flops_per_example(config)
+  assert flops.sampling_flops_per_image(config, SamplingSettings(cfg=1.0, num_steps=1)) == forward
+  plain = flops.sampling_flops_per_image(config, SamplingSettings(cfg=1.0, num_steps=4))
+  heun = flops.sampling_flops_per_image(config, SamplingSettings(cfg=1.0, num_steps=4, solver="heun"))
+  guided = flops.sampling_flops_per_image(config, SamplingSettings(cfg=3.0, guidance=1.0, num_steps=4))
+  head_steps = plain - forward  # three more velocity evaluations per scale than one step
+  assert heun - plain == head_steps  # Heun: 3 of the 4 steps evaluate twice
+  assert forward < plain < guided < 2 * plain

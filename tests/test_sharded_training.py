@@ -40,7 +40,11 @@ def test_losses_match_one_device(report, mesh):
   the (2, 4, 1) run also scans its blocks and rematerialises them."""
   losses, reference = report["losses"][mesh], report["losses"]["1"]
   assert len(losses) == len(reference) == 5
-  np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(losses[:2], reference[:2], rtol=1e-6)
+  # Sharding reorders float32 sums (about 1e-7 relative); Adam's normalised updates of parameters whose
+  # gradients sit at that level can grow it to about 1e-4 within a few steps. A sharding error (another
+  # dropout mask, a missing reduction) moves the loss by 1e-2 and more.
+  np.testing.assert_allclose(losses, reference, rtol=5e-4)
   assert reference[0] != reference[-1]  # the steps did update the model
 
 

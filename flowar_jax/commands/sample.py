@@ -116,7 +116,4 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str, *, num_sa
 
 
 def settings_from(config: ml_collections.ConfigDict, **overrides) -> SamplingSettings:
-  values = dict(cfg=config.sampling.cfg, guidance=config.sampling.guidance, num_steps=config.sampling.num_steps,
-                solver=config.sampling.solver)
-  values.update({k: v for k, v in overrides.items() if v is not None})
-  return SamplingSettings(**values)
+  return SamplingSettings.from_config(config.sampling, **overrides)

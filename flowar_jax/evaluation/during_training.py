@@ -27,8 +27,7 @@ def periodic_evaluation(config: ml_collections.ConfigDict, workdir: str, graphde
   """-> `action(step, state)` for `loop.Periodic`. Weights and reference are checked now, before training.
   Samples are drawn sharded by `plan` (the training run's; default one device)."""
   setup = suite.prepare(config, metrics=config.eval.metrics, cache_dir=suite.default_cache_dir(workdir))
-  settings = SamplingSettings(cfg=config.sampling.cfg, guidance=config.sampling.guidance,
-                              num_steps=config.sampling.num_steps, solver=config.sampling.solver)
+  settings = SamplingSettings.from_config(config.sampling)
   use_ema = config.sampling.use_ema
   samplers = []  # built at the first evaluation, then reused with new weights (compiled once)
 

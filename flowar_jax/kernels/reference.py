@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from flowar_jax.kernels.dropout import keep_mask
 from flowar_jax.kernels.mask import ScaleCausalMask
+from flowar_jax.precision import dot_general
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: ScaleCausalMask, *,
@@ -22,7 +23,9 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: ScaleCau
   total_heads place this call's batch and heads in the global ones the dropout hash is keyed by.
   """
   b, _, h, head_dim = q.shape
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
+  # [B, Lq, H, Dh] x [B, Lk, H, Dh] -> [B, H, Lq, Lk], in the active compute dtype (`flowar_jax.precision`)
+  logits = dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32)
+  logits = logits * head_dim ** -0.5
   logits = jnp.where(mask.dense()[None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   if seed is not None and dropout_rate > 0.0:
@@ -33,4 +36,5 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: ScaleCau
                      jnp.arange(mask.kv_len, dtype=jnp.int32)[None, :],
                      seed, batch_head[:, :, None, None], mask.kv_len, dropout_rate)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  out = dot_general(probs.astype(v.dtype), v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, Lq, Dh]
+  return jnp.transpose(out, (0, 2, 1, 3))

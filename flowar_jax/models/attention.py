@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowar_jax.models.layers import dropout, linear, split_rng
+from flowar_jax.precision import dot_general
 from flowar_jax.models.rope import apply_rope
 from flowar_jax.parallel.logical import constrain
 
@@ -19,12 +20,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   Scores and softmax run in float32; dropout acts on the attention probabilities, as PyTorch's SDPA does.
   """
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  # [B, Nq, H, Dh] x [B, Nk, H, Dh] -> [B, H, Nq, Nk]
+  logits = dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = dropout(probs, dropout_rate, rng)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  out = dot_general(probs.astype(v.dtype), v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, Nq, Dh]
+  return jnp.transpose(out, (0, 2, 1, 3))
 
 
 def per_head_projection(x: jax.Array, projection: nnx.Linear, groups: int, num_heads: int) -> jax.Array:
@@ -36,7 +39,7 @@ def per_head_projection(x: jax.Array, projection: nnx.Linear, groups: int, num_h
   """
   kernel = projection.kernel[...]
   kernel = constrain(kernel.reshape(kernel.shape[0], groups, num_heads, -1), ("embed", None, "heads", "kv"))
-  out = jnp.einsum("bnd,dghk->bnghk", x, kernel)
+  out = dot_general(x, kernel, (((2,), (0,)), ((), ())))  # -> [B, N, groups, H, Dh]
   if projection.bias is not None:
     out = out + projection.bias[...].reshape(kernel.shape[1:])
   return out

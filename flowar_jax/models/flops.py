@@ -1,4 +1,4 @@
-"""Analytic model FLOPs of FlowAR training: what the model must compute, whatever the compiler adds.
+"""Analytic model FLOPs of FlowAR training and sampling: what the model must compute, whatever the compiler adds.
 
 Counted: every matmul with a weight (2 FLOPs per multiply-add) at the tokens it runs on, and attention's
 scores and weighted values over the pairs the masks let through (the backbone's scale-causal pairs, the
@@ -12,6 +12,7 @@ import ml_collections
 
 from flowar_jax.models.flow_head import TIME_FREQUENCY_DIM
 from flowar_jax.models.layers import mlp_hidden
+from flowar_jax.sampling.time_grid import time_grid
 from flowar_jax.scales import ScaleSchedule
 
 
@@ -26,20 +27,26 @@ def _backbone_forward(model: ml_collections.ConfigDict, latent_channels: int) ->
   return 2 * model.depth * per_block + embed
 
 
-def _head_forward(model: ml_collections.ConfigDict, latent_channels: int) -> int:
-  head, d, c = model.head, model.width, latent_channels
+def _head_condition(model: ml_collections.ConfigDict, side: int) -> int:
+  """The condition embedding of one scale (computed once per scale when sampling)."""
+  return 2 * side * side * model.width * model.head.width
+
+
+def _head_velocity(model: ml_collections.ConfigDict, latent_channels: int, side: int) -> int:
+  """One velocity evaluation at one scale, given the condition embedding."""
+  head, d, c, n = model.head, model.width, latent_channels, side * side
   w, hidden = head.width, mlp_hidden(head.width, head.mlp_ratio)
-  total = 0
-  for side in model.scales:
-    n = side * side
-    total += 2 * n * (c * w + d * w) + 2 * (TIME_FREQUENCY_DIM * w + w * w)  # input, cond, time embeddings
-    if head.variant == "v1":  # self-attention, gated MLP, per-token adaLN (6W)
-      per_block = 2 * n * (4 * w * w + 3 * w * hidden + 6 * w * w) + 4 * w * n * n
-    else:  # self- and cross-attention (kv from z), gated MLP, per-token adaLN (3W), per-example adaLN (3W)
-      per_block = (2 * n * (4 * w * w + 2 * w * w + 2 * d * w + 3 * w * hidden + 3 * w * w) + 2 * 3 * w * w
-                   + 2 * 4 * w * n * n)
-    total += head.depth * per_block + 2 * n * (2 * w * w + w * c)  # final adaLN and projection
-  return total
+  total = 2 * n * c * w + 2 * (TIME_FREQUENCY_DIM * w + w * w)  # input and time embeddings
+  if head.variant == "v1":  # self-attention, gated MLP, per-token adaLN (6W)
+    per_block = 2 * n * (4 * w * w + 3 * w * hidden + 6 * w * w) + 4 * w * n * n
+  else:  # self- and cross-attention (kv from z), gated MLP, per-token adaLN (3W), per-example adaLN (3W)
+    per_block = (2 * n * (4 * w * w + 2 * w * w + 2 * d * w + 3 * w * hidden + 3 * w * w) + 2 * 3 * w * w
+                 + 2 * 4 * w * n * n)
+  return total + head.depth * per_block + 2 * n * (2 * w * w + w * c)  # + final adaLN and projection
+
+
+def _head_forward(model: ml_collections.ConfigDict, latent_channels: int) -> int:
+  return sum(_head_condition(model, side) + _head_velocity(model, latent_channels, side) for side in model.scales)
 
 
 def forward_flops_per_example(config: ml_collections.ConfigDict) -> int:
@@ -51,3 +58,21 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> int:
 def training_flops_per_step(config: ml_collections.ConfigDict, batch_size: int | None = None) -> int:
   """Model FLOPs of one FlowAR training step at `batch_size` (default `config.batch_size`): 3 x forward."""
   return 3 * forward_flops_per_example(config) * (config.batch_size if batch_size is None else batch_size)
+
+
+def sampling_flops_per_image(config: ml_collections.ConfigDict, settings) -> int:
+  """Model FLOPs of sampling one image with `settings` (`SamplingSettings`): the KV-cached backbone pass
+  (over both CFG branches when guided), then per scale the condition embeddings and one velocity
+  evaluation per branch per ODE stage (two stages per Heun step, except a step that ends at t = 0)."""
+  model, c = config.model, config.vae.latent_channels
+  guided_run = settings.cfg != 1.0
+  grid = time_grid(settings.num_steps)
+  total = _backbone_forward(model, c) * (2 if guided_run else 1)
+  for k, side in enumerate(model.scales):
+    cfg_k = settings.cfg_at(k, len(model.scales))
+    branches_at = lambda t_cur: 2 if guided_run and cfg_k != 1.0 and t_cur <= settings.guidance else 1
+    total += _head_condition(model, side) * (2 if guided_run and cfg_k != 1.0 else 1)
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+      stages = 2 if settings.solver == "heun" and t_next > 0 else 1
+      total += stages * branches_at(t_cur) * _head_velocity(model, c, side)
+  return total

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax.models.attention import CrossAttention, SelfAttention
-from flowar_jax.models.layers import TOKENS, GatedMLP, RMSNorm, linear, mlp_hidden, modulate, rms_norm
+from flowar_jax.models.layers import TOKENS, GatedMLP, RMSNorm, linear, linear_chunks, mlp_hidden, modulate, rms_norm
 from flowar_jax.models.rope import rope_tables
 from flowar_jax.parallel.logical import constrain
 from flowar_jax.parallel.blocks import run_blocks
@@ -62,9 +62,7 @@ class HeadBlockV1(nnx.Module):
 
   def __call__(self, x, t_emb, c, z, cos, sin):
     """x, c `[B, N, W]`, t_emb `[B, 1, W]`, z unused -> `[B, N, W]`."""
-    b, n, _ = x.shape
-    mod = self.ada_lin(jax.nn.silu(t_emb + c)).reshape(b, n, 6, -1)
-    g1, g2, s1, s2, b1, b2 = (mod[:, :, i] for i in range(6))
+    g1, g2, s1, s2, b1, b2 = linear_chunks(self.ada_lin, jax.nn.silu(t_emb + c), 6)
     x = x + self.attn(modulate(rms_norm(x), b1, s1), cos, sin) * g1
     return x + self.mlp(modulate(rms_norm(x), b2, s2)) * g2
 
@@ -81,11 +79,8 @@ class HeadBlockV2(nnx.Module):
 
   def __call__(self, x, t_emb, c, z, cos, sin):
     """x, c `[B, N, W]`, t_emb `[B, 1, W]`, z `[B, N, D]` -> `[B, N, W]`."""
-    b, n, _ = x.shape
-    mod_attn = self.ada_lin_attn(jax.nn.silu(t_emb)).reshape(b, 1, 3, -1)
-    mod_mlp = self.ada_lin_mlp(jax.nn.silu(c + t_emb)).reshape(b, n, 3, -1)
-    g1, s1, b1 = (mod_attn[:, :, i] for i in range(3))
-    g2, s2, b2 = (mod_mlp[:, :, i] for i in range(3))
+    g1, s1, b1 = linear_chunks(self.ada_lin_attn, jax.nn.silu(t_emb), 3)
+    g2, s2, b2 = linear_chunks(self.ada_lin_mlp, jax.nn.silu(c + t_emb), 3)
     x = x + self.attn(modulate(rms_norm(x), b1, s1), cos, sin) * g1
     x = x + self.crossattn(self.norm2_1(x), self.norm2_2(z), cos, sin)
     return x + self.mlp(modulate(rms_norm(x), b2, s2)) * g2
@@ -98,7 +93,7 @@ class FinalLayer(nnx.Module):
     self.adaLN_modulation = linear(width, 2 * width, rngs=rngs, axes=("embed", "modulation"))  # pylint: disable=invalid-name
 
   def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-    shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(cond)), 2, axis=-1)
+    shift, scale = linear_chunks(self.adaLN_modulation, jax.nn.silu(cond), 2)
     return self.linear(modulate(rms_norm(x), shift, scale))
 
 
@@ -132,13 +127,22 @@ class FlowHead(nnx.Module):
 
   def __call__(self, x_t: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:
     """x_t `[B, s*s, C]`, t `[B]`, z `[B, s*s, D]` -> velocity `[B, s*s, C]` (tokens of one s x s scale)."""
+    return self.velocity(x_t, t, self.conditioning(z))
+
+  def conditioning(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """z `[B, N, D]` -> (z, its embedding `[B, N, W]`): the part of the head that does not depend on the
+    time, computed once per scale by the sampler rather than at every ODE step."""
+    return z, constrain(self.cond_embed(z), TOKENS)
+
+  def velocity(self, x_t: jax.Array, t: jax.Array, conditioning: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """`__call__` from `conditioning(z)`."""
+    z, c = conditioning
     side = math.isqrt(x_t.shape[1])
     if side * side != x_t.shape[1]:
       raise ValueError(f"the flow head takes the s*s tokens of one scale, got {x_t.shape[1]} tokens")
     cos, sin = rope_tables(side, self.rope_grid, self.head_dim)
     x = constrain(self.input_proj(x_t), TOKENS)
     t_emb = self.time_embed(t)[:, None]
-    c = constrain(self.cond_embed(z), TOKENS)
     x = run_blocks(self.res_blocks, x, t_emb, c, z, cos, sin, remat_policy=self.remat_policy,
                    scan=self.scan_blocks, names=TOKENS)
     return self.final_layer(x, c + t_emb)

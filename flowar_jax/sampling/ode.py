@@ -7,27 +7,36 @@ only; guided steps evaluate both branches in one batch of 2B, on the conditional
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Velocity = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x [B,N,C], t [B], z [B,N,D]) -> [B,N,C]
+# (x [B,N,C], t [B], z) -> [B,N,C]; z is the condition: an array [B,N,D] or a pytree of them (e.g. the
+# head's `conditioning`, computed once per scale).
+Velocity = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
-def guided_velocity(head: Velocity, x: jax.Array, t: float | jax.Array, z_cond: jax.Array,
-                    z_uncond: jax.Array | None, cfg: float) -> jax.Array:
-  """v_u + cfg (v_c - v_u), both evaluated at the conditional state x; plain v_c when z_uncond is None."""
+def _concatenate(a: Any, b: Any) -> Any:
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+
+
+def guided_velocity(head: Velocity, x: jax.Array, t: float | jax.Array, z_cond: Any, z_uncond: Any | None,
+                    cfg: float, z_both: Any | None = None) -> jax.Array:
+  """v_u + cfg (v_c - v_u), both evaluated at the conditional state x; plain v_c when z_uncond is None.
+
+  `z_both`, the concatenation of z_cond and z_uncond, may be passed precomputed (the ODE loop does)."""
   b = x.shape[0]
   if z_uncond is None:
     return head(x, jnp.full((b,), t, jnp.float32), z_cond)
-  v = head(jnp.concatenate([x, x]), jnp.full((2 * b,), t, jnp.float32), jnp.concatenate([z_cond, z_uncond]))
+  z_both = _concatenate(z_cond, z_uncond) if z_both is None else z_both
+  v = head(jnp.concatenate([x, x]), jnp.full((2 * b,), t, jnp.float32), z_both)
   v_c, v_u = v[:b], v[b:]
   return v_u + cfg * (v_c - v_u)
 
 
-def integrate(head: Velocity, noise: jax.Array, z_cond: jax.Array, z_uncond: jax.Array | None, cfg: float,
+def integrate(head: Velocity, noise: jax.Array, z_cond: Any, z_uncond: Any | None, cfg: float,
               grid: np.ndarray, guidance: float, solver: str = "euler") -> jax.Array:
   """Solve dx/dt = v from t = grid[0] (noise `[B, N, C]`) to grid[-1]; returns x at grid[-1], float32.
 
@@ -45,6 +54,7 @@ def integrate(head: Velocity, noise: jax.Array, z_cond: jax.Array, z_uncond: jax
     steps.append((guided, second, np.float32(t_cur), np.float32(t_next), np.float32(t_next - t_cur)))
 
   x = noise.astype(jnp.float32)
+  z_both = None if z_uncond is None else _concatenate(z_cond, z_uncond)  # once, outside the loops
   for (guided, second), run in itertools.groupby(steps, key=lambda s: s[:2]):
     run = list(run)
     times = jnp.asarray(np.array([s[2:] for s in run], np.float32))
@@ -52,10 +62,10 @@ def integrate(head: Velocity, noise: jax.Array, z_cond: jax.Array, z_uncond: jax
 
     def step(x, ts, zu=zu, second=second):
       t_cur, t_next, dt = ts[0], ts[1], ts[2]
-      d = guided_velocity(head, x, t_cur, z_cond, zu, cfg)
+      d = guided_velocity(head, x, t_cur, z_cond, zu, cfg, z_both)
       x_next = x + dt * d
       if second:
-        d2 = guided_velocity(head, x_next, t_next, z_cond, zu, cfg)
+        d2 = guided_velocity(head, x_next, t_next, z_cond, zu, cfg, z_both)
         x_next = x + dt * (0.5 * d + 0.5 * d2)
       return x_next, None
 

@@ -10,9 +10,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from flowar_jax import precision
 from flowar_jax.models.flowar import FlowAR
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
@@ -25,12 +27,15 @@ from flowar_jax.scales import next_scale_input
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
   """cfg: guidance scale at the finest scale (ramped linearly from 1 at the coarsest; 1 disables CFG);
-  guidance: CFG applies only where t <= guidance; num_steps: ODE steps per scale (official grid)."""
+  guidance: CFG applies only where t <= guidance; num_steps: ODE steps per scale (official grid);
+  compute_dtype: of the FlowAR's matrix products ('float32' | 'bfloat16', `flowar_jax.precision`;
+  the ODE state stays float32)."""
 
   cfg: float = 1.0
   guidance: float = 1.0
   num_steps: int = 25
   solver: str = "euler"
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     if not np.isfinite(self.cfg) or self.cfg < 0:
@@ -40,6 +45,16 @@ class SamplingSettings:
     time_grid(self.num_steps)  # validates num_steps
     if self.solver not in ("euler", "heun"):
       raise ValueError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
+    if self.compute_dtype not in precision.COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype must be one of {sorted(precision.COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+
+  @classmethod
+  def from_config(cls, sampling: ml_collections.ConfigDict, **overrides) -> "SamplingSettings":
+    """The settings of a config's `sampling` section, with `overrides` that are not None."""
+    values = dict(cfg=sampling.cfg, guidance=sampling.guidance, num_steps=sampling.num_steps,
+                  solver=sampling.solver, compute_dtype=sampling.compute_dtype)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
 
   def cfg_at(self, k: int, num_scales: int) -> float:
     """Per-scale CFG ramp: 1 + (cfg - 1) * k / (num_scales - 1)."""
@@ -60,6 +75,12 @@ def sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: 
 
   `noise`, when given, replaces the drawn starting noise: one `[B, s*s, C]` array per scale.
   """
+  with precision.compute_dtype(settings.compute_dtype):
+    return _sample_latents(model, labels, keys, settings, noise)
+
+
+def _sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: SamplingSettings,
+                    noise: list[jax.Array] | None) -> jax.Array:
   schedule = model.schedule
   b, c = labels.shape[0], model.latent_channels
   use_cfg = settings.cfg != 1.0
@@ -78,8 +99,10 @@ def sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: 
     else:
       x0 = noise[k]
     cfg_k = settings.cfg_at(k, schedule.num_scales)
-    z_uncond = z[b:] if use_cfg and cfg_k != 1.0 else None
-    x = integrate(model.flownet, x0, z[:b], z_uncond, cfg_k, grid, settings.guidance, settings.solver)
+    head = model.flownet
+    z_uncond = head.conditioning(z[b:]) if use_cfg and cfg_k != 1.0 else None
+    x = integrate(head.velocity, x0, head.conditioning(z[:b]), z_uncond, cfg_k, grid, settings.guidance,
+                  settings.solver)
     if k == schedule.num_scales - 1:
       break
     side = schedule.sides[k]

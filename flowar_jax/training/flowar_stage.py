@@ -11,6 +11,7 @@ from absl import logging
 from flax import nnx
 
 from flowar_jax import data
+from flowar_jax import precision
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training import latent_cache, loop
@@ -79,7 +80,8 @@ def flowar_loss_fn(vae_graphdef: nnx.GraphDef, config: ml_collections.ConfigDict
     r_post, r_model = jax.random.split(rng)
     vae = nnx.merge(vae_graphdef, vae_params)
     latents = _latents_from_batch(vae, batch, config.vae.latent_scale, config.vae.sample_posterior, r_post)
-    return model.loss(latents, batch["label"], r_model)
+    with precision.compute_dtype(config.model.compute_dtype):
+      return model.loss(latents, batch["label"], r_model)
 
   return loss_fn
 

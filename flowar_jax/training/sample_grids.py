@@ -45,8 +45,7 @@ class SampleGrids:
     self._writer = writer
     self._labels = grid_labels(config)
     self._seed = config.seed
-    self._settings = SamplingSettings(cfg=config.sampling.cfg, guidance=config.sampling.guidance,
-                                      num_steps=config.sampling.num_steps, solver=config.sampling.solver)
+    self._settings = SamplingSettings.from_config(config.sampling)
     self._sampler: Sampler | None = None
     self._plan = plan
 
