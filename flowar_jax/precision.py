@@ -8,8 +8,9 @@ weights), optimizer state, EMA, residual streams, norms, softmax, the loss and t
 The bf16 units of accelerators (MXU, tensor cores, a CPU's AMX) then run all the FLOPs, while nothing that
 sums many small terms or carries state across steps rounds to bfloat16.
 
-The mode is read when a function is traced, so set it around the traced call (the train step and the
-sampler do, from `config.model.compute_dtype`).
+The mode is read when a function is traced, so set it around the traced call: the FlowAR loss of the train
+step does (`config.model.compute_dtype`), and so does the sampler (`SamplingSettings.compute_dtype`, from
+`config.sampling.compute_dtype`).
 """
 from __future__ import annotations
 
@@ -62,12 +63,12 @@ def _normalise(dimension_numbers: DimensionNumbers) -> tuple:
 
 
 def _pinned_transpose(x: jax.Array, order: Sequence[int]) -> jax.Array:
-  """`jnp.transpose`, kept as its own op on CPUs.
+  """`jnp.transpose`, behind an optimization barrier on CPUs.
 
-  XLA's CPU compiler runs bf16 products only in the layouts its matrix kernels (XNNPACK/YNN) take, the lhs
-  as [batch..., free..., contracting...], and decides that before it folds transposes into products: a
-  folded transpose would reach the fallback kernel, which has no bf16 x bf16 -> f32 product. Elsewhere
-  the compiler folds the transpose freely.
+  XLA's CPU compiler runs bf16 products only in the layouts its matrix kernels (YNNPACK) take, the lhs as
+  [batch..., free..., contracting...]; a transpose it folds into a product may leave it one it runs on
+  float32 copies (or, folded late, cannot run). The barrier keeps the attention products' transposes apart
+  in the early passes, which measured faster; elsewhere the compiler folds transposes freely.
   """
   order = list(order)
   if order == list(range(x.ndim)):
