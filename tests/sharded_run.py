@@ -90,9 +90,9 @@ class Run:
       losses.append(float(metrics["loss"]))
     return losses
 
-  def sample_latents(self, labels, ema_params):
-    """Samples with `ema_params` (host arrays) placed on this run's mesh."""
-    model = __import__("flax").nnx.merge(self.graphdef, ema_params)
+  def sample_latents(self, labels, ema_params=None):
+    """Samples on this run's mesh with `ema_params` (host arrays; default this run's own EMA weights)."""
+    model = __import__("flax").nnx.merge(self.graphdef, self.state.ema_params if ema_params is None else ema_params)
     sampler = Sampler(model, SamplingSettings(cfg=2.0, num_steps=3), plan=self.plan)
     return sampler(labels, seed=3)
 
