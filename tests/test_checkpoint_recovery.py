@@ -140,13 +140,16 @@ def test_keep_deletes_an_old_checkpoint_only_after_the_new_one_is_committed(tmp_
 
 
 _KILLED_WRITER = """
-import os, signal, sys
+import os, signal, sys, time
 import jax.numpy as jnp
 from flowar_jax.training.checkpointing import Checkpointer
 checkpointer = Checkpointer(sys.argv[1], keep=1)
 checkpointer.save(1, {"w": jnp.full((8,), 1.0)})
 checkpointer.wait()
 checkpointer.save(2, {"w": jnp.full((4096, 4096), 2.0)})  # 64 MB, written in the background
+deadline = time.time() + 60
+while time.time() < deadline and not any(n.startswith("2.") for n in os.listdir(sys.argv[1])):
+  time.sleep(0.001)  # until the background write has started
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
