@@ -1,5 +1,7 @@
 """bf16 matrix products with float32 accumulation: exact against a float32 product of bf16-rounded operands,
 forward and backward; the model, training and sampling in bf16 stay finite and close to float32."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,8 @@ from flowar_jax import precision
 from flowar_jax.config import validate_config
 from flowar_jax.models.flowar import FlowAR
 from flowar_jax.models.layers import dropout, linear, linear_chunks
+from flowar_jax.models.rope import rope_tables
+from flowar_jax.sampling.ode import integrate
 from flowar_jax.sampling.sampler import SamplingSettings, sample_keys, sample_latents
 
 # (lhs shape, rhs shape, dimension numbers): a linear layer, attention scores and values (batch dimensions
@@ -137,9 +141,33 @@ def test_bf16_samples_stay_within_tolerance_of_float32():
   assert 0 < relative < 0.05, relative
 
 
-def test_head_conditioning_is_computed_once_with_the_same_result():
+def _unhoisted_velocity(head, x_t, t, z):
+  """The head's velocity with its condition embedded from z on every call, block by block."""
+  c = head.cond_embed(z)
+  t_emb = head.time_embed(t)[:, None]
+  cos, sin = rope_tables(math.isqrt(x_t.shape[1]), head.rope_grid, head.head_dim)
+  x = head.input_proj(x_t)
+  for block in head.res_blocks:
+    x = block(x, t_emb, c, z, cos, sin)
+  return head.final_layer(x, c + t_emb)
+
+
+def test_ode_with_hoisted_head_conditioning_equals_the_unhoisted_euler_loop():
+  """The sampler embeds each scale's condition once (`FlowHead.conditioning`) and integrates `velocity`; an
+  Euler loop that re-embeds the condition at every evaluation, with guidance, gives the same state."""
   head = _random_model().flownet
-  x = jax.random.normal(jax.random.key(10), (2, 16, 4))
-  z = jax.random.normal(jax.random.key(11), (2, 16, 32))
-  t = jnp.array([0.3, 0.8])
-  np.testing.assert_array_equal(head(x, t, z), head.velocity(x, t, head.conditioning(z)))
+  noise = jax.random.normal(jax.random.key(10), (2, 16, 4))
+  z_cond, z_uncond = jax.random.normal(jax.random.key(11), (2, 2, 16, 32))
+  grid, cfg, guidance = np.linspace(1.0, 0.0, 7), 2.5, 0.6
+  hoisted = integrate(head.velocity, noise, head.conditioning(z_cond), head.conditioning(z_uncond), cfg, grid,
+                      guidance)
+  x = noise
+  for t_cur, t_next in zip(grid[:-1], grid[1:]):
+    t = jnp.full((2,), t_cur, jnp.float32)
+    v = _unhoisted_velocity(head, x, t, z_cond)
+    if t_cur <= guidance:
+      v_u = _unhoisted_velocity(head, x, t, z_uncond)
+      v = v_u + cfg * (v - v_u)
+    x = x + np.float32(t_next - t_cur) * v
+  assert float(jnp.abs(hoisted - noise).max()) > 0.1  # the head moved the state
+  np.testing.assert_allclose(hoisted, x, rtol=1e-5, atol=1e-5)
