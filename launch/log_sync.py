@@ -1,8 +1,8 @@
 """Copies a TPU worker's local training log into the run directory, so it can be read there (`gcloud storage
 cat WORKDIR/logs/worker_0.log`) while the job runs and after its slice is gone.
 
-  log_sync.py [--every SECONDS] LOCAL DEST   copy LOCAL to DEST every SECONDS, and once more on SIGTERM
-                                             (or when the process that started it is gone)
+  log_sync.py [--every SECONDS] LOCAL DEST   copy LOCAL to DEST every SECONDS until SIGTERM (or until the
+                                             process that started it is gone)
   log_sync.py --once LOCAL DEST              copy once
   log_sync.py --seed LOCAL DEST              if LOCAL is missing and DEST exists, start LOCAL from DEST
 
@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     copy(args.local, args.dest)
     if os.getppid() != parent:  # the job's runner was killed: nobody will stop this loop
       break
-  copy(args.local, args.dest)  # the last lines, with the exit code
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 #
 #   launch/tpu_bootstrap.sh start CONFIG WORKDIR [--] [--config.key=value ...]  install once, train detached
 #   launch/tpu_bootstrap.sh status                     this worker's job: running / finished / stopped / preempted / failed
-#   launch/tpu_bootstrap.sh logs [--lines N] [--follow]
+#   launch/tpu_bootstrap.sh logs [--lines N] [--follow]    --follow ends when the job does
 #   launch/tpu_bootstrap.sh stop [--timeout SECONDS]   SIGTERM: the trainer checkpoints, then exits with 143
 #
 # (`tpu_bootstrap.sh CONFIG WORKDIR ...` without a subcommand is `start`.)
@@ -165,8 +165,9 @@ run_job() {
   say "worker $(worker_id): training exited with code $code" >>"$log"
   echo "$code" >"$job_dir/exit_code.tmp"
   mv "$job_dir/exit_code.tmp" "$job_dir/exit_code"
-  kill -TERM "$syncer" 2>/dev/null || true  # it copies the log a last time, then exits
+  kill -TERM "$syncer" 2>/dev/null || true
   wait "$syncer" || true
+  "$python" "$root/launch/log_sync.py" --once "$log" "$dest" >>"$job_dir/log_sync.err" 2>&1 || true
 }
 
 # Starts run_job in the background so that it outlives this ssh session.
@@ -246,6 +247,11 @@ logs() {
     esac
   done
   if [[ ! -f "$log" ]]; then echo "no log at $log on worker $(worker_id)" >&2; exit 1; fi
+  if [[ ${#follow[@]} -gt 0 ]] && is_running; then
+    follow+=(--pid "$(cat "$job_dir/pid")")  # stop following when the trainer exits
+  elif [[ ${#follow[@]} -gt 0 ]]; then
+    follow=()
+  fi
   tail -n "$lines" "${follow[@]}" "$log"
 }
 

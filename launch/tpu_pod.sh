@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice (single- or multi-host) and look after the job:
 #
-#   launch/tpu_pod.sh [start] SLICE [--repo URL [--ref REF]] CONFIG WORKDIR [--] [--config.key=value ...]
+#   launch/tpu_pod.sh start   SLICE [--repo URL [--ref REF]] [--wait] CONFIG WORKDIR [--] [--config.key=value ...]
+#   launch/tpu_pod.sh         SLICE [--repo URL [--ref REF]] CONFIG WORKDIR [--] [...]   (start --wait)
 #   launch/tpu_pod.sh watch   SLICE [--max-restarts N] [--poll SECONDS] CONFIG WORKDIR [--] [--config.key=value ...]
 #   launch/tpu_pod.sh status  SLICE
 #   launch/tpu_pod.sh logs    SLICE [--worker I] [--lines N] [--follow]    or    logs --workdir WORKDIR [--worker I]
@@ -17,6 +18,9 @@
 #         untracked-but-not-ignored files, or `git clone --branch REF URL` with --repo), and runs
 #         launch/tpu_bootstrap.sh start on all workers: it installs Python >= 3.11 and flowar_jax[tpu] once
 #         and starts training detached, so the job survives the end of this command and its ssh sessions.
+#         --wait (implied without a subcommand, as the sweep runner calls it) then shows worker 0's log until
+#         the job ends and exits 0 if it finished on every worker, 1 otherwise; a dropped connection only
+#         ends the log, not the job, and the wait goes on.
 # watch   start, then keeps the job going: every --poll seconds (60) it reads the slice's state; a slice
 #         that was preempted (PREEMPTED / TERMINATED, or a queued resource SUSPENDED / FAILED) is deleted,
 #         created again, given the code and the job, which resumes from its latest checkpoint in WORKDIR. A
@@ -36,7 +40,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 remote_bootstrap="bash ~/flowar_jax/launch/tpu_bootstrap.sh"
 
 usage() {
-  sed -n '3,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '3,12p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -60,7 +64,7 @@ event() { echo "[watch $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*"; }
 
 parse() {
   name=""; zone=""; type=""; version=""; project=""; spot=""; queued=""; repo=""; ref="main"; dry=""
-  worker=0; lines=100; follow=""; workdir_logs=""; stop_timeout=900; max_restarts=10; poll=60
+  worker=0; lines=100; follow=""; workdir_logs=""; stop_timeout=900; max_restarts=10; poll=60; wait_job=""
   while [[ $# -gt 0 && "$1" == --* && "$1" != --config* && "$1" != -- ]]; do
     if [[ "$1" == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi  # --zone=Z as --zone Z
     case "$1" in
@@ -77,6 +81,7 @@ parse() {
       --worker) worker="$2"; shift 2 ;;
       --lines) lines="$2"; shift 2 ;;
       --follow) follow=1; shift ;;
+      --wait) wait_job=1; shift ;;
       --workdir) workdir_logs="$2"; shift 2 ;;
       --timeout) stop_timeout="$2"; shift 2 ;;
       --max-restarts) max_restarts="$2"; shift 2 ;;
@@ -245,10 +250,26 @@ cmd_start() {
   ensure_slice
   ship_code
   ssh_workers all "$start_command"
-  if [[ -z "$dry" ]]; then
-    echo "started on every worker of $name; the job runs detached. Follow it with:" >&2
-    echo "  $0 logs --name $name --zone $zone --follow    ($0 status, $0 stop: the same options)" >&2
-  fi
+  if [[ -n "$dry" ]]; then return; fi
+  if [[ -n "$wait_job" ]]; then wait_for_job; return; fi
+  echo "started on every worker of $name; the job runs detached. Follow it with:" >&2
+  echo "  $0 logs --name $name --zone $zone --follow    ($0 status, $0 stop: the same options)" >&2
+}
+
+# Shows worker 0's log until the job ends; exit status 0 when it finished on every worker.
+wait_for_job() {
+  local job follow_lines=100
+  while true; do
+    if ! ssh_workers 0 "$remote_bootstrap logs --lines $follow_lines --follow"; then sleep "$poll"; fi
+    follow_lines=0  # after a dropped connection, go on from the end
+    job="$(job_state)"
+    case "$job" in
+      running) ;;
+      unknown) sleep "$poll" ;;
+      finished) return 0 ;;
+      *) echo "the job ended without finishing ($job): see the worker lines above" >&2; return 1 ;;
+    esac
+  done
 }
 
 cmd_status() {
@@ -341,12 +362,13 @@ cmd_watch() {
 }
 
 main() {
-  subcommand=start
+  local implied=()
   case "${1:-}" in
     start|watch|status|logs|stop) subcommand="$1"; shift ;;
     -h|--help|"") usage ;;
+    *) subcommand=start; implied=(--wait) ;;  # the form from before subcommands: train, in turn
   esac
-  parse "$@"
+  parse "${implied[@]}" "$@"
   "cmd_$subcommand"
 }
 
