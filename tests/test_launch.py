@@ -246,6 +246,65 @@ def test_start_without_a_subcommand_waits_for_the_job(tmp_path, job, code):
                    rf"compute tpus tpu-vm ssh flowar-l --zone us-east5-a --worker=0 --command {BOOT}\ logs\ "
                    r"--lines\ 100\ --follow", STATUS]
 
+
+# --- the walk-through in docs/tpu_pods.md -----------------------------------------------------------------
+
+def doc_commands() -> list[list[str]]:
+  """The launch commands in the code blocks of docs/tpu_pods.md's "First run on a pod", as argument lists."""
+  with open(os.path.join(ROOT, "docs", "tpu_pods.md")) as f:
+    text = f.read()
+  section = re.search(r"^### First run on a pod$(.*?)^##", text, flags=re.M | re.S).group(1)
+  commands = []
+  for block in re.findall(r"^```bash$(.*?)^```$", section, flags=re.M | re.S):
+    for command in block.replace("\\\n", " ").strip().splitlines():
+      commands.append(shlex.split(command))
+  return commands
+
+
+def test_the_first_run_walk_through_runs_as_written(tmp_path):
+  commands = doc_commands()
+  assert [c[0] for c in commands] == ["launch/tpu_pod.sh"] * 7
+  assert [c[1] for c in commands] == ["start", "logs", "logs", "status", "stop", "start", "watch"]
+  start, follow, stored, status, stop, resume, watch = commands
+  assert resume == start  # resuming is running the same command again
+
+  slice_ = "flowar-l --zone us-east5-a --project MY_PROJECT"
+  ssh = f"gcloud compute tpus tpu-vm ssh {slice_}"
+  start_job = (rf"{ssh} --worker=all --command {BOOT}\ start\ configs/flowar_l.py\ gs://MY_BUCKET/runs/flowar_l\ "
+               r"--config.data.data_dir=/mnt/imagenet")
+  ship = [rf"gcloud compute tpus tpu-vm scp ARCHIVE flowar-l:flowar_jax.tar.gz --zone us-east5-a "
+          r"--project MY_PROJECT --worker=all",
+          rf"{ssh} --worker=all --command mkdir\ -p\ ~/flowar_jax\ \&\&\ tar\ -xzf\ ~/flowar_jax.tar.gz\ -C\ ~/flowar_jax"]
+  expected = {
+      "start": [f"gcloud compute tpus tpu-vm create {slice_} --accelerator-type v5p-16 --version v2-alpha-tpuv5",
+                *ship, start_job],
+      "logs": [rf"{ssh} --worker=0 --command {BOOT}\ logs\ --lines\ 100\ --follow"],
+      "status": [rf"gcloud compute tpus tpu-vm describe {slice_} --format=value\(state\)",
+                 rf"{ssh} --worker=all --command {BOOT}\ status"],
+      "stop": [rf"{ssh} --worker=all --command {BOOT}\ stop\ --timeout\ 900"],
+  }
+  for command, lines in [(start, expected["start"]), (follow, expected["logs"]), (status, expected["status"]),
+                         (stop, expected["stop"]),
+                         (stored, ["gcloud storage cat gs://MY_BUCKET/runs/flowar_l/logs/worker_1.log"])]:
+    result = launch("tpu_pod.sh", command[1], "--dry-run", *command[2:])
+    assert result.returncode == 0, (command, result.stderr)
+    assert printed(result) == lines, command
+
+  # watch, against a slice that a spot preemption takes away once (the queued resource is SUSPENDED).
+  env = fake_gcloud(tmp_path, ["ACTIVE", "SUSPENDED", "ACTIVE", "ACTIVE"],
+                    [NO_JOB, NO_JOB, "worker 0: finished (exit 0);worker 1: finished (exit 0)"])
+  result = launch("tpu_pod.sh", "watch", "--dry-run", "--poll", "0", *watch[2:], env=env)
+  assert result.returncode == 0, result.stderr
+  assert printed(result) == [
+      "[watch] watching slice flowar-l in us-east5-a every 0 s (at most 10 restarts)",
+      "[watch] slice flowar-l is ACTIVE: copying the code and starting the job", *ship, start_job,
+      "[watch] slice flowar-l is SUSPENDED: deleting and recreating it (restart 1 of 10)",
+      f"gcloud compute tpus queued-resources delete {slice_} --force --quiet",
+      f"gcloud compute tpus queued-resources create {slice_} --node-id flowar-l --accelerator-type v5p-16 "
+      "--runtime-version v2-alpha-tpuv5 --spot",
+      "[watch] slice flowar-l is ACTIVE: copying the code and starting the job", *ship, start_job,
+      "[watch] the job finished on every worker"]
+
 # --- tpu_bootstrap.sh on this machine, with fakes ----------------------------------------------------------
 
 FAKE_UV = """#!/usr/bin/env bash
