@@ -32,8 +32,8 @@
 # stop    SIGTERM to the job on all workers: the trainer saves a checkpoint, then exits (143); waits for it.
 #
 # CONFIG is a path inside the repository (e.g. configs/flowar_l.py). WORKDIR must be reachable from every
-# worker: a gs:// path. --dry-run prints the gcloud commands that would change something instead of running
-# them (watch still reads the slice's and the job's state with gcloud, to show what it would do).
+# worker: a gs:// path. --dry-run prints the gcloud commands instead of running them (watch still runs the
+# ones that only read the slice's and the job's state, to show what it would do).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -187,6 +187,7 @@ ensure_slice() {
     state="$(slice_state)"
   fi
   while ! is_ready "$state"; do
+    [[ "$state" == UNKNOWN ]] && die "could not read the state of slice $name (the gcloud error is above)"
     if is_reclaimed "$state"; then
       die "slice $name is $state: delete it (launch/tpu_pod.sh watch recreates it and restarts the job)"
     fi

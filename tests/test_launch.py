@@ -21,7 +21,7 @@ import pytest
 from flowar_jax.sweeps.runner import pod_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+SYSTEM_PATH = "/usr/bin:/bin"  # for the bootstrap tests: no uv or Python but the fakes and the system's
 
 
 def launch(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
