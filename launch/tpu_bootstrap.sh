@@ -18,7 +18,8 @@
 #   train.log   the trainer's output (appended by every start); copied to WORKDIR/logs/worker_<i>.log every
 #               FLOWAR_LOG_SYNC_SECONDS (60) and when the job ends, so it outlives a deleted slice
 #   pid         the trainer's process id;  boot_id: the boot it was started in
-#   exit_code   written when the trainer exits (0 done, 143 SIGTERM: stopped or preempted, checkpoint saved)
+#   exit_code   written when the trainer exits (0 done; 143 ended by SIGTERM, stopped or preempted: once
+#               training runs, the trainer saves a checkpoint before it exits)
 #   stop_requested  written by stop, to tell a requested stop from a preemption
 #
 # Other settings: FLOWAR_PYTHON (a Python >= 3.11 to build .venv from), FLOWAR_DETACH (tmux | setsid),
@@ -30,10 +31,10 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 script="$root/launch/tpu_bootstrap.sh"
 job_dir="${FLOWAR_JOB_DIR:-$HOME/flowar_jax_job}"
 log="$job_dir/train.log"
-tmux_socket=flowar_jax  # a tmux server of its own: `tmux -L flowar_jax attach` shows the runner
+tmux_socket=flowar_jax  # a tmux server of its own: `tmux -L flowar_jax ls` lists the job's session
 
 usage() {
-  sed -n '3,6p' "$script" | sed 's/^# \{0,1\}//' >&2
+  sed -n '4,7p' "$script" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
