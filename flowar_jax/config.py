@@ -289,7 +289,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     raise ValueError(f"config.eval.metrics has unknown metrics {unknown}; choose from {_EVAL_METRICS}")
   if config.eval.every_steps < 0:
     raise ValueError(f"config.eval.every_steps must be >= 0 (0 turns it off), got {config.eval.every_steps}")
-  for key in ("eval.num_samples", "eval.train_num_samples", "eval.reference_size", "eval.reference_stats_size"):
+  if config.eval.reference_size < 4:
+    raise ValueError(f"config.eval.reference_size must be >= 4 (precision / recall use each image's 3 nearest "
+                     f"neighbours), got {config.eval.reference_size}")
+  for key in ("eval.num_samples", "eval.train_num_samples", "eval.reference_stats_size"):
     if flat[key] < 2:
       raise ValueError(f"config.{key} must be >= 2 (feature covariances need two samples), got {flat[key]}")
   if config.eval.inception_batch_size < 1:

@@ -16,6 +16,7 @@ import scipy.linalg
 from flax import nnx
 
 from conftest import tiny_config
+from flowar_jax.config import validate_config
 from flowar_jax.evaluation import frechet_distance, frechet_distance_to_features, inception_score
 from flowar_jax.evaluation import manifold_radii, precision_recall
 from flowar_jax.data import source as source_lib
@@ -519,14 +520,22 @@ def test_bad_references_are_named(tmp_path):
   not_npz.write_bytes(b"not a zip archive")
   wrong_keys = str(tmp_path / "wrong.npz")
   np.savez(wrong_keys, images=np.zeros((2, 8, 8, 3), np.uint8))
+  truncated = tmp_path / "truncated.npz"  # an interrupted download
+  truncated.write_bytes((tmp_path / "wrong.npz").read_bytes()[:100])
   cases = [(str(tmp_path / "absent.npz"), FileNotFoundError, "no reference batch at"),
            (str(not_npz), ValueError, "is not a readable .npz file"),
+           (str(truncated), ValueError, "is not a readable .npz file"),
            (wrong_keys, ValueError, r"holds neither images \(arr_0\).*\['images'\]"),
            (str(tmp_path / "ref.pt"), ValueError, "neither an .npz file"),
            ("dataset:test", ValueError, "must be 'train' or 'eval'")]
   for reference, error, message in cases:  # prepare checks the reference before any sampling or weights
     with pytest.raises(error, match=message):
       suite.prepare(config, metrics=["fid"], reference=reference, cache_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="pr_size > 3"):
+    ReferenceDraw(pr_size=3)
+  config.eval.reference_stats_size = 1
+  with pytest.raises(ValueError, match="config.eval.reference_stats_size must be >= 2"):
+    validate_config(config, num_devices=1)
 
 
 @pytest.fixture

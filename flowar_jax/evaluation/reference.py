@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import zipfile
 
 import grain
 import jax
@@ -29,6 +30,7 @@ from flowar_jax.data import preprocess
 from flowar_jax.data import source as source_lib
 from flowar_jax.evaluation.features import InceptionFeatures
 from flowar_jax.evaluation.frechet import feature_statistics
+from flowar_jax.evaluation.metrics import PR_NEIGHBOURS
 from flowar_jax.runs import fs
 
 DATASET_PREFIX = "dataset:"
@@ -54,8 +56,8 @@ class ReferenceDraw:
 
   One permutation of the split's indices, seeded by `seed`, is drawn; the precision / recall images are its
   first `pr_size` entries and the statistics images its first `stats_size` (so one set contains the other
-  and the features of the larger serve both). Uniform over the split, unlike its first N images, which on
-  ImageNet (stored class by class) would cover a handful of classes.
+  and the features of the larger serve both). Uniform over the split, unlike its first N images, which in a
+  dataset listed class by class (`image_folder`) would cover a handful of classes.
   """
 
   pr_size: int = 10_000
@@ -63,9 +65,9 @@ class ReferenceDraw:
   seed: int = 0
 
   def __post_init__(self):
-    if self.pr_size < 2 or self.stats_size < 2:
-      raise ValueError(f"a reference needs at least 2 images, got pr_size={self.pr_size}, "
-                       f"stats_size={self.stats_size}")
+    if self.pr_size <= PR_NEIGHBOURS or self.stats_size < 2:
+      raise ValueError(f"a reference draw needs pr_size > {PR_NEIGHBOURS} (k-NN manifolds) and stats_size >= 2 "
+                       f"(covariances), got pr_size={self.pr_size}, stats_size={self.stats_size}")
 
 
 def draw_indices(num_items: int, count: int, seed: int) -> np.ndarray:
@@ -89,7 +91,7 @@ def _npz_keys(spec: str) -> set[str]:
   try:
     with fs.as_path(spec).open("rb") as f, np.load(f) as archive:
       return set(archive.files)
-  except (OSError, ValueError, EOFError) as e:  # np.load raises these on a file that is no .npz
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # what np.load raises on a non-.npz
     raise ValueError(f"reference {spec!r} is not a readable .npz file: {e}") from e
 
 
