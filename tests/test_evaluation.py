@@ -352,6 +352,24 @@ def test_inception_suite_scores_identical_sets_as_equal(weights_file, tmp_path):
   assert other["fid"] > 1.0 and other["sfid"] > 1.0
 
 
+def test_inception_suite_against_a_dataset_draw(weights_file, tmp_path):
+  """Samples that are exactly the drawn reference images score FID 0 and precision = recall = 1: the draw reads
+  the images it names, cropped as training serves them."""
+  from flowar_jax.evaluation.digits import split_images  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.eval.inception_batch_size = 6  # the program the test above compiled
+  config.eval.reference_size = config.eval.reference_stats_size = 6
+  setup = suite.prepare(config, metrics=["fid", "sfid", "precision", "recall"], reference="dataset:eval",
+                        inception_weights=weights_file, cache_dir=str(tmp_path))
+  images, _ = split_images("eval", 16, config.data.eval_fraction)
+  drawn = images[draw_indices(len(images), 6, seed=0)]
+  same = suite.compute_metrics(drawn, np.zeros(6), setup, config)
+  assert same["fid"] == pytest.approx(0.0, abs=1e-3) and same["sfid"] == pytest.approx(0.0, abs=1e-3), same
+  assert same["precision"] == same["recall"] == 1.0
+  other = suite.compute_metrics(images[:6], np.zeros(6), setup, config)  # the split's front: other images
+  assert other["fid"] > 1.0, other
+
+
 def test_reference_statistics_in_adm_layout_need_no_images(tmp_path):
   path = str(tmp_path / "stats.npz")
   np.savez(path, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
