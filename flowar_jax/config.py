@@ -142,6 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.train_num_samples = 10_000  # per evaluation during training
   c.eval.metrics = ("fid", "sfid", "is", "precision", "recall")  # and/or 'digits' (the bundled data)
   c.eval.reference = "dataset:train"  # ADM-layout .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or dataset:SPLIT
+  c.eval.reference_size = 10_000  # dataset:SPLIT: images drawn for precision / recall (ADM's batch size)
+  c.eval.reference_stats_size = 50_000  # dataset:SPLIT: images drawn for FID / sFID statistics (all if fewer)
+  c.eval.reference_seed = 0  # dataset:SPLIT: seeds the draw (uniform over the split, not its first N)
   c.eval.inception_weights = ""  # '' = look in ~/.cache/flowar_jax (nothing is downloaded)
   c.eval.resize = "adm"  # Inception input: 'adm' (ADM's TF graph) | 'pytorch-fid'
   c.eval.inception_batch_size = 200  # images per Inception step, split over the devices
@@ -286,7 +289,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     raise ValueError(f"config.eval.metrics has unknown metrics {unknown}; choose from {_EVAL_METRICS}")
   if config.eval.every_steps < 0:
     raise ValueError(f"config.eval.every_steps must be >= 0 (0 turns it off), got {config.eval.every_steps}")
-  for key in ("eval.num_samples", "eval.train_num_samples"):
+  if config.eval.reference_size < 4:
+    raise ValueError(f"config.eval.reference_size must be >= 4 (precision / recall use each image's 3 nearest "
+                     f"neighbours), got {config.eval.reference_size}")
+  for key in ("eval.num_samples", "eval.train_num_samples", "eval.reference_stats_size"):
     if flat[key] < 2:
       raise ValueError(f"config.{key} must be >= 2 (feature covariances need two samples), got {flat[key]}")
   if config.eval.inception_batch_size < 1:

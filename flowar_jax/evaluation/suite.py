@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import ml_collections
 import numpy as np
@@ -12,7 +11,8 @@ from flowar_jax.evaluation.frechet import frechet_distance_to_features
 from flowar_jax.evaluation.inception_input import check_resize_mode
 from flowar_jax.evaluation.inception_weights import file_digest, find_weights, load_inception
 from flowar_jax.evaluation.metrics import inception_score, precision_recall
-from flowar_jax.evaluation.reference import Reference, check_reference, load_reference
+from flowar_jax.evaluation.reference import DATASET_PREFIX, Reference, ReferenceDraw, check_reference, load_reference
+from flowar_jax.runs import fs
 
 INCEPTION_METRICS = ("fid", "sfid", "is", "precision", "recall")
 METRICS = INCEPTION_METRICS + ("digits",)
@@ -28,6 +28,7 @@ class EvalSetup:
   resize: str = "adm"
   inception_batch_size: int = 200
   cache_dir: str = ""
+  draw: ReferenceDraw = ReferenceDraw()  # which images a dataset:SPLIT reference uses
 
   @property
   def inception_metrics(self) -> tuple[str, ...]:
@@ -38,6 +39,8 @@ class EvalSetup:
     if self.inception_metrics:
       out.update(reference=self.reference, inception_weights=self.weights,
                  inception_weights_sha256=file_digest(self.weights), resize=self.resize)
+      if self.reference.startswith(DATASET_PREFIX):
+        out["reference_draw"] = dataclasses.asdict(self.draw)
     return out
 
 
@@ -50,8 +53,10 @@ def prepare(config: ml_collections.ConfigDict, *, metrics, reference: str | None
     raise ValueError(f"unknown metrics {unknown or '(none given)'}; choose from {', '.join(METRICS)}")
   if "digits" in metrics and config.data.name != "digits":
     raise ValueError(f"the 'digits' metric scores the bundled digits; this config's data is {config.data.name!r}")
+  draw = ReferenceDraw(pr_size=config.eval.reference_size, stats_size=config.eval.reference_stats_size,
+                       seed=config.eval.reference_seed)
   setup = EvalSetup(metrics, resize=config.eval.resize, inception_batch_size=config.eval.inception_batch_size,
-                    cache_dir=cache_dir)
+                    cache_dir=cache_dir, draw=draw)
   if not setup.inception_metrics:
     return setup
   check_resize_mode(config.eval.resize)
@@ -78,7 +83,8 @@ def compute_metrics(images: np.ndarray, labels: np.ndarray, setup: EvalSetup,
   if wants & {"fid", "sfid", "precision", "recall"}:
     reference = load_reference(setup.reference, extractor=extractor, weights_id=file_digest(setup.weights),
                                cache_dir=setup.cache_dir, data_config=config.data,
-                               needs_features=bool(wants & {"precision", "recall"}))
+                               needs_features=bool(wants & {"precision", "recall"}),
+                               needs_statistics=bool(wants & {"fid", "sfid"}), draw=setup.draw)
   if "fid" in wants:
     out["fid"] = frechet_distance_to_features(features["pool"], reference.mu, reference.sigma)
   if "sfid" in wants:
@@ -92,4 +98,4 @@ def compute_metrics(images: np.ndarray, labels: np.ndarray, setup: EvalSetup,
 
 
 def default_cache_dir(workdir: str) -> str:
-  return os.path.join(workdir, "eval", "references")
+  return fs.join(workdir, "eval", "references")
