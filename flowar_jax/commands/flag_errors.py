@@ -70,7 +70,8 @@ def _config_file_message(path: str, error: BaseException) -> str:
   path = path.split(":", 1)[0]  # CONFIG[:ARG]
   if not os.path.exists(path):
     return f"config file {path!r} does not exist (the presets are configs/*.py, e.g. --config configs/digits.py)"
-  return f"config file {path!r}: {(str(error).splitlines() or [type(error).__name__])[0]}"
+  cause = error.__cause__ or error  # ml_collections re-raises the load error as 'not available because ...'
+  return f"config file {path!r} did not load: {(str(cause).splitlines() or [type(cause).__name__])[0]}"
 
 
 def _config_path(argv: Sequence[str]) -> str:
@@ -106,7 +107,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     args = flags.FLAGS(argv)
   except flags.UnrecognizedFlagError as error:
-    if error.flagname.startswith(f"{_CONFIG_FLAG}.") and not flags.FLAGS[_CONFIG_FLAG].present:
+    config_given = _CONFIG_FLAG in flags.FLAGS and flags.FLAGS[_CONFIG_FLAG].present
+    if error.flagname.startswith(f"{_CONFIG_FLAG}.") and not config_given:
       _fail(f"--{error.flagname} overrides a key of the --{_CONFIG_FLAG} file, and no --{_CONFIG_FLAG} is given")
     _fail(str(error))
   except OSError as error:  # an override of a config file that did not load

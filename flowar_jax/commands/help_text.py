@@ -41,7 +41,7 @@ class Command:
     return self.required + self.optional
 
 
-# Shown under every command: how to set config keys, and the flags every command takes.
+# Shown in every command's help: how to set config keys, and the flags every command takes.
 CONFIG_OVERRIDES = (
     ("--config.KEY=VALUE", "set any config key of the --config file, e.g. --config.batch_size=256, "
      "--config.model.scales='(1,2,4,8,16)' (nested keys use dots; a misspelt key is an error). Every key, "
