@@ -1,8 +1,8 @@
 """Command line: `python -m flowar_jax COMMAND --config CONFIG[:ARG] [--config.key=value ...] --workdir DIR`.
 
-Commands: train, sample, evaluate (FID, sFID, IS, precision/recall, digits metric), summary, convert (official
-PyTorch weights -> WORKDIR), compile (ahead of time for a TPU topology: `compile --config CONFIG --topology
-v5p:4x4x4`).
+`python -m flowar_jax --help` lists the commands (`COMMANDS` below), `python -m flowar_jax COMMAND --help` a
+command's flags. A mistake a user can fix (a path, a flag, a config value) ends in one line naming it and
+exit code 2, without a traceback unless `--verbose` (or `-v N`) asks for one.
 
 `train`, `sample` and `evaluate` start multi-process JAX first when the launch environment asks for it
 (`flowar_jax.parallel.distributed`: TPU pods, SLURM, or explicit JAX_COORDINATOR_ADDRESS).
@@ -10,43 +10,97 @@ v5p:4x4x4`).
 from __future__ import annotations
 
 import logging as std_logging
+import os
+import re
 import sys
+import traceback
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flowar_jax.commands.flag_errors import USAGE_EXIT_CODE, parse_flags
+from flowar_jax.commands.help_text import Command, closest, command_help, command_list
 
-COMMANDS = ("train", "sample", "evaluate", "summary", "convert", "compile")
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/digits.py), with "
-                                          "--config.key=value overrides.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "sample / evaluate: number of images (default "
-                                    "config.sampling.num_samples / config.eval.num_samples).")
-_SEED = flags.DEFINE_integer("seed", 0, "sample: sample i uses noise from (seed, i).")
-_CFG = flags.DEFINE_float("cfg", None, "sample: classifier-free guidance scale (1 disables it).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sample: ODE steps per scale.")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "sample: CFG applies where t <= guidance.")
-_SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "sample: ODE solver.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/digits.py (a preset) or "
+                                          "configs/sweeps/FILE.py:ARG", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (local or gs://): checkpoints, logs and samples")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "number of images")
+_SEED = flags.DEFINE_integer("seed", 0, "sample i draws its noise from (seed, i)")
+_CFG = flags.DEFINE_float("cfg", None, "classifier-free guidance scale, 1 disables it (default: config.sampling.cfg)")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "ODE steps per scale (default: config.sampling.num_steps)")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "guidance applies where t <= this (default: "
+                               "config.sampling.guidance)")
+_SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: config.sampling.solver)")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
-                                   "sample: dtype of the matrix products (default: sampling.compute_dtype).")
-_LABELS = flags.DEFINE_list("labels", None, "sample: class labels, repeated to num_samples (default: all).")
-_BATCH = flags.DEFINE_integer("batch_size", None, "sample: images per compiled batch.")
-_USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample: use the EMA weights (default: yes). convert: take the "
-                                 "file's EMA weights (default: when it holds them).")
-_FROM_TORCH = flags.DEFINE_string("from_torch", None, "convert: official FlowAR checkpoint (.pth, .safetensors, .npz).")
-_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "convert: MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz).")
-_TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "convert: read torch files with full unpickling, "
-                                     "for trusted files that hold Python objects besides tensors.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "compile: TPU topology, e.g. v5e:2x2 or v5p:4x4x4.")
-_SAMPLER = flags.DEFINE_boolean("sampler", True, "compile: also compile the sampler.")
-_METRICS = flags.DEFINE_list("metrics", None, "evaluate: fid, sfid, is, precision, recall, digits (default "
-                             "config.eval.metrics).")
-_REFERENCE = flags.DEFINE_string("reference", None, "evaluate: ADM-layout reference .npz or dataset:train / "
-                                 "dataset:eval (default config.eval.reference).")
-_INCEPTION = flags.DEFINE_string("inception_weights", None, "evaluate: FID Inception weights (.pth, .npz or the "
-                                 "TF graph .pb; default config.eval.inception_weights, else ~/.cache/flowar_jax).")
+                                   "dtype of the matrix products (default: config.sampling.compute_dtype)")
+_LABELS = flags.DEFINE_list("labels", None, "class labels, repeated to num_samples (default: every class in turn)")
+_BATCH = flags.DEFINE_integer("batch_size", None, "images per compiled batch (default: config.sampling.batch_size)")
+_USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample with the EMA weights (default: yes)")
+_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR checkpoint (.pth, .safetensors or .npz)")
+_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz); without it, "
+                                 "sampling needs --config.vae_checkpoint")
+_TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "read torch files with full unpickling, for trusted "
+                                     "files that hold Python objects besides tensors")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2 or v5p:4x4x4")
+_SAMPLER = flags.DEFINE_boolean("sampler", True, "also compile the sampler")
+_METRICS = flags.DEFINE_list("metrics", None, "any of fid, sfid, is, precision, recall, digits (default: "
+                             "config.eval.metrics)")
+_REFERENCE = flags.DEFINE_string("reference", None, "ADM-layout reference .npz, or dataset:train / dataset:eval "
+                                 "(default: config.eval.reference)")
+_INCEPTION = flags.DEFINE_string("inception_weights", None, "FID Inception weights (.pth, .npz or the TF graph "
+                                 ".pb; default: config.eval.inception_weights, else ~/.cache/flowar_jax)")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
+
+_METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...",
+             "metrics": "M1,M2,...", "from_torch": "FILE", "vae_torch": "FILE", "inception_weights": "FILE",
+             "topology": "GEN:AxB[xC]", "reference": "REF"}
+_SAMPLING = ("cfg", "num_steps", "guidance", "solver", "compute_dtype", "batch_size", "use_ema")
+_STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpoint)"
+
+COMMANDS = {
+    "train": Command(
+        "train the stages config.stage names (vae, flowar or both) in WORKDIR; rerunning resumes",
+        "Trains the VAE, FlowAR or both (config.stage) and samples from the result. Rerunning the same "
+        "command resumes from the newest complete checkpoint in WORKDIR, data position included.",
+        required=("config", "workdir"),
+        notes={"workdir": "run directory (local or gs://): checkpoints/, vae/, metrics.jsonl, samples/"}),
+    "sample": Command(
+        "class-conditional images from WORKDIR's checkpoint -> WORKDIR/samples/",
+        "Samples from the newest FlowAR checkpoint in WORKDIR (trained, or written by `convert`) and its VAE; "
+        "writes WORKDIR/samples/samples.npz and grid*.png.",
+        required=("workdir",), optional=("config", "num_samples", "labels", "seed") + _SAMPLING,
+        notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.sampling.num_samples)"}),
+    "evaluate": Command(
+        "FID, sFID, IS, precision/recall or the digits metric of WORKDIR's checkpoint",
+        "Samples from the newest FlowAR checkpoint in WORKDIR and scores the samples; writes "
+        "WORKDIR/eval/<settings>/report.json. Rerunning continues from the last saved shard.",
+        required=("workdir",),
+        optional=("config", "metrics", "reference", "inception_weights", "num_samples", "seed") + _SAMPLING,
+        notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.eval.num_samples)",
+               "use_ema": "sample with the EMA weights (default: config.sampling.use_ema)"}),
+    "summary": Command(
+        "parameters per module of a config's FlowAR and VAE (nothing is allocated)",
+        "Prints the parameter count of each FlowAR module, the total, and the VAE's.",
+        required=("config",)),
+    "convert": Command(
+        "official PyTorch FlowAR (and MAR VAE) weights -> a checkpoint in WORKDIR",
+        "Converts the official FlowAR-S/L/H weights (and MAR's KL-16 VAE) into WORKDIR, which `sample` and "
+        "`evaluate` then read. See docs/convert.md.",
+        required=("config", "workdir", "from_torch"), optional=("vae_torch", "use_ema", "trust_pickle"),
+        notes={"config": "config of the converted model, e.g. configs/flowar_s.py",
+               "workdir": "run directory to write the converted checkpoint to",
+               "use_ema": "take the file's EMA weights (default: when it holds them)"}),
+    "compile": Command(
+        "compile training (and sampling) ahead of time for a TPU topology; print HBM and FLOPs",
+        "Compiles the config's training step(s) and sampler for a TPU topology through libtpu, on any host, "
+        "and prints each program's HBM per chip and FLOPs. See docs/tpu_pods.md.",
+        required=("config", "topology"), optional=("sampler",)),
+}
+
+
+class _UsageError(Exception):
+  """A command line that cannot run as given (a missing or misplaced flag)."""
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -56,10 +110,77 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.ERROR or "orbax" not in record.pathname
 
 
-def _need(value, name: str):
-  if value is None:
-    raise app.UsageError(f"--{name} is required for this command")
-  return value
+def _prog(argv0: str) -> str:
+  return "flowar-jax" if os.path.basename(argv0) == "flowar-jax" else "python -m flowar_jax"
+
+
+def _fail(message: str, command: str | None = None) -> NoReturn:
+  print(f"flowar-jax{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+  sys.exit(USAGE_EXIT_CODE)
+
+
+def _check_command(name: str) -> str:
+  if name not in COMMANDS:
+    guess = closest(name, list(COMMANDS))
+    hint = f"did you mean {guess!r}?" if guess else f"the commands are {', '.join(COMMANDS)}"
+    _fail(f"unknown command {name!r}; {hint} (--help lists them)")
+  return name
+
+
+def _positionals(argv: list[str]) -> list[str]:
+  """The non-flag arguments of an unparsed command line (a flag's separate value is not one)."""
+  found, args = [], iter(argv[1:])
+  for arg in args:
+    if arg == "--":
+      found.extend(args)
+    elif arg.startswith("-") and len(arg) > 1:
+      name = arg.lstrip("-")
+      if "=" not in name and (name.startswith("config.") or (name in flags.FLAGS and not flags.FLAGS[name].boolean)):
+        next(args, None)
+    else:
+      found.append(arg)
+  return found
+
+
+def _bare_verbose(argv: list[str]) -> list[str]:
+  """`-v` without a level (absl's -v takes one) means --verbose."""
+  out = []
+  for i, arg in enumerate(argv):
+    level = argv[i + 1] if i + 1 < len(argv) else ""
+    out.append("--verbose" if arg == "-v" and not re.fullmatch(r"-?\d+", level) else arg)
+  return out
+
+
+def _parse(argv: list[str]) -> list[str]:
+  """Flag parsing for `app.run`: our help instead of absl's, then absl's parsing (mistakes exit 2)."""
+  argv = _bare_verbose(argv)
+  words = set(argv[1:argv.index("--")] if "--" in argv else argv[1:])
+  full = bool(words & {"--helpfull", "-helpfull"})
+  if full or words & {"-h", "-?", "--help", "-help", "--helpshort", "-helpshort"}:
+    positionals = _positionals(argv)
+    prog = _prog(argv[0])
+    if positionals:
+      name = _check_command(positionals[0])
+      print(command_help(prog, name, COMMANDS[name], flags.FLAGS, _METAVARS), end="")
+    else:
+      print(command_list(prog, COMMANDS), end="")
+    if full:
+      print(f"\nall flags:\n{flags.FLAGS.get_help()}")
+    sys.exit(0)
+  return parse_flags(argv)
+
+
+def _check_flags(command: str) -> None:
+  """Every flag the command needs is given, and no flag given belongs only to other commands."""
+  spec = COMMANDS[command]
+  ours = {name for other in COMMANDS.values() for name in other.flags}
+  for name in sorted(ours - set(spec.flags)):
+    if flags.FLAGS[name].present:
+      users = ", ".join(other for other, s in COMMANDS.items() if name in s.flags)
+      raise _UsageError(f"--{name} does not apply to {command} (it is a flag of {users})")
+  for name in spec.required:
+    if flags.FLAGS[name].value is None:
+      raise _UsageError(f"--{name} is required (`{command} --help` lists the flags)")
 
 
 def _default(value, fallback):
@@ -75,69 +196,105 @@ def _parse_labels(raw: list[str] | None) -> list[int] | None:
     raise ValueError(f"--labels must be comma-separated integers, got {','.join(raw)!r}") from e
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: flowar-jax {{{'|'.join(COMMANDS)}}} --config CONFIG --workdir DIR "
-                         f"(got {' '.join(argv[1:]) or 'no command'})")
-  command = argv[1]
-  if not flags.FLAGS["verbosity"].present:
-    # Library logs only on request (-v 0): Orbax alone writes dozens of lines per checkpoint.
-    logging.set_verbosity(logging.WARNING)
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+def _check_checkpoint(workdir: str) -> None:
+  """`sample` and `evaluate` read a FlowAR checkpoint: say how to get one before anything else runs."""
+  from flowar_jax.training.checkpointing import checkpoint_exists  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training.workdir import checkpoint_dir  # pylint: disable=g-import-not-at-top
+  if not checkpoint_exists(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"no FlowAR checkpoint in {checkpoint_dir(workdir)!r}: train one into that workdir "
+                            f"(`train --workdir`) or convert official weights into it (`convert --workdir`)")
+
+
+def _run(command: str) -> None:
+  if command in ("train", "sample", "evaluate"):
+    from flowar_jax.parallel.distributed import initialize_from_environment
+    initialize_from_environment()
+  if command == "summary":
+    from flowar_jax.commands.summary import summarize
+    print(summarize(_CONFIG.value))
+  elif command == "train":
+    from flowar_jax.commands import train
+    train.run(_CONFIG.value, _WORKDIR.value)
+  elif command == "compile":
+    from flowar_jax.commands import compile as compile_command
+    compile_command.run(_CONFIG.value, _TOPOLOGY.value, sampler=_SAMPLER.value)
+  elif command == "convert":
+    from flowar_jax.commands import convert
+    convert.run(_CONFIG.value, _WORKDIR.value, flowar_path=_FROM_TORCH.value, vae_path=_VAE_TORCH.value,
+                use_ema=_USE_EMA.value, trust_pickle=_TRUST_PICKLE.value)
+  elif command == "evaluate":
+    from flowar_jax.commands import evaluate, sample
+    workdir = _WORKDIR.value
+    _check_checkpoint(workdir)
+    config = _CONFIG.value or sample.stored_config(workdir)
+    settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
+                                    guidance=_GUIDANCE.value, solver=_SOLVER.value,
+                                    compute_dtype=_COMPUTE_DTYPE.value)
+    evaluate.run(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.eval.num_samples),
+                 seed=_SEED.value, settings=settings,
+                 batch_size=_default(_BATCH.value, config.sampling.batch_size),
+                 use_ema=_default(_USE_EMA.value, config.sampling.use_ema), metrics=_METRICS.value,
+                 reference=_REFERENCE.value, inception_weights=_INCEPTION.value)
+  else:
+    from flowar_jax.commands import sample
+    workdir = _WORKDIR.value
+    _check_checkpoint(workdir)
+    config = _CONFIG.value or sample.stored_config(workdir)
+    settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
+                                    guidance=_GUIDANCE.value, solver=_SOLVER.value,
+                                    compute_dtype=_COMPUTE_DTYPE.value)
+    sample.sample_to_workdir(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.sampling.num_samples),
+                             seed=_SEED.value, settings=settings, labels=_parse_labels(_LABELS.value),
+                             batch_size=_default(_BATCH.value, config.sampling.batch_size),
+                             use_ema=_default(_USE_EMA.value, True))
+
+
+def _known_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:
+  """(error types, exit code, label): errors that end a command with one line instead of a traceback.
+
+  Exit codes as docs/reliability.md lists them: preempted after a checkpoint (the scheduler reruns the
+  command), training stopped by non-finite steps (1), and anything the user fixes in the command line,
+  a path or the config (2).
+  """
   from flowar_jax.training.nonfinite import NonFiniteError  # pylint: disable=g-import-not-at-top
   from flowar_jax.training.preemption import EXIT_CODE, Preempted  # pylint: disable=g-import-not-at-top
-  try:
-    if command in ("train", "sample", "evaluate"):
-      from flowar_jax.parallel.distributed import initialize_from_environment
-      initialize_from_environment()
-    if command == "summary":
-      from flowar_jax.commands.summary import summarize
-      print(summarize(_need(_CONFIG.value, "config")))
-    elif command == "train":
-      from flowar_jax.commands import train
-      train.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"))
-    elif command == "compile":
-      from flowar_jax.commands import compile as compile_command
-      compile_command.run(_need(_CONFIG.value, "config"), _need(_TOPOLOGY.value, "topology"), sampler=_SAMPLER.value)
-    elif command == "convert":
-      from flowar_jax.commands import convert
-      convert.run(_need(_CONFIG.value, "config"), _need(_WORKDIR.value, "workdir"),
-                  flowar_path=_need(_FROM_TORCH.value, "from_torch"), vae_path=_VAE_TORCH.value, use_ema=_USE_EMA.value,
-                  trust_pickle=_TRUST_PICKLE.value)
-    elif command == "evaluate":
-      from flowar_jax.commands import evaluate, sample
-      workdir = _need(_WORKDIR.value, "workdir")
-      config = _CONFIG.value or sample.stored_config(workdir)
-      settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
-                                      guidance=_GUIDANCE.value, solver=_SOLVER.value,
-                                      compute_dtype=_COMPUTE_DTYPE.value)
-      evaluate.run(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.eval.num_samples),
-                   seed=_SEED.value, settings=settings,
-                   batch_size=_default(_BATCH.value, config.sampling.batch_size),
-                   use_ema=_default(_USE_EMA.value, config.sampling.use_ema), metrics=_METRICS.value,
-                   reference=_REFERENCE.value, inception_weights=_INCEPTION.value)
-    else:
-      from flowar_jax.commands import sample
-      workdir = _need(_WORKDIR.value, "workdir")
-      config = _CONFIG.value or sample.stored_config(workdir)
-      settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
-                                      guidance=_GUIDANCE.value, solver=_SOLVER.value,
-                                      compute_dtype=_COMPUTE_DTYPE.value)
-      sample.sample_to_workdir(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.sampling.num_samples),
-                               seed=_SEED.value, settings=settings, labels=_parse_labels(_LABELS.value),
-                               batch_size=_default(_BATCH.value, config.sampling.batch_size),
-                               use_ema=_default(_USE_EMA.value, True))
-  except Preempted as e:  # a checkpoint is saved; exit non-zero so that the scheduler reruns the command
-    print(f"flowar-jax {command}: {e}", file=sys.stderr)
-    sys.exit(EXIT_CODE)
-  except NonFiniteError as e:
-    print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
-    print(f"flowar-jax {command}: error: {e}", file=sys.stderr)
+  return [((Preempted,), EXIT_CODE, ""), ((NonFiniteError,), 1, "error: "),
+          ((_UsageError, ValueError, OSError, ImportError), USAGE_EXIT_CODE, "error: ")]
+
+
+def _one_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  return lines[0] + (" (... -v shows the rest)" if len(lines) > 1 else "")
+
+
+def main(argv: list[str]) -> None:
+  positionals = argv[1:]
+  if not positionals:
+    print(command_list(_prog(argv[0]), COMMANDS), end="", file=sys.stderr)
     sys.exit(USAGE_EXIT_CODE)
+  command = _check_command(positionals[0])
+  if len(positionals) > 1:
+    _fail(f"unexpected argument {positionals[1]!r} (flags start with --)", command)
+  verbose = _VERBOSE.value or flags.FLAGS["verbosity"].present
+  if not verbose:
+    # Library logs only on request: Orbax alone writes dozens of lines per checkpoint.
+    logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+  try:
+    _check_flags(command)
+    _run(command)
+  except Exception as error:  # pylint: disable=broad-except  # only the known types end quietly; others re-raise
+    for types, code, label in _known_errors():
+      if isinstance(error, types):
+        if verbose:
+          traceback.print_exc()
+        print(f"flowar-jax {command}: {label}{_one_line(error)}", file=sys.stderr)
+        sys.exit(code)
+    raise
 
 
 def run() -> None:
   """Console-script entry point (`flowar-jax`)."""
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=_parse)
