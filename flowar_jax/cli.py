@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flowar_jax.commands.flag_errors import USAGE_EXIT_CODE, parse_flags
+from flowar_jax.runs.fs import use_storage_emulator
 
 COMMANDS = ("train", "sample", "evaluate", "summary", "convert", "compile")
 
@@ -140,4 +141,5 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`flowar-jax`)."""
+  use_storage_emulator()
   app.run(main, flags_parser=parse_flags)
