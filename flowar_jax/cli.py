@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from flowar_jax.commands.flag_errors import USAGE_EXIT_CODE, parse_flags
 from flowar_jax.commands.help_text import Command, closest, command_help, command_list
+from flowar_jax.runs.fs import use_storage_emulator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/digits.py (a preset) or "
                                           "configs/sweeps/FILE.py:ARG", lock_config=True)
@@ -297,4 +298,5 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`flowar-jax`)."""
+  use_storage_emulator()
   app.run(main, flags_parser=_parse)

@@ -8,21 +8,20 @@ checked before the first sample is drawn.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 
 from flowar_jax.commands.sample import load_image_sampler
 from flowar_jax.config import validate_config
 from flowar_jax.evaluation import runner, suite
+from flowar_jax.runs import fs
 from flowar_jax.sampling.sampler import SamplingSettings
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.workdir import checkpoint_dir
 
 
 def eval_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, "eval", name)
+  return fs.join(workdir, "eval", name)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int, seed: int,
@@ -48,5 +47,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int, se
     if "digits_samples_at_heldout_size" in report:
       line += (f"; the first {report['digits_samples_at_heldout_size']['num_images']} samples: "
                f"{runner.format_metrics(report['digits_samples_at_heldout_size'])}")
-    print(line + f"\nwrote {os.path.join(directory, 'report.json')}", flush=True)
+    print(line + f"\nwrote {fs.join(directory, 'report.json')}", flush=True)
   return report

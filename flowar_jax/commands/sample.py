@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import ml_collections
@@ -12,6 +11,7 @@ from absl import logging
 from flowar_jax.config import config_from_dict, validate_config
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.runs import fs
 from flowar_jax.sampling.images import write_samples
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings, image_sampler
 from flowar_jax.training.builders import build_flowar, load_params
@@ -24,6 +24,7 @@ from flowar_jax.training.workdir import checkpoint_dir
 
 def stored_config(workdir: str) -> ml_collections.ConfigDict:
   """The config saved with the latest FlowAR checkpoint in WORKDIR."""
+  fs.use_storage_emulator()  # Orbax's TensorStore needs it for gs:// under an emulator
   directory = checkpoint_dir(workdir)
   checkpointer = Checkpointer(directory)
   try:
@@ -65,6 +66,7 @@ def load_image_sampler(config: ml_collections.ConfigDict, workdir: str, settings
   """`image_sampler` for the latest FlowAR checkpoint in WORKDIR and its VAE, sharded by `plan` (default
   `sampling_plan(config)`)."""
   validate_config(config)
+  fs.use_storage_emulator()
   plan = plan or sampling_plan(config)
   flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
   vae = load_vae(config, workdir, plan)
@@ -109,7 +111,7 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str, *, num_sa
   images = generate(config, workdir, labels=label_array, seed=seed, settings=settings,
                     batch_size=batch_size, use_ema=use_ema)
   if jax.process_index() == 0:
-    paths = write_samples(os.path.join(workdir, "samples"), images, label_array)
+    paths = write_samples(fs.join(workdir, "samples"), images, label_array)
     logging.info("wrote %s", ", ".join(paths))
     print("wrote " + ", ".join(paths), flush=True)
   return images, label_array

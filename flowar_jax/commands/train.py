@@ -5,11 +5,11 @@ import json
 
 import jax
 import ml_collections
-from etils import epath
 
 from flowar_jax.commands.sample import sample_to_workdir, settings_from
 from flowar_jax.config import validate_config
 from flowar_jax.parallel.mesh import job_slices
+from flowar_jax.runs import fs
 from flowar_jax.training.flowar_stage import train_flowar
 from flowar_jax.training.resume_check import check_config_matches_checkpoints
 from flowar_jax.training.vae_stage import train_vae
@@ -40,6 +40,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"(real held-out digits: accuracy {real['digits_accuracy']:.3f}, FD {real['digits_fd']:.3g})",
               flush=True)
   if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    fs.write_text(fs.join(workdir, REPORT_FILE), json.dumps(report, indent=1) + "\n")
   return report

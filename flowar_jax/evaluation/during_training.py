@@ -7,7 +7,6 @@ to WORKDIR/eval/<settings>/report.json, exactly as `evaluate` would write for th
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
@@ -17,6 +16,7 @@ from flax import nnx
 from flowar_jax.evaluation import runner, suite
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.runs import fs
 from flowar_jax.sampling.sampler import SamplingSettings, image_sampler
 from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.state import TrainState
@@ -39,9 +39,9 @@ def periodic_evaluation(config: ml_collections.ConfigDict, workdir: str, graphde
     sampler.set_weights(flowar, vae)
     sampling_plan = runner.SamplingPlan(num_samples=config.eval.train_num_samples, num_classes=config.model.num_classes,
                                seed=config.seed, settings=settings, use_ema=use_ema, checkpoint_step=step)
-    directory = os.path.join(workdir, "eval", sampling_plan.name)
+    directory = fs.join(workdir, "eval", sampling_plan.name)
     report = runner.evaluate_sampler(sampler, sampling_plan, setup, config, directory, batch_size=config.sampling.batch_size)
-    with MetricWriter(os.path.join(workdir, "eval")) as writer:
+    with MetricWriter(fs.join(workdir, "eval")) as writer:
       writer.write_scalars(step, {f"eval/{k}": v for k, v in report["metrics"].items()})
     if jax.process_index() == 0:
       print(f"eval at step {step}: {runner.format_metrics(report['metrics'])}", flush=True)

@@ -1,6 +1,6 @@
 """A resumable evaluation: sample with pinned seeds and labels, save shards as they come, score, report.
 
-Layout of one evaluation, WORKDIR/eval/<name>/ (the name spells out every sampling setting):
+Layout of one evaluation, WORKDIR/eval/<name>/ (local or gs://; the name spells out every sampling setting):
   sampling.json                 the settings; a resumed run must match them
   shards/shard_<index>.npz      samples as produced (see `sample_store`)
   samples_<N>x<H>x<W>x3.npz     all samples in ADM's evaluator layout (arr_0 images, arr_1 labels)
@@ -13,8 +13,6 @@ Inception Score's 5000-sample splits sees every class) and a resumed run reprodu
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 
 import jax
@@ -24,6 +22,7 @@ import numpy as np
 import flowar_jax
 from flowar_jax.evaluation.sample_store import SampleStore, adm_npz_name, export_adm_npz
 from flowar_jax.evaluation.suite import EvalSetup, compute_metrics
+from flowar_jax.runs import fs
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
 from flowar_jax.training.progress import Progress
 
@@ -59,26 +58,17 @@ class SamplingPlan:
             "labels": "sample i has class i % num_classes", "noise": "sample i draws from fold_in(key(seed), i)"}
 
 
-def _write_json(path: str, value: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _check_plan(directory: str, plan: SamplingPlan) -> None:
   """Records the plan in a new directory; in an existing one, refuses to mix samples of other settings."""
-  path = os.path.join(directory, "sampling.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      stored = json.load(f)
+  path = fs.join(directory, "sampling.json")
+  if fs.is_file(path):
+    stored = fs.read_json(path)
     differing = {k: (stored.get(k), v) for k, v in plan.record().items() if stored.get(k) != v}
     if differing:
       raise ValueError(f"{directory} holds samples of other settings ({differing}, stored vs asked): "
                        "remove it or evaluate elsewhere")
   elif jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    _write_json(path, plan.record())
+    fs.write_json(path, plan.record())
 
 
 def sample_resumably(sampler: Sampler, plan: SamplingPlan, directory: str, batch_size: int
@@ -88,7 +78,7 @@ def sample_resumably(sampler: Sampler, plan: SamplingPlan, directory: str, batch
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   _check_plan(directory, plan)
   labels = sampler.check_labels(plan.labels())
-  store = SampleStore(os.path.join(directory, "shards"))
+  store = SampleStore(fs.join(directory, "shards"))
   done = min(store.count(), plan.num_samples)
   batch_size = min(batch_size, plan.num_samples)
   if done < plan.num_samples:
@@ -110,7 +100,7 @@ def evaluate_sampler(sampler: Sampler, plan: SamplingPlan, setup: EvalSetup, con
   started = time.perf_counter()
   images, labels = sample_resumably(sampler, plan, directory, batch_size)
   sampled = time.perf_counter()
-  npz = os.path.join(directory, adm_npz_name(images))
+  npz = fs.join(directory, adm_npz_name(images))
   if jax.process_index() == 0:
     export_adm_npz(directory, images, labels)
   metrics = compute_metrics(images, labels, setup, config)
@@ -123,7 +113,7 @@ def evaluate_sampler(sampler: Sampler, plan: SamplingPlan, setup: EvalSetup, con
     from flowar_jax.evaluation.digits import baseline_report  # pylint: disable=g-import-not-at-top
     report.update(baseline_report(images, labels, config.data.eval_fraction))
   if jax.process_index() == 0:
-    _write_json(os.path.join(directory, "report.json"), report)
+    fs.write_json(fs.join(directory, "report.json"), report)
   return report
 
 

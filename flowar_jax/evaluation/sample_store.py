@@ -1,7 +1,8 @@
 """Samples of one evaluation, saved shard by shard as they are produced, so an interrupted run resumes.
 
 A shard `shard_<first index>.npz` holds `images` uint8 `[n, H, W, 3]` and `labels` `[n]` for sample indices
-first .. first + n - 1; it is written to a temporary name and renamed, so a shard on disk is always whole.
+first .. first + n - 1; it is written whole or not at all (`fs.save_npz`), so a shard found is always whole.
+The directory may be local or on gs://.
 Because sample i depends only on (seed, i), resuming continues at the first index no shard covers, with any
 batch size, and produces exactly the samples an uninterrupted run would have.
 
@@ -10,18 +11,18 @@ batch size, and produces exactly the samples an uninterrupted run would have.
 """
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
+
+from flowar_jax.runs import fs
 
 _SHARD = re.compile(r"^shard_(\d{8})\.npz$")
 
 
 def atomic_savez(path: str, **arrays: np.ndarray) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  """`np.savez` to a local or gs:// path, whole-or-nothing."""
+  fs.save_npz(path, **arrays)
 
 
 class SampleStore:
@@ -31,9 +32,7 @@ class SampleStore:
     self.directory = directory
 
   def _shards(self) -> list[tuple[int, str]]:
-    if not os.path.isdir(self.directory):
-      return []
-    found = [(int(m.group(1)), name) for name in os.listdir(self.directory) if (m := _SHARD.match(name))]
+    found = [(int(m.group(1)), name) for name in fs.listdir(self.directory) if (m := _SHARD.match(name))]
     return sorted(found)
 
   def contiguous(self) -> list[tuple[str, int]]:
@@ -42,8 +41,8 @@ class SampleStore:
     for first, name in self._shards():
       if first != expected:
         break
-      path = os.path.join(self.directory, name)
-      with np.load(path) as shard:
+      path = fs.join(self.directory, name)
+      with fs.as_path(path).open("rb") as f, np.load(f) as shard:  # reads the labels, not the images
         size = len(shard["labels"])
       out.append((path, size))
       expected += size
@@ -56,17 +55,16 @@ class SampleStore:
   def write(self, first: int, images: np.ndarray, labels: np.ndarray) -> None:
     if len(images) != len(labels):
       raise ValueError(f"a shard needs one label per image, got {len(images)} images and {len(labels)} labels")
-    os.makedirs(self.directory, exist_ok=True)
-    atomic_savez(os.path.join(self.directory, f"shard_{first:08d}.npz"), images=np.asarray(images, np.uint8),
+    atomic_savez(fs.join(self.directory, f"shard_{first:08d}.npz"), images=np.asarray(images, np.uint8),
                  labels=np.asarray(labels, np.int64))
 
   def load(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `num_samples` samples: uint8 images `[N, H, W, 3]`, labels `[N]`."""
     images, labels = [], []
     for path, _ in self.contiguous():
-      with np.load(path) as shard:
-        images.append(shard["images"])
-        labels.append(shard["labels"])
+      shard = fs.load_npz(path)
+      images.append(shard["images"])
+      labels.append(shard["labels"])
     have = sum(len(x) for x in labels)
     if have < num_samples:
       raise ValueError(f"{self.directory} holds {have} samples, fewer than the {num_samples} asked for")
@@ -79,6 +77,6 @@ def adm_npz_name(images: np.ndarray) -> str:
 
 def export_adm_npz(directory: str, images: np.ndarray, labels: np.ndarray) -> str:
   """Writes `samples_<N>x<H>x<W>x3.npz` (arr_0 images, arr_1 labels) in `directory`; returns its path."""
-  path = os.path.join(directory, adm_npz_name(images))
+  path = fs.join(directory, adm_npz_name(images))
   atomic_savez(path, arr_0=np.asarray(images, np.uint8), arr_1=np.asarray(labels, np.int64))
   return path

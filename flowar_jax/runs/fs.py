@@ -6,6 +6,12 @@ under `flowar_jax` calls `os.path` / `open` / `np.save` on a run path; it calls 
 Writes are whole-or-nothing: a local file is written under a temporary name and renamed, and a GCS object
 only appears once its upload completes. A reader therefore never sees half a file.
 
+A file that grows (metrics.jsonl, TensorBoard event files, logs) is an `AppendFile`: appended to locally, and
+on GCS, where an object cannot be appended to, kept in memory and uploaded whole from time to time.
+
+gcsfs's listing cache is off: Orbax writes checkpoints through TensorStore, other processes write to the
+same run, and a cached listing would not see their files.
+
 `STORAGE_EMULATOR_HOST` (the variable Google's client libraries read) points every part at a GCS emulator:
 gcsfs reads it itself, and `use_storage_emulator` forwards it to TensorStore, which Orbax writes through.
 """
@@ -13,14 +19,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import time
 import uuid
 from typing import Any
 
+import fsspec
 import numpy as np
 from etils import epath
 
 PathLike = str | os.PathLike
+
+fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
 
 
 def is_remote(path: PathLike) -> bool:
@@ -66,6 +77,26 @@ def listdir(path: PathLike) -> list[str]:
   if not directory.is_dir():
     return []
   return sorted(child.name for child in directory.iterdir())
+
+
+def find(path: PathLike) -> list[tuple[str, int, str]]:
+  """Every file below `path`, recursively and in no set order, as (path, size in bytes, version): each path
+  starts with `path` as given, and the version changes whenever the file is rewritten (local: its mtime in
+  ns; GCS: the object's generation). [] when there is none. On GCS this is one listing, not a request per
+  file."""
+  text = os.fspath(path)
+  if is_remote(text):
+    scheme = text.split("://", 1)[0]
+    found = fsspec.filesystem(scheme).find(text.rstrip("/"), detail=True)
+    return [(f"{scheme}://{name}", int(info["size"]), str(info.get("generation", info.get("mtime"))))
+            for name, info in found.items() if info.get("type") != "directory"]
+  out, base = [], os.path.expanduser(text)
+  for parent, _, files in os.walk(base):
+    for name in files:
+      file = os.path.join(parent, name)
+      stat = os.stat(file)
+      out.append((os.path.join(text, os.path.relpath(file, base)), stat.st_size, str(stat.st_mtime_ns)))
+  return out
 
 
 def makedirs(path: PathLike) -> None:
@@ -125,8 +156,83 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
     return {name: archive[name] for name in archive.files}
 
 
+class AppendFile:
+  """A file that only grows, on any path (metrics.jsonl, event files, logs); a new one continues what `path` holds.
+
+  Locally each `write` is appended and flushed at once. A GCS object cannot be appended to: the contents are
+  kept here and the object is rewritten whole by `flush`, and by `write` when `upload_every` seconds have
+  passed since the last upload (0: at every write). So on GCS a crash loses at most the last `upload_every`
+  seconds, and each upload sends the whole file: keep such files small (roll over to a new file) or
+  upload rarely.
+  """
+
+  def __init__(self, path: PathLike, upload_every: float = 0.0):
+    self.path = os.fspath(path)
+    self._upload_every = upload_every
+    self._remote = is_remote(self.path)
+    target = as_path(self.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if self._remote:
+      self._contents = bytearray(target.read_bytes() if target.exists() else b"")
+      self._uploaded = time.monotonic()
+      self._dirty = False
+    else:
+      self._file = open(target, "ab")  # pylint: disable=consider-using-with
+
+  @property
+  def size(self) -> int:
+    """Bytes in the file, including writes not uploaded yet."""
+    return len(self._contents) if self._remote else self._file.tell()
+
+  def write(self, data: bytes | str) -> None:
+    data = data.encode() if isinstance(data, str) else data
+    if not self._remote:
+      self._file.write(data)
+      self._file.flush()
+      return
+    self._contents.extend(data)
+    self._dirty = True
+    if time.monotonic() - self._uploaded >= self._upload_every:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self._remote:
+      self._file.flush()
+    elif self._dirty:
+      write_bytes(self.path, bytes(self._contents))
+      self._uploaded, self._dirty = time.monotonic(), False
+
+  def close(self) -> None:
+    """Uploads what is left (GCS) and closes; closing again does nothing."""
+    if self._remote:
+      self.flush()
+    elif not self._file.closed:
+      self._file.close()
+
+
+class _DropBucketTypeWarning(logging.Filter):
+  """gcsfs asks GCS's storage-control API for a bucket's layout before each operation and warns on every
+  failure; an emulator has no such API."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Could not determine bucket type" not in record.getMessage()
+
+
+_BUCKET_TYPE_FILTER = _DropBucketTypeWarning()
+
+
 def use_storage_emulator() -> None:
-  """Points TensorStore (Orbax's storage) at `$STORAGE_EMULATOR_HOST` when it is set; gcsfs reads it itself."""
+  """When `$STORAGE_EMULATOR_HOST` is set, points TensorStore (Orbax's storage) and gcsfs at that emulator.
+
+  gcsfs reads the variable itself; this also keeps it from asking for bucket layouts (an API emulators lack,
+  tried before every operation). TensorStore gets the emulator's URL and a fixed access token: without a
+  token it would look for Google credentials, and on a machine with none try the GCE metadata server.
+  Variables already set are kept. Call it before the first gs:// access (the command line does, at start).
+  """
   host = os.environ.get("STORAGE_EMULATOR_HOST")
-  if host:
-    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
+  if not host:
+    return
+  os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
+  os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
+  logging.getLogger("gcsfs").addFilter(_BUCKET_TYPE_FILTER)  # in case gcsfs was imported before

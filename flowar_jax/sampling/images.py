@@ -1,11 +1,13 @@
-"""Writing samples: PNG grids and the `samples.npz` archive."""
+"""Writing samples: PNG grids and the `samples.npz` archive, to a local or gs:// directory."""
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from flowar_jax.runs import fs
 
 GRID_MAX_IMAGES = 256
 
@@ -41,18 +43,17 @@ def write_samples(directory: str, images: np.ndarray, labels: np.ndarray, upscal
   Small images are enlarged (nearest neighbour) to at least `upscale_to` pixels so grids are viewable.
   Returns the paths written.
   """
-  os.makedirs(directory, exist_ok=True)
-  npz = os.path.join(directory, "samples.npz")
-  tmp = npz + ".tmp.npz"
-  np.savez(tmp, images=images, labels=np.asarray(labels, np.int64))
-  os.replace(tmp, npz)
+  npz = fs.join(directory, "samples.npz")
+  fs.save_npz(npz, images=images, labels=np.asarray(labels, np.int64))
   paths = [npz]
   columns = grid_columns(labels)
   for start in range(0, len(images), GRID_MAX_IMAGES):
     chunk = enlarge(images[start:start + GRID_MAX_IMAGES], upscale_to)
     grid = make_grid(chunk, columns)
     name = "grid.png" if len(images) <= GRID_MAX_IMAGES else f"grid_{start // GRID_MAX_IMAGES:03d}.png"
-    path = os.path.join(directory, name)
-    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
+    path = fs.join(directory, name)
+    png = io.BytesIO()
+    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(png, format="PNG")
+    fs.write_bytes(path, png.getvalue())
     paths.append(path)
   return paths

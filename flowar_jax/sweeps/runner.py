@@ -22,6 +22,7 @@ from etils import epath
 
 from flowar_jax.config import validate_config
 from flowar_jax.config_files import load_config, override_flags
+from flowar_jax.runs import fs
 from flowar_jax.sweeps.spec import Point, Sweep
 from flowar_jax.training.metrics import read_metrics
 from flowar_jax.training.progress import Progress
@@ -106,7 +107,7 @@ def plan(points: Sequence[Point], root: str, config_path: str, pod: str | None =
          pod_args: Sequence[str] = ()) -> list[PointRun]:
   runs = []
   for point in points:
-    workdir = os.path.join(root, point.name)
+    workdir = fs.join(root, point.name)
     command = (pod_command(pod, pod_args, config_path, workdir, point.overrides) if pod
                else train_command(config_path, workdir, point.overrides))
     runs.append(PointRun(point, workdir, command))
@@ -129,10 +130,26 @@ def _start(run: PointRun, config_path: str) -> None:
                                                 "command": shlex.join(run.command)}, indent=1))
 
 
+LOG_UPLOAD_SECONDS = 30.0  # how often a point's train.log on GCS is rewritten
+
+
+def _run_logged(command: Sequence[str], log_path: str, env: Mapping[str, str]) -> int:
+  """Runs `command`, appending its output to `log_path` (local or gs://); -> its exit status."""
+  log = fs.AppendFile(log_path, upload_every=LOG_UPLOAD_SECONDS)
+  try:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          env=env) as proc:
+      for line in proc.stdout:
+        log.write(line)
+      return proc.wait()
+  finally:
+    log.close()
+
+
 def run_local(runs: Sequence[PointRun], config_path: str, parallel: int = 1,
               env: Mapping[str, str] | None = None) -> None:
-  """Trains the unfinished points, `parallel` at a time, each logging to WORKDIR/train.log, in the
-  environment `env` (default: this process's)."""
+  """Trains the unfinished points, `parallel` at a time, each logging to WORKDIR/train.log (on GCS: uploaded
+  every `LOG_UPLOAD_SECONDS` and at the end), in the environment `env` (default: this process's)."""
   todo = [run for run in runs if run.status == "pending"]
   if not todo:
     return
@@ -140,14 +157,12 @@ def run_local(runs: Sequence[PointRun], config_path: str, parallel: int = 1,
   # Points share compiled programs where theirs match (e.g. seeds, sampling settings): a persistent
   # compilation cache in the sweep's directory, unless the environment names one.
   env = dict(os.environ if env is None else env)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(todo[0].workdir), COMPILE_CACHE))
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", fs.join(str(fs.as_path(todo[0].workdir).parent), COMPILE_CACHE))
 
   def execute(run: PointRun) -> PointRun:
     _start(run, config_path)
     started = time.perf_counter()
-    with open(os.path.join(run.workdir, LOG_FILE), "a") as log:
-      code = subprocess.run(run.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, check=False).returncode
+    code = _run_logged(run.command, fs.join(run.workdir, LOG_FILE), env)
     took = time.perf_counter() - started
     run.status = f"done in {took:.0f}s" if code == 0 else f"failed (exit {code}), see {run.point.name}/{LOG_FILE}"
     return run
@@ -174,7 +189,7 @@ def _final_metrics(workdir: str) -> dict[str, Any]:
   out: dict[str, Any] = {}
   metrics = epath.Path(workdir) / "metrics.jsonl"
   if _exists(metrics):
-    for record in read_metrics(os.fspath(metrics)):
+    for record in read_metrics(str(metrics)):
       if "loss" in record:
         out["step"], out["loss"] = record["step"], record["loss"]
   report = epath.Path(workdir) / REPORT_FILE

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -15,6 +14,7 @@ from flax import nnx
 from flowar_jax.config import flatten_config
 from flowar_jax.parallel.batch import global_batch
 from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.runs import fs
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.nonfinite import NonFiniteMonitor
@@ -83,12 +83,13 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
     Preempted: a SIGTERM arrived; the current step was checkpointed first (see `preemption`).
     NonFiniteError: `max_consecutive_nonfinite` steps in a row were skipped (see `nonfinite`).
   """
-  os.makedirs(workdir, exist_ok=True)
+  fs.use_storage_emulator()  # Orbax's TensorStore needs it for gs:// under an emulator
+  fs.makedirs(workdir)
   if plan is None:  # a config without a mesh section (e.g. a bare loop) trains on one device
     plan = ShardingPlan.from_config(config) if "mesh" in config else ShardingPlan.single_device()
   if batch_to_device is None:
     batch_to_device = lambda local: global_batch(plan, local)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
+  checkpointer = Checkpointer(fs.join(workdir, "checkpoints"), keep=keep)
   graphdef, state = create_or_restore(model_factory, tx, seed, checkpointer, data_iterator, plan)
   start = int(state.step)
   if start >= num_steps:

@@ -1,38 +1,43 @@
-"""Metric logging for training runs: JSON lines always, TensorBoard when its backend is installed.
+"""Metric logging for training runs: JSON lines and TensorBoard event files, locally or on gs://.
 
 Every `write_*` call appends one JSON object to WORKDIR/metrics.jsonl, e.g.
-`{"step": 100, "loss": 0.41, "learning_rate": 0.0001}`, flushed at once so the file survives a crash
-and can be tailed or loaded with `pandas.read_json(path, lines=True)`. Non-finite values are written
-as NaN / Infinity (Python's json reads them back).
+`{"step": 100, "loss": 0.41, "learning_rate": 0.0001}`, so it can be tailed or loaded with
+`pandas.read_json(path, lines=True)`. Non-finite values are written as NaN / Infinity (Python's json reads
+them back). A local file is flushed at every line, so it survives a crash; on GCS, where objects cannot be
+appended to, the file is uploaded whole every `UPLOAD_SECONDS` and when the writer is flushed or closed
+(see `fs.AppendFile`).
 
 TensorBoard event files (WORKDIR/tensorboard/) come through `TensorBoardWriter`, which needs only the
-`tensorboard` package (the `tensorboard` extra; no TensorFlow): every scalar of the JSON lines, each image
-grid, and the run's config as hparams. Without it the writer keeps to JSON lines and image PNGs. Only
-process 0 writes anything, so multi-host runs don't race on the same files.
+`tensorboard` package (a dependency; no TensorFlow): every scalar of the JSON lines, each image grid, and
+the run's config as hparams. Should it fail to import, a warning says so and the writer keeps to JSON lines
+and image PNGs. Only process 0 writes anything, so multi-host runs don't race on the same files.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
 from PIL import Image
 
+from flowar_jax.runs import fs
 from flowar_jax.sampling.images import make_grid
+
+UPLOAD_SECONDS = 30.0  # how often a metrics.jsonl on GCS is rewritten
 
 
 def _tensorboard_writer(logdir: str):
   """The TensorBoard event-file writer, or None when the `tensorboard` package is not installed."""
   try:
     from flowar_jax.training.tensorboard_writer import TensorBoardWriter  # pylint: disable=g-import-not-at-top
-  except ImportError as error:
-    logging.info("TensorBoard logging off (%s); metrics go to metrics.jsonl", error)
+  except ImportError as error:  # a dependency, so only a broken environment gets here
+    logging.warning("TensorBoard logging off, its package does not import (%s; `pip install tensorboard`); "
+                    "metrics go to metrics.jsonl only", error)
     return None
   except Exception as error:  # a broken tensorboard install must not stop training
     logging.warning("TensorBoard logging off, importing its backend failed: %r", error)
@@ -42,10 +47,8 @@ def _tensorboard_writer(logdir: str):
 
 def read_metrics(path: str) -> list[dict]:
   """The records of a metrics.jsonl, given the file or the run directory holding it (e.g. to plot losses)."""
-  file = epath.Path(path)
-  if file.is_dir():
-    file = file / "metrics.jsonl"
-  return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+  file = fs.join(path, "metrics.jsonl") if fs.is_dir(path) else path
+  return [json.loads(line) for line in fs.read_text(file).splitlines() if line.strip()]
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -73,19 +76,19 @@ class MetricWriter:
     self.workdir = workdir
     self.active = jax.process_index() == 0
     self._log_scalars = log_scalars
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = fs.join(workdir, "metrics.jsonl")
     self._file = None
     self._tensorboard = None
     if not self.active:
       return
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    self._file = epath.Path(self.path).open("a")  # a resumed run continues the same file
+    fs.makedirs(workdir)
+    # A resumed run continues the same file.
+    self._file = fs.AppendFile(self.path, upload_every=UPLOAD_SECONDS)
     if tensorboard:
-      self._tensorboard = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+      self._tensorboard = _tensorboard_writer(fs.join(workdir, "tensorboard"))
 
   def _append(self, record: dict) -> None:
     self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes `{"step": step, name: float(value), ...}`; values may be python, numpy or jax scalars."""
@@ -106,8 +109,6 @@ class MetricWriter:
     """
     if not self.active:
       return
-    image_dir = epath.Path(self.workdir) / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
     record, grids = {"step": int(step)}, {}
     for name, batch in images.items():
       batch = np.asarray(jax.device_get(batch))
@@ -115,9 +116,10 @@ class MetricWriter:
         raise ValueError(f"images {name!r} must be uint8 [N, H, W, C], got {batch.dtype} {batch.shape}")
       grid = make_grid(batch, columns=columns or math.ceil(math.sqrt(len(batch))))
       filename = f"{name.replace('/', '_')}_{int(step):08d}.png"
-      with (image_dir / filename).open("wb") as f:
-        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")
-      record[name] = os.path.join("images", filename)
+      png = io.BytesIO()
+      Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
+      fs.write_bytes(fs.join(self.workdir, "images", filename), png.getvalue())
+      record[name] = f"images/{filename}"
       grids[name] = grid
     self._append(record)
     if self._tensorboard is not None:

@@ -8,12 +8,12 @@ longer the run it would have been.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import ml_collections
 from absl import logging
 
+from flowar_jax.runs import fs
 from flowar_jax.training.checkpointing import Checkpointer, checkpoint_exists
 from flowar_jax.training.workdir import checkpoint_dir, vae_dir
 
@@ -91,7 +91,7 @@ def _stored(directory: str) -> tuple[int, dict] | None:
 
 def _vae_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> str:
   root = vae_dir(config, workdir)
-  return checkpoint_dir(root) if os.path.isdir(checkpoint_dir(root)) else root
+  return checkpoint_dir(root) if fs.is_dir(checkpoint_dir(root)) else root
 
 
 def check_config_matches_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -1,8 +1,8 @@
 """TensorBoard event files without TensorFlow: a clu-style metric writer on the `tensorboard` package alone.
 
 clu's SummaryWriter needs tensorflow for its event files; this writer builds the same summaries from
-tensorboard's own protos and event-file writer, so `pip install flowar_jax[tensorboard]` (tensorboard, no
-TensorFlow) is enough for the Scalars, Images, Text, Histograms and HParams dashboards:
+tensorboard's own protos and record format, so the `tensorboard` package (no TensorFlow) is enough for the
+Scalars, Images, Text, Histograms and HParams dashboards:
 
   writer = TensorBoardWriter("runs/digits/tensorboard")
   writer.write_scalars(100, {"loss": 0.41})
@@ -11,12 +11,20 @@ TensorFlow) is enough for the Scalars, Images, Text, Histograms and HParams dash
 
 It implements every method of clu's `metric_writers.interface.MetricWriter` (same names and arguments), so
 clu's MultiWriter / AsyncWriter can wrap it where clu's writers import (they need tensorflow); videos and
-audio are not written (logged once and skipped). Paths go through tensorboard's gfile: local directories,
-and gs:// / s3:// where tensorflow or fsspec with gcsfs / s3fs is installed.
+audio are not written (logged once and skipped).
+
+The log directory may be local or `gs://` (files go through `flowar_jax.runs.fs`). A GCS object cannot be
+appended to, so events go to a series of event files of at most `file_bytes` each: the open one is rewritten
+whole every `flush_secs` (and at `flush` / `close`), then the next file starts. TensorBoard reads every event
+file of a directory, in name order, which is the order they were written. Locally, each event is appended
+to the open file at once.
 """
 from __future__ import annotations
 
 import io
+import itertools
+import os
+import socket
 import time
 from typing import Any, Mapping
 
@@ -26,8 +34,12 @@ from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.plugins.text import metadata as text_metadata
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
+
+from flowar_jax.runs import fs
+
+_WRITERS = itertools.count()  # tells apart the event files of writers opened in one process in one second
 
 
 def _png(image: np.ndarray) -> summary_pb2.Summary.Image:
@@ -60,12 +72,44 @@ def _hparam_value(value: Any) -> bool | int | float | str:
   return str(value)  # tuples (e.g. model.scales) and anything else: shown as text
 
 
-class TensorBoardWriter:
-  """Writes TensorBoard summaries to one event file in `logdir` (clu's MetricWriter interface)."""
+class _EventFiles:
+  """Event files `events.out.tfevents.<time>.<host>.<pid>.<writer>.<part>` in `logdir`, a new part each time
+  the open one reaches `file_bytes`; each starts with the file-version event TensorBoard expects."""
 
-  def __init__(self, logdir: str, *, flush_secs: float = 30.0):
+  def __init__(self, logdir: str, flush_secs: float, file_bytes: int):
+    self._logdir, self._flush_secs, self._file_bytes = logdir, flush_secs, file_bytes
+    self._prefix = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+                    f"{next(_WRITERS)}")
+    self._part = 0
+    self._open()
+
+  def _open(self) -> None:
+    self._file = fs.AppendFile(fs.join(self._logdir, f"{self._prefix}.{self._part:06d}"),
+                               upload_every=self._flush_secs)
+    self._records = RecordWriter(self._file)
+    self._records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+
+  def add_event(self, event: event_pb2.Event) -> None:
+    if self._file.size >= self._file_bytes:
+      self._file.close()
+      self._part += 1
+      self._open()
+    self._records.write(event.SerializeToString())
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class TensorBoardWriter:
+  """Writes TensorBoard summaries to event files in `logdir` (clu's MetricWriter interface)."""
+
+  def __init__(self, logdir: str, *, flush_secs: float = 30.0, file_bytes: int = 4 << 20):
+    """`flush_secs`: how often the open event file on GCS is uploaded; `file_bytes`: when the next file starts."""
     self.logdir = logdir
-    self._events = EventFileWriter(logdir, flush_secs=flush_secs)
+    self._events = _EventFiles(logdir, flush_secs, file_bytes)
     self._skipped: set[str] = set()
 
   def _add(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
