@@ -107,7 +107,8 @@ def test_with_the_service_a_notice_before_the_first_step_stops_at_it(monkeypatch
   service = _Service()
   monkeypatch.setattr(preemption, "_distributed_service_running", lambda: True)
   monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", service.reached_preemption_sync_point)
+  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point",
+                      service.reached_preemption_sync_point)
   assert _stop_step(0, 40) is None  # the first stage, never signalled
   service.notice()  # e.g. while the second stage restores its checkpoint of step 20
   assert _stop_step(20, 40) == 21

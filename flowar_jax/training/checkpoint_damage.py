@@ -35,6 +35,7 @@ _STORAGE_WORDS = re.compile(
     r"|\b(429|50[0-4]) (Too Many Requests|Internal Server Error|Bad Gateway|Service Unavailable|Gateway Time-?out)"
     r"|connection (reset|refused|aborted|closed)|broken pipe|timed? ?out|CURL error", re.IGNORECASE)
 _BYTE_RANGE = re.compile(r"[Bb]yte range \[(\d+), (\d+)\) of [^\"]*\"([^\"]+)\"")
+_PATH_TAIL = r"/[^\s\"'\[\],;\\]*"  # the rest of a path inside a message: up to a quote, space or bracket
 _OCDBT_MANIFEST = "manifest.ocdbt"  # the root file of a TensorStore OCDBT database (Orbax's array store)
 _STORAGE_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                    errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EPIPE, errno.EIO, errno.ESTALE}
@@ -82,10 +83,16 @@ def _is_storage_failure(error: BaseException) -> bool:
       return True
   if type(error).__module__.startswith(("aiohttp", "google.auth")):
     return True  # gcsfs's transport and credentials: about the connection, the server or the login
-  match = _STATUS.match(str(error))
+  message = _without_spec(str(error))
+  match = _STATUS.match(message)
   if match and match.group(1) in _STORAGE_CODES:
     return True
-  return bool(_STORAGE_WORDS.search(str(error)))
+  return bool(_STORAGE_WORDS.search(message))
+
+
+def _without_spec(text: str) -> str:
+  # TensorStore appends the store's JSON spec (context options and all); only the message says what failed.
+  return text.split(" [tensorstore_spec=")[0]
 
 
 def absent(path: str) -> bool:
@@ -113,7 +120,12 @@ def _named_paths(error: BaseException, step_dir: str) -> list[str]:
   """The paths inside `step_dir` that `error`'s message (or its filename) names."""
   found = [name for name in (getattr(error, "filename", None), getattr(error, "filename2", None))
            if isinstance(name, str)]
-  found += [m.group(0).rstrip(".") for m in re.finditer(re.escape(step_dir) + r"/[^\s\"'\[\],;\\]*", str(error))]
+  text = str(error)
+  found += [m.group(0).rstrip(".") for m in re.finditer(re.escape(step_dir) + _PATH_TAIL, text)]
+  scheme, _, bare = step_dir.rpartition("://")
+  if scheme:  # gcsfs names objects without the scheme: "bucket/run/3/data/..."
+    found += [f"{scheme}://{m.group(1).rstrip('.')}" for m in re.finditer(
+        r"(?<![\w:/])(" + re.escape(bare) + _PATH_TAIL + ")", text)]
   inside = step_dir + "/"
   return list(dict.fromkeys(p for p in found if p.startswith(inside) or p == step_dir))
 
@@ -156,8 +168,7 @@ def _damage_in(error: BaseException, step_dir: str) -> str | None:
 
 
 def _first_line(text: str, limit: int = 300) -> str:
-  # TensorStore appends a long JSON spec in brackets; the message before it says what failed.
-  line = (text.strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+  line = _without_spec((text.strip().splitlines() or [""])[0])
   return line[:limit]
 
 

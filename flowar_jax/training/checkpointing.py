@@ -103,7 +103,9 @@ def _read_step(directory: str, step: int, read: Callable[[int], Any], retry: Ret
   failure, `CheckpointStorageError`."""
   delays = retry.delays()
   started = time.monotonic()
-  for attempt in range(1, retry.attempts + 1):
+  attempt = 0
+  while True:
+    attempt += 1
     try:
       problem = _damage(directory, step)
       if problem is not None:
@@ -127,10 +129,10 @@ def _read_step(directory: str, step: int, read: Callable[[int], Any], retry: Ret
             f"storage is back; if checkpoint {step} is in fact damaged, move {_step_dir(directory, step)} "
             f"away to resume from the one before it.") from error
       delay = next(delays)
-      logging.warning("reading checkpoint %d in %s failed for a storage reason (%s); retrying in %.3g s "
-                      "(try %d of %d)", step, directory, describe(error), delay, attempt + 1, retry.attempts)
+      logging.warning("reading checkpoint %d in %s failed without evidence of damage (%s), as when the storage "
+                      "fails; retrying in %.3g s (try %d of %d)", step, directory, describe(error), delay,
+                      attempt + 1, retry.attempts)
       time.sleep(delay)
-  raise AssertionError("unreachable")
 
 
 def _read_newest_first(directory: str, step: int | None, read: Callable[[int], Any],
