@@ -19,7 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from flowar_jax.training import loop
+from flowar_jax.training import loop, preemption
 from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.preemption import EXIT_CODE, Preempted, PreemptionWatcher
 from conftest import compilation_cache_env
@@ -73,6 +73,47 @@ def test_watcher_restores_the_previous_handler_and_counts_one_request():
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert EXIT_CODE == 143
+
+
+class _Service:
+  """JAX's preemption service as its runtime implements it: on a notice, every process publishes the
+  counter it last passed to `reached_preemption_sync_point`; the sync point is the largest plus one, and
+  the call with exactly that counter answers True."""
+
+  def __init__(self):
+    self.last, self.sync_point = 0, None
+
+  def notice(self):
+    self.sync_point = self.last + 1
+
+  def reached_preemption_sync_point(self, counter: int) -> bool:
+    self.last = counter
+    return counter == self.sync_point
+
+
+def _stop_step(start: int, num_steps: int) -> int | None:
+  """The step at which a training loop from `start` stops for preemption (None: it trains to the end)."""
+  with PreemptionWatcher() as watcher:
+    for step in range(start + 1, num_steps + 1):
+      if watcher.reached(step):
+        return step
+  return None
+
+
+def test_with_the_service_a_notice_before_the_first_step_stops_at_it(monkeypatch):
+  """A notice during a resumed run's start-up, or between two stages, must stop the next loop at its first step:
+  the service's sync point counts calls, and a loop that passed the step number (starting at 21 after a
+  stage that reached 40) would never meet it and train on until the scheduler kills the job."""
+  service = _Service()
+  monkeypatch.setattr(preemption, "_distributed_service_running", lambda: True)
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point",
+                      service.reached_preemption_sync_point)
+  assert _stop_step(0, 40) is None  # the first stage, never signalled
+  service.notice()  # e.g. while the second stage restores its checkpoint of step 20
+  assert _stop_step(20, 40) == 21
+  service.notice()  # mid-run: the next step
+  assert _stop_step(21, 40) == 22
 
 
 # ----------------------------------------------------------------------------- the command, killed

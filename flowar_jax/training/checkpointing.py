@@ -11,10 +11,13 @@ never leaves a partial checkpoint that looks finished, and old steps are only de
 is committed. Before any array is read, the saved tree is compared with the expected one, so a
 mismatch fails with the parameter's name and both shapes instead of deep inside Orbax.
 
-Restoring the latest checkpoint tolerates a broken one (files deleted or truncated, a step directory
-copied without Orbax's commit marker): it logs a warning naming the step and the problem and takes the
-newest checkpoint that reads back completely. A mismatch with the expected tree is not damage and
-still fails, since every older checkpoint of the run would mismatch too.
+Restoring the latest checkpoint tolerates a damaged one (files deleted or truncated, bytes that do not
+decode, a step directory copied without Orbax's commit marker): it logs a warning naming the step and the
+evidence of damage and takes the newest checkpoint that reads back completely. A read that fails for
+any other reason (the storage is unreachable, slow, refusing, or the error shows no damage; see
+`checkpoint_damage`) is retried with backoff and then stops with `CheckpointStorageError`: a storage
+outage never rolls a run back to an older step. A mismatch with the expected tree is not damage either
+and fails at once, since every older checkpoint of the run would mismatch too.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import atexit
 import json
 import os
 import threading
+import time
 from typing import Any, Callable
 
 import grain
@@ -31,6 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from flowar_jax.training.checkpoint_damage import RetryPolicy, absent, damage_shown_by, describe
 
 _STATE, _DATA, _CONFIG = "state", "data", "config"
 _MAX_LISTED = 8  # missing / unexpected keys named in an error message
@@ -42,7 +48,15 @@ class CheckpointMismatchError(ValueError):
 
 
 class UnreadableCheckpointError(ValueError):
-  """No checkpoint in the directory (or not the one asked for) reads back completely."""
+  """Every checkpoint in the directory (or the one asked for) is damaged."""
+
+
+class CheckpointStorageError(RuntimeError):
+  """A checkpoint could not be read for a storage reason (not damage), on every try; nothing fell back."""
+
+
+class _Damaged(Exception):
+  """The checkpoint being read is damaged; the message is the evidence."""
 
 
 def _absolute(directory: str) -> str:
@@ -68,41 +82,77 @@ def _resolve_step(directory: str, step: int | None) -> int:
   return step
 
 
+def _step_dir(directory: str, step: int) -> str:
+  return f"{directory.rstrip('/')}/{step}"
+
+
 def _damage(directory: str, step: int) -> str | None:
   """Why checkpoint `step` is visibly incomplete (without reading arrays), or None."""
-  step_dir = epath.Path(directory) / str(step)
-  if not (step_dir / _COMMIT_MARKER).exists():
+  step_dir = _step_dir(directory, step)
+  if absent(f"{step_dir}/{_COMMIT_MARKER}"):
     return f"it has no {_COMMIT_MARKER}, so its save never finished"
-  if not (step_dir / _STATE).is_dir():
+  if absent(f"{step_dir}/{_STATE}"):
     return f"it has no {_STATE!r} item"
+  if absent(f"{step_dir}/{_STATE}/_METADATA"):  # Orbax's tree metadata, written with every state item
+    return f"its {_STATE!r} item has no _METADATA"
   return None
 
 
-def _describe(error: BaseException) -> str:
-  first_line = (str(error).strip().splitlines() or [""])[0]
-  return f"{type(error).__name__}: {first_line[:300]}"
+def _read_step(directory: str, step: int, read: Callable[[int], Any], retry: RetryPolicy) -> Any:
+  """`read(step)`; raises `_Damaged` with the evidence of damage, or after `retry`'s tries at any other
+  failure, `CheckpointStorageError`."""
+  delays = retry.delays()
+  started = time.monotonic()
+  attempt = 0
+  while True:
+    attempt += 1
+    try:
+      problem = _damage(directory, step)
+      if problem is not None:
+        raise _Damaged(problem)
+      return read(step)
+    except (CheckpointMismatchError, _Damaged):
+      raise
+    except Exception as error:  # pylint: disable=broad-except  # Orbax / TensorStore / gcsfs raise many types
+      try:
+        problem = damage_shown_by(error, _step_dir(directory, step))
+      except Exception:  # pylint: disable=broad-except  # the evidence cannot be read either: storage
+        problem = None
+      if problem is not None:
+        raise _Damaged(f"reading it failed: {problem}") from error
+      if attempt == retry.attempts:
+        raise CheckpointStorageError(
+            f"could not read checkpoint {step} in {directory!r}: {describe(error)} (the last of {attempt} "
+            f"tries over {time.monotonic() - started:.0f} s). This is a storage problem (unreachable, slow, "
+            f"refusing, or failing without any sign of damage in the checkpoint), not a damaged checkpoint, so "
+            f"no older checkpoint was used and nothing was changed. Run the same command again once the "
+            f"storage is back; if checkpoint {step} is in fact damaged, move {_step_dir(directory, step)} "
+            f"away to resume from the one before it.") from error
+      delay = next(delays)
+      logging.warning("reading checkpoint %d in %s failed without evidence of damage (%s), as when the storage "
+                      "fails; retrying in %.3g s (try %d of %d)", step, directory, describe(error), delay,
+                      attempt + 1, retry.attempts)
+      time.sleep(delay)
 
 
 def _read_newest_first(directory: str, step: int | None, read: Callable[[int], Any],
-                       on_damaged: Callable[[int], None] = lambda step: None) -> Any:
-  """`read(step)`, or with `step=None` `read` of the newest checkpoint that reads back completely.
+                       on_damaged: Callable[[int], None] = lambda step: None,
+                       retry: RetryPolicy = RetryPolicy()) -> Any:
+  """`read(step)`, or with `step=None` `read` of the newest checkpoint that is not damaged.
 
-  A checkpoint that fails (anything but a mismatch with the expected tree) is skipped with a warning
-  naming the step and the problem, and reported to `on_damaged`; when `step` is given it is an error.
+  A damaged checkpoint is skipped with a warning naming the step and the evidence, and reported to
+  `on_damaged`; when `step` is given it is an error. Any other failure is retried per `retry`, then
+  raises `CheckpointStorageError` without trying an older checkpoint.
   """
   candidates = [_resolve_step(directory, step)] if step is not None else _finalized_steps(directory)[::-1]
   if not candidates:
     raise FileNotFoundError(f"no checkpoint in {directory!r}")
   problems = []
   for candidate in candidates:
-    problem = _damage(directory, candidate)
-    if problem is None:
-      try:
-        return read(candidate)
-      except CheckpointMismatchError:
-        raise
-      except Exception as error:  # pylint: disable=broad-except  # Orbax / TensorStore / JSON raise many types
-        problem = f"reading it failed ({_describe(error)})"
+    try:
+      return _read_step(directory, candidate, read, retry)
+    except _Damaged as damaged:
+      problem = str(damaged)
     problems.append(f"step {candidate}: {problem}")
     on_damaged(candidate)
     if step is None:
@@ -192,13 +242,17 @@ getattr(threading, "_register_atexit", atexit.register)(_finish_open_saves)
 
 
 class Checkpointer:
-  """Keeps the `keep` newest checkpoints of a training run in `directory` (created on first save)."""
+  """Keeps the `keep` newest checkpoints of a training run in `directory` (created on first save).
 
-  def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True):
+  `read_retry` says how often and how patiently a restore retries a read that fails for a storage reason.
+  """
+
+  def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True,
+               read_retry: RetryPolicy = RetryPolicy()):
     if keep is not None and keep < 1:
       raise ValueError(f"keep must be >= 1 (or None to keep every checkpoint), got {keep}")
     self.directory = _absolute(directory)
-    self._keep, self._async_save = keep, async_save
+    self._keep, self._async_save, self._read_retry = keep, async_save, read_retry
     # Reading (e.g. sampling from a run that is still training) must not disturb a writer: the writing
     # manager, which deletes old steps and a crashed save's leftovers, only starts at the first save.
     self._reader: ocp.CheckpointManager | None = None
@@ -270,8 +324,8 @@ class Checkpointer:
       abstract_state: the state's structure, e.g. `jax.eval_shape(init)`: a pytree of
         `jax.ShapeDtypeStruct` whose `.sharding` says where each array goes (so a checkpoint can be
         restored onto another mesh); leaves without one go to the first local device.
-      step: which checkpoint; None means the newest one that reads back completely (a damaged newer
-        one is skipped with a warning, and replaced when this checkpointer saves that step again).
+      step: which checkpoint; None means the newest one that is not damaged (a damaged newer one is
+        skipped with a warning, and replaced when this checkpointer saves that step again).
       data_iterator: a grain iterator, moved in place to where it was when the checkpoint was saved.
 
     Raises:
@@ -279,11 +333,13 @@ class Checkpointer:
       CheckpointMismatchError: the saved tree has other keys or shapes than `abstract_state` (names the
         first differing parameter and both shapes).
       UnreadableCheckpointError: every checkpoint (or the one asked for) is damaged.
+      CheckpointStorageError: a checkpoint could not be read for a storage reason, retried per the
+        checkpointer's `read_retry` (an older checkpoint is never used then).
     """
     self.wait()
     return _read_newest_first(self.directory, step,
                               lambda candidate: self._restore_step(candidate, abstract_state, data_iterator),
-                              on_damaged=self._damaged.add)
+                              on_damaged=self._damaged.add, retry=self._read_retry)
 
   def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     manager = self._manager()
@@ -309,7 +365,7 @@ class Checkpointer:
       values = manager.restore(candidate, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
       return ml_collections.ConfigDict(values[_CONFIG])
 
-    return _read_newest_first(self.directory, step, read)
+    return _read_newest_first(self.directory, step, read, retry=self._read_retry)
 
   def wait(self) -> None:
     """Blocks until the save in flight (if any) is written and committed."""
@@ -332,7 +388,7 @@ class Checkpointer:
 
 
 def restore_params_only(directory: str, abstract_params: Any, *, step: int | None = None,
-                        use_ema: bool = True) -> Any:
+                        use_ema: bool = True, read_retry: RetryPolicy = RetryPolicy()) -> Any:
   """Reads only `ema_params` (or `params`) of a saved TrainState, without the optimizer's structure.
 
   Args:
@@ -340,13 +396,15 @@ def restore_params_only(directory: str, abstract_params: Any, *, step: int | Non
     abstract_params: the params' structure, e.g. the nnx.State of `nnx.eval_shape(model_factory)`.
     step: which checkpoint; None means the newest one that reads back completely.
     use_ema: read the EMA weights (for sampling) rather than the raw training weights.
+    read_retry: how a read that fails for a storage reason is retried (then `CheckpointStorageError`).
 
   Returns:
     A pytree shaped like `abstract_params` holding the stored arrays.
   """
   directory = _absolute(directory)
   return _read_newest_first(directory, step,
-                            lambda candidate: _restore_params_step(directory, candidate, abstract_params, use_ema))
+                            lambda candidate: _restore_params_step(directory, candidate, abstract_params, use_ema),
+                            retry=read_retry)
 
 
 def _restore_params_step(directory: str, step: int, abstract_params: Any, use_ema: bool) -> Any:

@@ -3,15 +3,22 @@
 The loop asks `reached(step)` after every step. On one process a SIGTERM handler sets a flag, and the
 loop saves the current step and raises `Preempted`. Across processes every host must save the same step:
 when JAX's distributed runtime is up with its preemption service (the default after
-`jax.distributed.initialize`), that service catches the signal and agrees on the step with all hosts, and
-`reached` asks it instead. A second SIGTERM while the checkpoint is written changes nothing; the
-scheduler's SIGKILL after its grace period loses at most that checkpoint, and the one before is intact.
+`jax.distributed.initialize`), that service catches the signal (on any host; one is enough) and agrees on
+the step with all hosts, and `reached` asks it instead. The service collects the counter each host last
+passed to it, and answers True at exactly the largest one plus one; hosts a step apart when the signal
+comes therefore still stop together. `reached` passes it a count of its own calls in this process rather
+than the step: every host makes the same calls, and a count that starts at 1 reaches the agreed point
+even when the signal came before the loop's first step (a resumed run starts at step N > 1, or a second
+stage restarts at step 1 after the first reached N). A second SIGTERM while the checkpoint is written
+changes nothing; the scheduler's SIGKILL after its grace period loses at most that checkpoint, and the one
+before is intact.
 
 The command line exits with `EXIT_CODE` (143 = 128 + SIGTERM, what a shell reports for a process ended by
 SIGTERM) so that schedulers restart the job instead of marking it done; rerunning the same command resumes.
 """
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import types
@@ -21,6 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 EXIT_CODE = 128 + signal.SIGTERM
+_SERVICE_CALLS = itertools.count(1)  # calls to the preemption service by this process, in every loop
 
 
 class Preempted(Exception):
@@ -87,5 +95,5 @@ class PreemptionWatcher:
   def reached(self, step: int) -> bool:
     """True when training should save `step` and stop (on every host at the same step)."""
     if self._use_service:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(next(_SERVICE_CALLS))
     return self._requested
