@@ -244,15 +244,12 @@ def _sampler_program(config: ml_collections.ConfigDict, plan: ShardingPlan) -> P
                  "--config.sampling.batch_size")
 
 
-def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True,
-                         log: Callable[[str], None] | None = None) -> CompileReport:
-  """Compiles what `config` trains (and the sampler) for `topology` and measures it; see the module doc.
-
-  `log`, when given, gets a line as each program is lowered and as each is compiled.
+def topology_plan(config: ml_collections.ConfigDict, topology: str) -> ShardingPlan:
+  """The sharding plan of `config.mesh` over the chips of `topology` (described by libtpu; nothing allocated).
 
   Raises ValueError for a malformed topology or a config that does not suit its chips (batch or mesh sizes).
   """
-  generation, _ = parse_topology(topology)
+  parse_topology(topology)
   _quiet_libtpu()
   try:
     description = topologies.get_topology_desc(platform="tpu", topology_name=topology)
@@ -262,14 +259,33 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sa
   chips = len(description.devices)
   validate_config(config, chips, num_slices=1)
   ici, _ = resolve_mesh_shape(config.mesh, chips, 1)
-  plan = ShardingPlan(topologies.make_mesh(description, ici, MESH_AXES), logical.parse_rules(config.sharding.rules))
+  return ShardingPlan(topologies.make_mesh(description, ici, MESH_AXES), logical.parse_rules(config.sharding.rules))
+
+
+def programs_for(config: ml_collections.ConfigDict, plan: ShardingPlan, *, sampler: bool = True) -> list[Program]:
+  """The training step(s) of `config.stage` and, for a FlowAR stage, the sampler, over `plan`."""
   programs = _train_programs(config, plan)
   if sampler and config.stage in ("flowar", "both"):
     programs.append(_sampler_program(config, plan))
+  return programs
+
+
+def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True,
+                         log: Callable[[str], None] | None = None) -> CompileReport:
+  """Compiles what `config` trains (and the sampler) for `topology` and measures it; see the module doc.
+
+  `log`, when given, gets a line as each program is lowered and as each is compiled.
+
+  Raises ValueError for a malformed topology or a config that does not suit its chips (batch or mesh sizes).
+  """
+  generation, _ = parse_topology(topology)
+  plan = topology_plan(config, topology)
+  chips = plan.mesh.size
+  programs = programs_for(config, plan, sampler=sampler)
   log = log or (lambda line: None)
   lowered = [_lower(p, log) for p in programs]  # all first: a tracing error surfaces before any long compile
   reports = [_compile(p, *lowered_p, chips, log) for p, lowered_p in zip(programs, lowered)]
-  return CompileReport(topology, chips, dict(zip(MESH_AXES, ici)), config.model.remat,
+  return CompileReport(topology, chips, dict(plan.mesh.shape), config.model.remat,
                        HBM_GIB[generation] * _GIB, reports, scanned=bool(config.model.scan_blocks))
 
 
