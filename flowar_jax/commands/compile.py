@@ -12,7 +12,11 @@ builds it. For each program it reports, per chip:
   FLOPs   XLA's cost_analysis() of the per-chip program, times the chips: FLOPs per step, including
           the frozen VAE encoder (unless latents are cached), elementwise work and remat recomputation
 
-and, for the FlowAR training step, the analytic model FLOPs (`flowar_jax.models.flops`).
+and, for the FlowAR training step, the analytic model FLOPs (`flowar_jax.models.flops`), and the seconds
+this host took to lower (trace) and to compile each program. Every program is lowered before any is
+compiled, so a program that cannot be traced fails in seconds rather than after the others' compiles.
+The sampler runs its blocks without rematerialisation whatever `config.model.remat` says (nothing in it is
+differentiated), so its program is the same under every remat policy.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import glob
 import math
 import os
 import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -81,11 +86,17 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """A program to compile: `lower()` lowers it for `args` (abstract, sharded) at `batch_size`."""
+  """A program to compile: `lower()` lowers it for `args` (abstract, sharded) at `batch_size`.
+
+  `batch_flag` is the config flag that sets its batch; `remat` whether `config.model.remat` changes it (the
+  FlowAR train step: its backbone and flow-head blocks are rematerialised; the VAE and the sampler are not).
+  """
   name: str
   lower: Callable[[], jax.stages.Lowered]
   args: Any
   batch_size: int
+  batch_flag: str
+  remat: bool = False
   model_flops: float | None = None  # analytic, per step, all chips
 
 
@@ -101,7 +112,10 @@ class ProgramReport:
   temp_bytes: int
   flops_per_chip: float
   chips: int
-  compile_seconds: float
+  lower_seconds: float  # tracing and lowering to StableHLO, on this host
+  compile_seconds: float  # XLA's compile for the topology, on this host
+  batch_flag: str = "--config.batch_size"
+  remat: bool = False
   model_flops: float | None = None
   compiled: bool = True
 
@@ -138,8 +152,19 @@ def _per_chip_bytes(args: Any) -> int:
   return total
 
 
-def _compile(program: Program, chips: int) -> ProgramReport:
+def _lower(program: Program, log: Callable[[str], None]) -> tuple[jax.stages.Lowered, float]:
+  start = time.perf_counter()
   lowered = program.lower()
+  seconds = time.perf_counter() - start
+  log(f"{program.name}: lowered in {seconds:.2f} s")
+  return lowered, seconds
+
+
+def _compile(program: Program, lowered: jax.stages.Lowered, lower_seconds: float, chips: int,
+             log: Callable[[str], None]) -> ProgramReport:
+  report = functools.partial(ProgramReport, program.name, program.batch_size, chips=chips,
+                             lower_seconds=lower_seconds, batch_flag=program.batch_flag, remat=program.remat,
+                             model_flops=program.model_flops)
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -147,18 +172,20 @@ def _compile(program: Program, chips: int) -> ProgramReport:
     match = _COMPILER_OOM.search(str(e))
     if not match:
       raise
+    seconds = time.perf_counter() - start
+    log(f"{program.name}: the compiler stopped at its HBM limit after {seconds:.2f} s")
     temp = int(float(match.group(1)) * 1024 ** ("KMGT".index(match.group(2)) + 1))
-    return ProgramReport(program.name, program.batch_size, _per_chip_bytes(program.args), 0, 0, temp,
-                         float("nan"), chips, time.perf_counter() - start, program.model_flops, compiled=False)
+    return report(argument_bytes=_per_chip_bytes(program.args), output_bytes=0, alias_bytes=0, temp_bytes=temp,
+                  flops_per_chip=float("nan"), compile_seconds=seconds, compiled=False)
   seconds = time.perf_counter() - start
+  log(f"{program.name}: compiled in {seconds:.2f} s")
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0]
-  return ProgramReport(program.name, program.batch_size, int(memory.argument_size_in_bytes),
-                       int(memory.output_size_in_bytes), int(memory.alias_size_in_bytes),
-                       int(memory.temp_size_in_bytes), float(cost.get("flops", 0.0)), chips, seconds,
-                       program.model_flops)
+  return report(argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+                alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+                flops_per_chip=float(cost.get("flops", 0.0)), compile_seconds=seconds)
 
 
 def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> list[Program]:
@@ -169,14 +196,16 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
     return {key: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
             for key, (shape, dtype) in shapes.items()}
 
-  def step_program(name, model_factory, tx, schedule, ema_decay, loss_fn, batch, context, model_flops=None):
+  def step_program(name, batch_flag, model_factory, tx, schedule, ema_decay, loss_fn, batch, context, remat=False,
+                   model_flops=None):
     state = plan.abstract(jax.eval_shape(lambda: init_train_state(model_factory(), tx, config.seed)))
     graphdef, _ = split_params(nnx.eval_shape(model_factory))
     step = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule, plan=plan,
                            state_shardings=jax.tree.map(lambda x: x.sharding, state),
                            context_shardings=jax.tree.map(lambda x: x.sharding, context))
     args = (state, batch, context)
-    return Program(name, lambda: step.lower(*args), args, jax.tree.leaves(batch)[0].shape[0], model_flops)
+    return Program(name, lambda: step.lower(*args), args, jax.tree.leaves(batch)[0].shape[0], batch_flag, remat,
+                   model_flops)
 
   size, channels = config.data.image_size, config.vae.in_channels
   images = ((size, size, channels), jnp.float32)
@@ -185,8 +214,8 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
   if config.stage in ("vae", "both"):
     tx, schedule = vae_stage.vae_optimizer(config.vae.train)
     programs.append(step_program(
-        "vae train step", functools.partial(vae_stage.VAETrainable, config, config.seed), tx, schedule,
-        vae_stage.VAE_EMA_DECAY, vae_stage.vae_stage_loss(config.vae.train),
+        "vae train step", "--config.vae.train.batch_size",
+        functools.partial(vae_stage.VAETrainable, config, config.seed), tx, schedule, vae_stage.VAE_EMA_DECAY, vae_stage.vae_stage_loss(config.vae.train),
         batch_of(config.vae.train.batch_size, image=images, label=labels), None))
   if config.stage in ("flowar", "both"):
     vae_graphdef, vae_params = split_params(nnx.eval_shape(functools.partial(build_vae, config)))
@@ -198,9 +227,9 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
     else:
       batch = batch_of(config.batch_size, image=images, label=labels)
     programs.append(step_program(
-        "flowar train step", functools.partial(build_flowar, config, config.seed), tx, schedule,
-        config.optimizer.ema_decay, flowar_stage.flowar_loss_fn(vae_graphdef, config), batch,
-        plan.abstract(vae_params), float(flops.training_flops_per_step(config))))
+        "flowar train step", "--config.batch_size", functools.partial(build_flowar, config, config.seed), tx,
+        schedule, config.optimizer.ema_decay, flowar_stage.flowar_loss_fn(vae_graphdef, config), batch,
+        plan.abstract(vae_params), remat=True, model_flops=float(flops.training_flops_per_step(config))))
   return programs
 
 
@@ -211,16 +240,16 @@ def _sampler_program(config: ml_collections.ConfigDict, plan: ShardingPlan) -> P
   sampler = Sampler(model, settings_from(config), decode=lambda v, z: decode_from_latents(v, z, scale),
                     decoder_module=vae, plan=plan)
   batch = round_up_to_data_parallel(plan, config.sampling.batch_size)
-  return Program("sampler", lambda: sampler.lower(batch), sampler.lower_args(batch), batch)
+  return Program("sampler", lambda: sampler.lower(batch), sampler.lower_args(batch), batch,
+                 "--config.sampling.batch_size")
 
 
-def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True
-                         ) -> CompileReport:
-  """Compiles what `config` trains (and the sampler) for `topology` and measures it; see the module doc.
+def topology_plan(config: ml_collections.ConfigDict, topology: str) -> ShardingPlan:
+  """The sharding plan of `config.mesh` over the chips of `topology` (described by libtpu; nothing allocated).
 
   Raises ValueError for a malformed topology or a config that does not suit its chips (batch or mesh sizes).
   """
-  generation, _ = parse_topology(topology)
+  parse_topology(topology)
   _quiet_libtpu()
   try:
     description = topologies.get_topology_desc(platform="tpu", topology_name=topology)
@@ -230,13 +259,34 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sa
   chips = len(description.devices)
   validate_config(config, chips, num_slices=1)
   ici, _ = resolve_mesh_shape(config.mesh, chips, 1)
-  plan = ShardingPlan(topologies.make_mesh(description, ici, MESH_AXES), logical.parse_rules(config.sharding.rules))
+  return ShardingPlan(topologies.make_mesh(description, ici, MESH_AXES), logical.parse_rules(config.sharding.rules))
+
+
+def programs_for(config: ml_collections.ConfigDict, plan: ShardingPlan, *, sampler: bool = True) -> list[Program]:
+  """The training step(s) of `config.stage` and, for a FlowAR stage, the sampler, over `plan`."""
   programs = _train_programs(config, plan)
   if sampler and config.stage in ("flowar", "both"):
     programs.append(_sampler_program(config, plan))
-  return CompileReport(topology, chips, dict(zip(MESH_AXES, ici)), config.model.remat,
-                       HBM_GIB[generation] * _GIB, [_compile(p, chips) for p in programs],
-                       scanned=bool(config.model.scan_blocks))
+  return programs
+
+
+def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True,
+                         log: Callable[[str], None] | None = None) -> CompileReport:
+  """Compiles what `config` trains (and the sampler) for `topology` and measures it; see the module doc.
+
+  `log`, when given, gets a line as each program is lowered and as each is compiled.
+
+  Raises ValueError for a malformed topology or a config that does not suit its chips (batch or mesh sizes).
+  """
+  generation, _ = parse_topology(topology)
+  plan = topology_plan(config, topology)
+  chips = plan.mesh.size
+  programs = programs_for(config, plan, sampler=sampler)
+  log = log or (lambda line: None)
+  lowered = [_lower(p, log) for p in programs]  # all first: a tracing error surfaces before any long compile
+  reports = [_compile(p, *lowered_p, chips, log) for p, lowered_p in zip(programs, lowered)]
+  return CompileReport(topology, chips, dict(plan.mesh.shape), config.model.remat,
+                       HBM_GIB[generation] * _GIB, reports, scanned=bool(config.model.scan_blocks))
 
 
 def format_report(report: CompileReport) -> str:
@@ -245,19 +295,37 @@ def format_report(report: CompileReport) -> str:
   lines = [f"topology {report.topology}: {report.chips} chips, {report.hbm_capacity_bytes / _GIB:.0f} GiB HBM "
            f"per chip; mesh {mesh}; remat {report.remat}",
            f"{'program':<20}{'batch':>7}{'HBM/chip GiB':>14}{'args':>8}{'temps':>8}{'FLOPs/step':>12}"
-           f"{'model FLOPs':>13}{'compile s':>11}  fits"]
+           f"{'model FLOPs':>13}{'lower s':>9}{'compile s':>11}  fits"]
   for p in report.programs:
     model = f"{p.model_flops:.3g}" if p.model_flops else "-"
     fits = "yes" if p.compiled and p.hbm_bytes <= report.hbm_capacity_bytes else "NO"
     hbm = f"{p.hbm_bytes / _GIB:.2f}" + ("" if p.compiled else "+")
     lines.append(f"{p.name:<20}{p.batch_size:>7}{hbm:>14}{p.argument_bytes / _GIB:>8.2f}"
-                 f"{p.temp_bytes / _GIB:>8.2f}{p.flops_per_step:>12.3g}{model:>13}{p.compile_seconds:>11.1f}  {fits}")
+                 f"{p.temp_bytes / _GIB:>8.2f}{p.flops_per_step:>12.3g}{model:>13}{p.lower_seconds:>9.2f}"
+                 f"{p.compile_seconds:>11.2f}  {fits}")
   if report.scanned:
     lines.append("scan_blocks: XLA's cost analysis counts each scanned block once, not once per layer, so FLOPs/step "
                  "is a lower bound (model FLOPs are analytic)")
+  lines.append("lower s, compile s: seconds on this host to trace and lower, and to compile, each program")
   if not all(p.compiled for p in report.programs):
     lines.append("+ the TPU compiler stopped at its HBM limit: the temporaries alone exceed it (outputs not counted)")
   return "\n".join(lines)
+
+
+def advice(report: CompileReport, program: ProgramReport) -> list[str]:
+  """What would shrink `program` that `report`'s config does not already do, each with its flags.
+
+  Remat is offered only for a program it changes (the FlowAR train step) and only below `full`; sharding the
+  state only when the mesh does not already put every chip on fsdp.
+  """
+  options = []
+  if program.remat and report.remat != "full":
+    options.append("turn on rematerialisation (--config.model.remat=full)" if report.remat == "none" else
+                   f"rematerialise more than {report.remat} (--config.model.remat=full)")
+  if report.mesh.get("fsdp") != report.chips:
+    options.append("shard the state (--config.mesh.fsdp=-1 --config.mesh.data=1)")
+  options.append(f"lower the batch ({program.batch_flag})")
+  return options + ["use more chips"]
 
 
 def check_fits(report: CompileReport) -> None:
@@ -265,16 +333,17 @@ def check_fits(report: CompileReport) -> None:
   too_big = [p for p in report.programs if not p.compiled or p.hbm_bytes > report.hbm_capacity_bytes]
   if too_big:
     worst = max(too_big, key=lambda p: p.hbm_bytes)
+    options = advice(report, worst)
     raise DoesNotFit(
         f"{worst.name} needs {'more than ' if not worst.compiled else ''}{worst.hbm_bytes / _GIB:.1f} GiB of HBM "
-        f"per chip but a {report.topology} chip has {report.hbm_capacity_bytes / _GIB:.0f} GiB: turn on "
-        f"rematerialisation (--config.model.remat=full), shard the state (--config.mesh.fsdp=-1 "
-        f"--config.mesh.data=1), lower the batch, or use more chips")
+        f"per chip but a {report.topology} chip has {report.hbm_capacity_bytes / _GIB:.0f} GiB: "
+        f"{', '.join(options[:-1])}, or {options[-1]}")
 
 
 def run(config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True) -> CompileReport:
   """Compiles, prints the table, and raises DoesNotFit (naming need vs capacity) when a program does not fit."""
-  report = compile_for_topology(config, topology, sampler=sampler)
+  report = compile_for_topology(config, topology, sampler=sampler,
+                                log=lambda line: print(line, file=sys.stderr, flush=True))
   print(format_report(report), flush=True)
   check_fits(report)
   return report

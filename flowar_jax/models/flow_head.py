@@ -134,8 +134,10 @@ class FlowHead(nnx.Module):
     time, computed once per scale by the sampler rather than at every ODE step."""
     return z, constrain(self.cond_embed(z), TOKENS)
 
-  def velocity(self, x_t: jax.Array, t: jax.Array, conditioning: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """`__call__` from `conditioning(z)`."""
+  def velocity(self, x_t: jax.Array, t: jax.Array, conditioning: tuple[jax.Array, jax.Array], *,
+               remat: bool = True) -> jax.Array:
+    """`__call__` from `conditioning(z)`. `remat=False` runs the blocks without rematerialisation, for
+    callers that never differentiate (the sampler): the same values and the same program whatever the policy."""
     z, c = conditioning
     side = math.isqrt(x_t.shape[1])
     if side * side != x_t.shape[1]:
@@ -143,6 +145,6 @@ class FlowHead(nnx.Module):
     cos, sin = rope_tables(side, self.rope_grid, self.head_dim)
     x = constrain(self.input_proj(x_t), TOKENS)
     t_emb = self.time_embed(t)[:, None]
-    x = run_blocks(self.res_blocks, x, t_emb, c, z, cos, sin, remat_policy=self.remat_policy,
+    x = run_blocks(self.res_blocks, x, t_emb, c, z, cos, sin, remat_policy=self.remat_policy if remat else "none",
                    scan=self.scan_blocks, names=TOKENS)
     return self.final_layer(x, c + t_emb)

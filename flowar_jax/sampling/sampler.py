@@ -101,8 +101,8 @@ def _sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings:
     cfg_k = settings.cfg_at(k, schedule.num_scales)
     head = model.flownet
     z_uncond = head.conditioning(z[b:]) if use_cfg and cfg_k != 1.0 else None
-    x = integrate(head.velocity, x0, head.conditioning(z[:b]), z_uncond, cfg_k, grid, settings.guidance,
-                  settings.solver)
+    velocity = functools.partial(head.velocity, remat=False)  # nothing here is differentiated
+    x = integrate(velocity, x0, head.conditioning(z[:b]), z_uncond, cfg_k, grid, settings.guidance, settings.solver)
     if k == schedule.num_scales - 1:
       break
     side = schedule.sides[k]
