@@ -1,18 +1,23 @@
 """VAR: parameter counts of the published sizes, the scale-causal transformer, its KV-cached sampler, the
 multi-scale VQVAE, the categorical sampling rules and the state-dict conversion (all on a CPU, no torch)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from flowar_jax.config_files import load_config
 from flowar_jax.convert.var import load_var, load_vqvae, var_state_dict, vqvae_state_dict
 from flowar_jax.heads import CategoricalSampling, filter_top_k_top_p, guided_logits, gumbel_softmax, sample_from_uniform
 from flowar_jax.models.params import flat_params
 from flowar_jax.models.var import VAR, sample, sampling_draws
+from flowar_jax.models.var_presets import build_tokenizer, build_var, check_config, sampling_settings
 from flowar_jax.scales.resize import area_resize, bicubic_resize
 from flowar_jax.tokenizers import MultiScaleVQVAE, phi_index
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SCALES = (1, 2, 4)
 TINY_VAR = dict(depth=2, width=32, num_heads=2, num_classes=5, vocab_size=16, cvae=4, patch_nums=TINY_SCALES)
 # ch_mult (1, 2): stride 2, so the last scale 4 is an 8 px image.
@@ -266,3 +271,21 @@ def test_vqvae_state_dict_round_trip(tiny):
   sd["quantize.embedding.weight"] = np.zeros((8, 4))
   with pytest.raises(ValueError, match="quantize.embedding.weight"):
     load_vqvae(sd, TINY_VQ)
+
+
+@pytest.mark.parametrize("name,depth", [("var_d16", 16), ("var_d20", 20), ("var_d24", 24), ("var_d30", 30),
+                                        ("var_digits", 2)])
+def test_configs_build(name, depth):
+  config = load_config(os.path.join(_REPO, "configs", f"{name}.py"))
+  check_config(config)
+  var = nnx.eval_shape(lambda: build_var(config, nnx.Rngs(0)))
+  vq = nnx.eval_shape(lambda: build_tokenizer(config, nnx.Rngs(0)))
+  assert (var.depth, var.width, var.num_heads) == (depth, 64 * depth, depth)
+  assert vq.patch_nums == var.schedule.sides and sampling_settings(config).top_k <= var.vocab_size
+  assert vq.patch_nums[-1] * vq.downsample == config.data.image_size
+
+
+def test_config_mismatch_is_named():
+  config = load_config(os.path.join(_REPO, "configs", "var_digits.py"), {"model.cvae": 16, "sampling.top_k": 100})
+  with pytest.raises(ValueError, match=r"z_channels 8 != model.cvae 16.*top_k 100 exceeds"):
+    check_config(config)
