@@ -25,7 +25,10 @@ side, by the same draws that ours consumes: a token is the first vocabulary entr
 exceeds u * total, and the exponential draw is -log(u). Everything else runs as the official code has it.
 
 Errors are max|ours - official| / max|official|; the check passes when every relative error is at most --tol
-(1e-4) and every token count is 0. Runs: 'reduced' = three small VARs (depth 2 with attn_l2_norm, with shared
+(1e-4) and every token count is 0, except `smooth_image`, held to the tolerance or, where larger, twice the
+official code's own float32-vs-float64 spread on that sample (`official_smooth_f32_vs_f64`, a diagnostic: the
+official smooth sampler rerun in float64 from the same draws; the Gumbel softmax at temperature ~0.01 turns
+float32 rounding of the logits into visible changes of the code mixture). Runs: 'reduced' = three small VARs (depth 2 with attn_l2_norm, with shared
 adaLN, and without attn_l2_norm) on a 32-channel VQVAE with scales (1, 2, 3, 4) on 64 px; 'd16' = VAR-d16 with
 the full `vae_ch160v4096z32` on 256 px (about 5 GB of memory on each side).
 """
@@ -44,7 +47,9 @@ import types
 import numpy as np
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKEN_METRICS = ("encode", "sample", "smooth")
+TOKEN_METRICS = ("encode", "sample", "smooth", "official_smooth_f64_tokens")
+# The official code against itself: how far float32 rounding alone moves a smooth sample. Not checks.
+DIAGNOSTIC = ("official_smooth_f32_vs_f64", "official_smooth_f64_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +218,14 @@ def official_side(official: str, run: Run, seed: int, out_path: str) -> None:
   for prefix, module in (("vae", vae), ("var", var)):
     for k, v in module.state_dict().items():
       out[f"{prefix}/{k}"] = v.detach().cpu().numpy()
+  # Diagnostic: the official smooth sampler in float64 against its own float32 run, same draws.
+  var.double()
+  vae.double()
+  n = len(lengths)
+  tokens, img = _official_sample(var_mod, var, labels, [out[f"smooth_u/{i}"] for i in range(n)],
+                                 [out[f"smooth_g/{i}"] for i in range(n)], cfg=run.smooth_cfg, top_k=run.top_k,
+                                 top_p=run.smooth_top_p, more_smooth=True)
+  out["smooth_f64_tokens"], out["smooth_f64_image"] = tokens, img.astype(np.float32)
   np.savez(out_path, **out)
 
 
@@ -220,8 +233,8 @@ def official_side(official: str, run: Run, seed: int, out_path: str) -> None:
 
 
 def our_side(run: Run, data) -> dict[str, float]:
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from flowar_jax.convert.var import load_var, load_vqvae  # pylint: disable=g-import-not-at-top
   from flowar_jax.heads import CategoricalSampling  # pylint: disable=g-import-not-at-top
   from flowar_jax.models.var import sample  # pylint: disable=g-import-not-at-top
@@ -242,7 +255,8 @@ def our_side(run: Run, data) -> dict[str, float]:
   out["tf_input"] = rel_err(vq.quantize.teacher_forcing_input(theirs_idx), data["tf_input"])
   out["decode"] = rel_err(vq.decode(theirs_idx), nhwc(data["decode"]))
   out["reconstruct"] = rel_err(vq.reconstruct(jnp.asarray(nhwc(data["images"]))), nhwc(data["reconstruct"]))
-  out["logits"] = rel_err(jax.jit(lambda x: var(labels, x))(jnp.asarray(data["tf_input"])), data["logits"])
+  forward = nnx.jit(lambda model, x: model(labels, x))  # weights as arguments, not baked-in constants
+  out["logits"] = rel_err(forward(var, jnp.asarray(data["tf_input"])), data["logits"])
   for name, cfg, top_p, smooth in (("sample", run.cfg, run.top_p, False),
                                    ("smooth", run.smooth_cfg, run.smooth_top_p, True)):
     settings = CategoricalSampling(cfg=cfg, top_k=run.top_k, top_p=top_p, more_smooth=smooth)
@@ -253,13 +267,25 @@ def our_side(run: Run, data) -> dict[str, float]:
     out[name] = int(np.sum(tokens != data[f"{name}_tokens"]))
     image = (vq.decode_fhat(result.f_hat) + 1) * 0.5
     out[f"{name}_image"] = rel_err(image, nhwc(data[f"{name}_image"]))
+  out["official_smooth_f32_vs_f64"] = rel_err(data["smooth_image"], data["smooth_f64_image"])
+  out["official_smooth_f64_tokens"] = int(np.sum(data["smooth_f64_tokens"] != data["smooth_tokens"]))
   return out
 
 
-def _worst(results: dict[str, dict[str, float]]) -> tuple[float, int]:
-  errs = [v for r in results.values() for k, v in r.items() if k not in TOKEN_METRICS]
-  counts = [v for r in results.values() for k, v in r.items() if k in TOKEN_METRICS]
-  return max(errs), int(sum(counts))
+def bound(result: dict[str, float], metric: str, tol: float) -> float:
+  """The largest passing value: 0 differing tokens; `tol` for relative errors, except a smooth sample's image,
+  held to `tol` or, where larger, twice the official code's own float32-vs-float64 spread on it (the Gumbel
+  softmax at temperature ~0.01 amplifies float32 rounding of the logits; see docs/var.md)."""
+  if metric in TOKEN_METRICS:
+    return 0
+  if metric == "smooth_image" and "official_smooth_f32_vs_f64" in result:
+    return max(tol, 2 * result["official_smooth_f32_vs_f64"])
+  return tol
+
+
+def failures(results: dict[str, dict[str, float]], tol: float) -> list[str]:
+  return [f"{name} {k}" for name, r in results.items() for k, v in r.items()
+          if k not in DIAGNOSTIC and v > bound(r, k, tol)]
 
 
 def table(results: dict[str, dict[str, float]], tol: float) -> str:
@@ -269,11 +295,10 @@ def table(results: dict[str, dict[str, float]], tol: float) -> str:
   for metric in metrics:
     fmt = (lambda v: f"{v} differ") if metric in TOKEN_METRICS else (lambda v: f"{v:.1e}")
     cells = [fmt(results[n][metric]) if metric in results[n] else "-" for n in names]
-    lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-  worst, differing = _worst(results)
-  ok = worst <= tol and differing == 0
-  lines.append(f"\nmax relative error {worst:.1e}, differing tokens {differing}: {'PASS' if ok else 'FAIL'} "
-               f"(tolerance {tol:.0e})")
+    lines.append(f"| {metric}{' (diagnostic)' if metric in DIAGNOSTIC else ''} | " + " | ".join(cells) + " |")
+  failed = failures(results, tol)
+  lines.append(f"\n{'PASS' if not failed else 'FAIL: ' + ', '.join(failed)} (tolerance {tol:.0e}; tokens must "
+               "match exactly)")
   return "\n".join(lines)
 
 
@@ -317,8 +342,7 @@ def main() -> None:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
-  worst, differing = _worst(results)
-  if worst > args.tol or differing:
+  if failures(results, args.tol):
     sys.exit(1)
 
 

@@ -30,7 +30,10 @@ def _count(build) -> float:
 
 @pytest.mark.parametrize("depth,millions", [(16, 310.28), (20, 600.92), (24, 1033.40), (30, 2010.02)])
 def test_published_var_sizes(depth, millions):
-  assert round(_count(lambda: VAR(depth=depth, rngs=nnx.Rngs(0))), 2) == millions
+  """The preset files build the published sizes (as the official code counts them)."""
+  config = load_config(os.path.join(_REPO, "configs", f"var_d{depth}.py"))
+  check_config(config)
+  assert round(_count(lambda: build_var(config, nnx.Rngs(0))), 2) == millions
 
 
 def test_published_vqvae_size():
@@ -122,8 +125,11 @@ def test_sampling_is_a_function_of_the_draws(tiny):
   assert (run(0) != run(1)).any()
   smooth = CategoricalSampling(cfg=2.0, top_k=8, top_p=0.9, more_smooth=True)
   draws = sampling_draws(jax.random.key(0), 2, TINY_SCALES, 16, True)
-  a, b = (sample(var, vq.quantize, labels, smooth, draws) for _ in range(2))
-  np.testing.assert_array_equal(a.f_hat, b.f_hat)
+  eager = sample(var, vq.quantize, labels, smooth, draws)
+  jitted = nnx.jit(lambda v, q, d: sample(v, q, labels, smooth, d))(var, vq.quantize, draws)
+  for a, b in zip(eager.tokens, jitted.tokens):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(eager.f_hat, jitted.f_hat, atol=1e-5)
   with pytest.raises(ValueError, match="gumbel"):
     sample(var, vq.quantize, labels, smooth, (draws[0], None))
 
@@ -273,8 +279,7 @@ def test_vqvae_state_dict_round_trip(tiny):
     load_vqvae(sd, TINY_VQ)
 
 
-@pytest.mark.parametrize("name,depth", [("var_d16", 16), ("var_d20", 20), ("var_d24", 24), ("var_d30", 30),
-                                        ("var_digits", 2)])
+@pytest.mark.parametrize("name,depth", [("var_d16", 16), ("var_digits", 2)])
 def test_configs_build(name, depth):
   config = load_config(os.path.join(_REPO, "configs", f"{name}.py"))
   check_config(config)
