@@ -222,9 +222,14 @@ def official_side(official: str, run: Run, seed: int, out_path: str) -> None:
   var.double()
   vae.double()
   n = len(lengths)
-  tokens, img = _official_sample(var_mod, var, labels, [out[f"smooth_u/{i}"] for i in range(n)],
-                                 [out[f"smooth_g/{i}"] for i in range(n)], cfg=run.smooth_cfg, top_k=run.top_k,
-                                 top_p=run.smooth_top_p, more_smooth=True)
+  to_float = torch.Tensor.float
+  torch.Tensor.float = lambda self, *a, **k: self  # the official head casts to float32
+  try:
+    tokens, img = _official_sample(var_mod, var, labels, [out[f"smooth_u/{i}"] for i in range(n)],
+                                   [out[f"smooth_g/{i}"] for i in range(n)], cfg=run.smooth_cfg, top_k=run.top_k,
+                                   top_p=run.smooth_top_p, more_smooth=True)
+  finally:
+    torch.Tensor.float = to_float
   out["smooth_f64_tokens"], out["smooth_f64_image"] = tokens, img.astype(np.float32)
   np.savez(out_path, **out)
 
