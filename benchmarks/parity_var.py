@@ -28,9 +28,11 @@ Errors are max|ours - official| / max|official|; the check passes when every rel
 (1e-4) and every token count is 0, except `smooth_image`, held to the tolerance or, where larger, twice the
 official code's own float32-vs-float64 spread on that sample (`official_smooth_f32_vs_f64`, a diagnostic: the
 official smooth sampler rerun in float64 from the same draws; the Gumbel softmax at temperature ~0.01 turns
-float32 rounding of the logits into visible changes of the code mixture). Runs: 'reduced' = three small VARs (depth 2 with attn_l2_norm, with shared
-adaLN, and without attn_l2_norm) on a 32-channel VQVAE with scales (1, 2, 3, 4) on 64 px; 'd16' = VAR-d16 with
-the full `vae_ch160v4096z32` on 256 px (about 5 GB of memory on each side).
+float32 rounding of the logits into visible changes of the code mixture).
+
+Runs: 'reduced' = three small VARs (depth 2 with attn_l2_norm, with shared adaLN, and without attn_l2_norm)
+on a 32-channel VQVAE with scales (1, 2, 3, 4) on 64 px; 'd16' = VAR-d16 with the full `vae_ch160v4096z32` on
+256 px (the JAX side peaks at about 7 GB of memory).
 """
 from __future__ import annotations
 
