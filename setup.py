@@ -19,6 +19,7 @@ setup(
         "absl-py",
         "etils[epath]",
         "gcsfs",  # gs:// run paths (workdirs, caches, samples, metrics) through etils epath
+        "huggingface_hub",  # `convert --from_torch OWNER/REPO/FILE`: official weights by Hugging Face id
         "numpy",
         "pillow",
         "scikit-learn",

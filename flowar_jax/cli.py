@@ -37,9 +37,11 @@ _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"
 _LABELS = flags.DEFINE_list("labels", None, "class labels, repeated to num_samples (default: every class in turn)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "images per compiled batch (default: config.sampling.batch_size)")
 _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample with the EMA weights (default: yes)")
-_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR checkpoint (.pth, .safetensors or .npz)")
-_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz); without it, "
-                                 "sampling needs --config.vae_checkpoint")
+_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR checkpoint (.pth, .safetensors or .npz): a "
+                                  "path, an http(s) URL or a Hugging Face OWNER/REPO/FILE, e.g. "
+                                  "OliverRen/FlowAR/FlowAR-S.pth (downloaded once, then cached)")
+_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz; a path, URL "
+                                 "or Hugging Face OWNER/REPO/FILE); without it, sampling needs --config.vae_checkpoint")
 _TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "read torch files with full unpickling, for trusted "
                                      "files that hold Python objects besides tensors")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2 or v5p:4x4x4")
@@ -53,7 +55,7 @@ _INCEPTION = flags.DEFINE_string("inception_weights", None, "FID Inception weigh
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
 
 _METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...",
-             "metrics": "M1,M2,...", "from_torch": "FILE", "vae_torch": "FILE", "inception_weights": "FILE",
+             "metrics": "M1,M2,...", "from_torch": "FILE|URL|HF_ID", "vae_torch": "FILE|URL|HF_ID", "inception_weights": "FILE",
              "topology": "GEN:AxB[xC]", "reference": "REF"}
 _SAMPLING = ("cfg", "num_steps", "guidance", "solver", "compute_dtype", "batch_size", "use_ema")
 _STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpoint)"
