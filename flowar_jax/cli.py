@@ -87,16 +87,6 @@ COMMANDS = {
         optional=("config", "metrics", "reference", "inception_weights", "num_samples", "seed") + _SAMPLING,
         notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.eval.num_samples)",
                "use_ema": "sample with the EMA weights (default: config.sampling.use_ema)"}),
-    "serve": Command(
-        "a browser demo of WORKDIR's checkpoint: pick classes, cfg and seed, get a grid",
-        "Serves a page at http://HOST:PORT/ that requests class-conditional grids from WORKDIR's newest FlowAR "
-        "checkpoint. Requests wait in one queue and run one at a time on a fixed batch size, one compiled "
-        "sampler per --cfg_choices value, all compiled before the server listens.",
-        required=("workdir",),
-        optional=("config", "host", "port", "cfg_choices", "max_samples") + _SAMPLING,
-        notes={"config": _STORED_CONFIG, "workdir": "run directory holding the FlowAR checkpoint (trained or converted)",
-               "cfg": "the page's default guidance scale (default: config.sampling.cfg)",
-               "batch_size": "images per compiled batch (default: min(8, config.sampling.batch_size))"}),
     "summary": Command(
         "parameters per module of a config's FlowAR and VAE (nothing is allocated)",
         "Prints the parameter count of each FlowAR module, the total, and the VAE's.",
@@ -114,6 +104,16 @@ COMMANDS = {
         "Compiles the config's training step(s) and sampler for a TPU topology through libtpu, on any host, "
         "and prints each program's HBM per chip and FLOPs. See docs/tpu_pods.md.",
         required=("config", "topology"), optional=("sampler",)),
+    "serve": Command(
+        "a browser demo of WORKDIR's checkpoint: pick classes, cfg and seed, get a grid",
+        "Serves a page at http://HOST:PORT/ that requests class-conditional grids from WORKDIR's newest FlowAR "
+        "checkpoint. Requests wait in one queue and run one at a time on a fixed batch size, one compiled "
+        "sampler per --cfg_choices value, all compiled before the server listens.",
+        required=("workdir",),
+        optional=("config", "host", "port", "cfg_choices", "max_samples") + _SAMPLING,
+        notes={"config": _STORED_CONFIG, "workdir": "run directory holding the FlowAR checkpoint (trained or converted)",
+               "cfg": "the page's default guidance scale (default: config.sampling.cfg)",
+               "batch_size": "images per compiled batch (default: min(8, config.sampling.batch_size))"}),
 }
 
 

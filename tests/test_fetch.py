@@ -1,6 +1,8 @@
 """Fetching official checkpoints by path, URL or Hugging Face id, against a file server on 127.0.0.1."""
 import hashlib
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,7 +114,7 @@ def test_hugging_face_id_through_hf_endpoint(server, tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
   server.files["/OliverRen/FlowAR/resolve/main/FlowAR-S.pth"] = PAYLOAD
   hf_cache = str(tmp_path / "hf")
-  path = fetch.download_hf("OliverRen/FlowAR/FlowAR-S.pth", cache_dir=hf_cache)
+  path = fetch_checkpoint("OliverRen/FlowAR/FlowAR-S.pth", cache_dir=hf_cache)
   with open(path, "rb") as f:
     assert f.read() == PAYLOAD
   assert server.count("/OliverRen/FlowAR/resolve/main/FlowAR-S.pth") == 1
@@ -120,3 +122,15 @@ def test_hugging_face_id_through_hf_endpoint(server, tmp_path, monkeypatch):
   assert server.count("/OliverRen/FlowAR/resolve/main/FlowAR-S.pth") == 1  # cached: only metadata asked again
   with pytest.raises(DownloadError, match=r"OliverRen/FlowAR/FlowAR-X.pth"):
     fetch.download_hf("OliverRen/FlowAR/FlowAR-X.pth", cache_dir=hf_cache)
+
+
+def test_convert_command_names_a_failed_download(server, cache, tmp_path):
+  url = server.url + "/w/missing.pth"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-m", "flowar_jax", "convert", "--from_torch", url, "--config",
+                           os.path.join(root, "configs", "digits.py"), "--workdir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 2
+  assert f"flowar-jax convert: error: downloading {url} failed: HTTP 404 Not Found" in result.stderr
+  assert not (tmp_path / "out").exists()

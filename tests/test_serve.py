@@ -229,9 +229,12 @@ def test_serve_command_line(converted, compilation_cache_dir):
                               "--batch_size", str(BATCH), "--cfg_choices", "1,2", "--max_samples", "4"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   try:
-    line = process.stdout.readline()
-    match = re.search(r"on (http://127\.0\.0\.1:\d+)/", line)
-    assert match, line + process.stdout.read() if process.poll() is not None else line
+    lines = []
+    for line in process.stdout:  # library warnings may come first
+      lines.append(line)
+      if match := re.search(r"on (http://127\.0\.0\.1:\d+)/", line):
+        break
+    assert match, "".join(lines)
     status, png, _ = post(match.group(1), {"classes": [1, 2], "per_class": 2, "seed": 3})
     assert status == 200 and Image.open(io.BytesIO(png)).size == (grid_side(2), grid_side(2))
     status, text, _ = post(match.group(1), {"classes": [1, 2], "per_class": 3})

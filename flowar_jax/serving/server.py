@@ -124,6 +124,11 @@ class _Handler(BaseHTTPRequestHandler):
       self.server.record(dict(entry, status=503))
       self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
       return
+    except Exception as e:  # pylint: disable=broad-except  # the user gets a message, the log the traceback
+      log.exception("grid request %s failed", entry)
+      self.server.record(dict(entry, status=500, error=str(e)))
+      self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"sampling failed: {e}")
+      return
     seconds = time.monotonic() - start
     self.server.record(dict(entry, status=200, seconds=round(seconds, 3), png_bytes=len(png)))
     self._send(HTTPStatus.OK, png, "image/png", {"X-Samples": str(len(images)), "X-Seconds": f"{seconds:.3f}"})
