@@ -134,3 +134,13 @@ def test_convert_command_names_a_failed_download(server, cache, tmp_path):
   assert result.returncode == 2
   assert f"flowar-jax convert: error: downloading {url} failed: HTTP 404 Not Found" in result.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_hugging_face_unreachable_is_named(tmp_path, monkeypatch):
+  pytest.importorskip("huggingface_hub")
+  with FileServer().running() as stopped:
+    url = stopped.url
+  monkeypatch.setenv("HF_ENDPOINT", url)  # nothing listens there any more
+  monkeypatch.setattr(fetch.time, "sleep", lambda s: None)  # the hub client's retry backoff (the time module)
+  with pytest.raises(DownloadError, match=rf"could not reach {url} to download runs/x/FlowAR-S.pth.*no local file"):
+    fetch_checkpoint("runs/x/FlowAR-S.pth", cache_dir=str(tmp_path / "hf"))

@@ -173,7 +173,8 @@ def download_hf(source: str, cache_dir: str | None = None) -> str:
   repo_id, filename, revision = match.groups()
   try:
     from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError  # pylint: disable=g-import-not-at-top
+    from huggingface_hub.errors import (  # pylint: disable=g-import-not-at-top
+        EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError)
   except ImportError as e:
     raise ImportError(f"{source!r} names a Hugging Face file; fetching it needs huggingface_hub: "
                       f"pip install huggingface_hub") from e
@@ -181,13 +182,18 @@ def download_hf(source: str, cache_dir: str | None = None) -> str:
   try:
     return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                            endpoint=os.environ.get("HF_ENDPOINT") or None)
+  except LocalEntryNotFoundError as e:  # no connection, and not in the cache
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    raise DownloadError(f"could not reach {endpoint} to download {where}, and it is not in the Hugging Face cache "
+                        f"(there is no local file {source!r} either)") from e
   except (EntryNotFoundError, RepositoryNotFoundError) as e:
     raise DownloadError(f"Hugging Face has no file {where} (and there is no local file {source!r}): "
                         f"{_first_line(e)}") from e
   except Exception as e:  # pylint: disable=broad-except  # network and HTTP errors of the hub client
     if isinstance(e, (KeyboardInterrupt, DownloadError)):
       raise
-    raise DownloadError(f"downloading {where} from Hugging Face failed: {_first_line(e)}") from e
+    raise DownloadError(f"downloading {where} from Hugging Face failed (there is no local file {source!r}): "
+                        f"{_first_line(e)}") from e
 
 
 def _first_line(error: BaseException) -> str:
