@@ -63,6 +63,7 @@ def test_notebooks_are_committed_clean(path):
   assert not any(line.lstrip().startswith(("def ", "class ")) for cell in code for line in cell.source.splitlines())
   setup = code[0].source  # the Colab install cell does nothing where flowar_jax is importable
   assert "find_spec('flowar_jax') is None" in setup
+  assert setup == _install_cell()  # the same in every notebook, so test_install_cell_in_fresh_venvs covers all
 
 
 def test_notebooks_run_top_to_bottom(tmp_path, monkeypatch):
