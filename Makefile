@@ -6,7 +6,7 @@ VENV := .venv
 WORKDIR ?= runs/digits
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: digits test venv
+.PHONY: digits test test-browser venv
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,9 @@ digits: $(VENV)/.installed
 
 test: $(VENV)/.installed-tpu
 	$(VENV)/bin/python -m pytest tests -q -n 2 --durations=10
+
+# The demo's headless-browser test (tests/test_serve.py skips it without chromium): installs Debian's chromium
+# (about 130 packages, 330 MB; root), then runs the serve tests.
+test-browser: $(VENV)/.installed
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(VENV)/bin/python -m pytest tests/test_serve.py -q

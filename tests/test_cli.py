@@ -91,7 +91,7 @@ def test_helpfull_adds_every_flag():
 @pytest.mark.parametrize("args,message", [
     (["sampel"], "unknown command 'sampel'; did you mean 'sample'?"),
     (["evalute", "--help"], "unknown command 'evalute'; did you mean 'evaluate'?"),
-    (["xyz"], "unknown command 'xyz'; the commands are train, sample, evaluate, summary, convert, compile"),
+    (["xyz"], "unknown command 'xyz'; the commands are train, sample, evaluate, summary, convert, compile, serve"),
     (["summary", "extra", "--config", "configs/digits.py"], "unexpected argument 'extra'"),
     (["summary"], "--config is required"),
     (["train", "--config", "configs/digits.py", "--workdir", "runs/x", "--seed", "3"],

@@ -1,13 +1,21 @@
 """The notebooks run top to bottom in a real Jupyter kernel: train_digits.ipynb on a shrunken digits run, then
-sample.ipynb on the checkpoint it wrote. Parameters go in as papermill does: a cell after the one tagged
-`parameters`."""
+sample.ipynb on the checkpoint it wrote, and on official-format weights it downloads from a server on
+127.0.0.1. Parameters go in as papermill does: a cell after the one tagged `parameters`. The Colab install
+cell runs in fresh virtual environments against a `git clone` of this repository."""
 from __future__ import annotations
 
 import glob
 import json
 import os
+import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+
+from flowar_jax.convert.fetch import PUBLISHED
+from loopback import FileServer
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -55,6 +63,7 @@ def test_notebooks_are_committed_clean(path):
   assert not any(line.lstrip().startswith(("def ", "class ")) for cell in code for line in cell.source.splitlines())
   setup = code[0].source  # the Colab install cell does nothing where flowar_jax is importable
   assert "find_spec('flowar_jax') is None" in setup
+  assert setup == _install_cell()  # the same in every notebook, so test_install_cell_in_fresh_venvs covers all
 
 
 def test_notebooks_run_top_to_bottom(tmp_path, monkeypatch):
@@ -70,7 +79,109 @@ def test_notebooks_run_top_to_bottom(tmp_path, monkeypatch):
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records if "samples" in r] == [6]  # the grid written during training
 
-  sample = _execute("sample.ipynb", {"WORKDIR": workdir, "NUM_STEPS": 2, "PER_CLASS": 1, "CFG": 3.0},
-                    str(tmp_path))
+  sample = _execute("sample.ipynb", {"WORKDIR": workdir, "NUM_STEPS": 2, "PER_CLASS": 1, "CFG": 3.0,
+                                     "CLASSES": ""}, str(tmp_path))
   grids = _outputs(sample, "image/png")
   assert len(grids) == 2  # the class grid and the guidance comparison
+  assert "already holds a checkpoint" in _text(sample)
+
+
+# digits.py shrunk, with the official VAE layout (the decoder has one block more than the encoder).
+OFFICIAL_TINY = {"model.width": 32, "model.depth": 1, "model.head.depth": 1, "model.head.width": 32,
+                 "model.head.head_dim": 16, "vae.decoder_blocks": 2, "vae.base_channels": 8, "vae.norm_groups": 4}
+
+
+def _text(notebook) -> str:
+  return "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)
+
+
+def test_sample_notebook_converts_official_weights_by_url(tmp_path, monkeypatch):
+  """OFFICIAL_CHECKPOINT and OFFICIAL_VAE as URLs: downloaded (once), converted, sampled."""
+  from flowar_jax.config_files import load_config  # pylint: disable=g-import-not-at-top
+  from test_convert import official_flowar_state_dict, official_vae_state_dict  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  config = load_config(os.path.join(ROOT, "configs", "digits.py"), OFFICIAL_TINY)
+  files = {}
+  for name, state_dict in (("FlowAR-T.npz", official_flowar_state_dict(config)[1]),
+                           ("kl16.npz", official_vae_state_dict(config)[1])):
+    np.savez(tmp_path / name, **state_dict)
+    files["/weights/" + name] = (tmp_path / name).read_bytes()
+  with FileServer().running() as server:
+    server.files.update(files)
+    parameters = {"WORKDIR": str(tmp_path / "official"), "PRESET": "digits", "OVERRIDES": OFFICIAL_TINY,
+                  "OFFICIAL_CHECKPOINT": server.url + "/weights/FlowAR-T.npz",
+                  "OFFICIAL_VAE": server.url + "/weights/kl16.npz", "NUM_STEPS": 2, "CFG": 3.0,
+                  "CLASSES": "1,7", "PER_CLASS": 1}
+    notebook = _execute("sample.ipynb", parameters, str(tmp_path))
+    assert [server.count(path) for path in files] == [1, 1]
+  assert len(_outputs(notebook, "image/png")) == 2
+  assert "converted the 'state dict' weights of http://127.0.0.1:" in _text(notebook)
+  assert len(os.listdir(tmp_path / "xdg" / "flowar_jax" / "downloads")) == 2
+
+
+def test_sample_notebook_prefills_the_published_files():
+  notebook = nbformat.read(os.path.join(ROOT, "notebooks", "sample.ipynb"), as_version=4)
+  (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+  values = {}
+  exec(cell.source, {}, values)  # pylint: disable=exec-used  # plain assignments
+  assert (values["PRESET"], values["OFFICIAL_CHECKPOINT"]) == ("flowar_s", PUBLISHED["flowar_s"])
+  assert values["OFFICIAL_VAE"] == PUBLISHED["kl16"]
+  with open(os.path.join(ROOT, "docs", "convert.md")) as f:
+    docs = f.read()
+  assert all(source in docs for source in PUBLISHED.values())
+
+
+def _install_cell() -> str:
+  notebook = nbformat.read(os.path.join(ROOT, "notebooks", "sample.ipynb"), as_version=4)
+  return [cell for cell in notebook.cells if cell.cell_type == "code"][0].source
+
+
+def _fresh_venv(path) -> str:
+  """A virtual environment without flowar_jax that sees this environment's other packages (a .pth file lists
+  their directories; the .pth files there, e.g. the editable install of this checkout, are not run)."""
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+  (site,) = glob.glob(os.path.join(str(path), "lib", "python*", "site-packages"))
+  shared = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+  with open(os.path.join(site, "_shared_packages.pth"), "w") as f:
+    f.write("\n".join(shared) + "\n")
+  return os.path.join(str(path), "bin", "python")
+
+
+def _run_cell(python: str, source: str, cwd: str) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0")  # offline: dependencies are already there
+  return subprocess.run([python, "-c", source], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _imported_from(python: str, tmp_path) -> str:
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  return subprocess.run([python, "-c", "import flowar_jax; print(flowar_jax.__file__)"], cwd=str(tmp_path),
+                        env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git"))
+                    and not os.path.isfile(os.path.join(ROOT, ".git")), reason="needs git and a git checkout")
+def test_install_cell_in_fresh_venvs(tmp_path):
+  """The cell's own commands, offline: from the clone it runs in, then (as in Colab) from a clone of REPO_URL."""
+  clone = tmp_path / "clone"
+  subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
+  cell = _install_cell()
+  assert "REPO_URL = " in cell
+
+  python = _fresh_venv(tmp_path / "venv_a")
+  result = _run_cell(python, cell, str(clone / "notebooks"))  # Jupyter runs a notebook in its folder
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert f"installed flowar_jax from {clone}" in result.stdout
+  assert _imported_from(python, tmp_path) == str(clone / "flowar_jax" / "__init__.py")
+  assert _run_cell(python, cell, str(clone / "notebooks")).stdout == ""  # importable now: nothing to do
+
+  python = _fresh_venv(tmp_path / "venv_b")
+  colab = tmp_path / "content"
+  colab.mkdir()
+  missing = str(tmp_path / "no_such_repository")
+  result = _run_cell(python, cell.replace("REPO_URL = ", f"REPO_URL = {missing!r}  #", 1), str(colab))
+  assert result.returncode != 0 and f"git clone {missing} failed: set REPO_URL" in result.stderr
+  result = _run_cell(python, cell.replace("REPO_URL = ", f"REPO_URL = {str(clone)!r}  #", 1), str(colab))
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert _imported_from(python, tmp_path) == str(colab / "flowar_jax" / "flowar_jax" / "__init__.py")
