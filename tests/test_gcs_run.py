@@ -42,7 +42,8 @@ def storage():
   server = FakeGCSServer()  # a free port on 127.0.0.1; sets STORAGE_EMULATOR_HOST
   server.start()
   # The wrapper pipes the server's request log and never reads it: once the pipe is full, the server blocks.
-  threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, io.BytesIO()), daemon=True).start()  # pylint: disable=protected-access
+  log = server._process.stderr  # pylint: disable=protected-access
+  threading.Thread(target=shutil.copyfileobj, args=(log, io.BytesIO()), daemon=True).start()
   fs.use_storage_emulator()
   gcs = gcsfs.GCSFileSystem(use_listings_cache=False)
   gcs.mkdir(BUCKET)
@@ -89,8 +90,8 @@ def test_vae_checkpoint_on_gcs_is_found(storage):
 def test_image_folder_on_gcs_reads_like_the_same_folder_on_disk(storage, tmp_path):
   from flowar_jax.data import image_folder  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  files = {"cat/b.png": rng.integers(0, 256, (9, 7, 3), np.uint8), "cat/a.png": rng.integers(0, 256, (5, 6, 3), np.uint8),
-           "cat/sub/c.png": rng.integers(0, 256, (4, 4, 3), np.uint8), "dog/0.png": rng.integers(0, 256, (3, 8, 3), np.uint8)}
+  shapes = {"cat/b.png": (9, 7, 3), "cat/a.png": (5, 6, 3), "cat/sub/c.png": (4, 4, 3), "dog/0.png": (3, 8, 3)}
+  files = {name: rng.integers(0, 256, shape, np.uint8) for name, shape in shapes.items()}
   local = tmp_path / "folder"
   for name, pixels in files.items():
     buffer = io.BytesIO()
@@ -115,16 +116,17 @@ def test_image_folder_on_gcs_reads_like_the_same_folder_on_disk(storage, tmp_pat
 
 # ----------------------------------------------------------------------------- the command line
 
-RUN_STEPS, CHECKPOINT_EVERY = 60, 10
+RUN_STEPS, CHECKPOINT_EVERY = 30, 5
+TIMEOUT = 1200  # seconds for one command; it takes well under a minute on an idle machine
 
 
 def _config_file(directory) -> str:
   path = os.path.join(directory, "gcs_config.py")
   with open(path, "w") as f:
     f.write(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import tiny_config\n\n\n"
-            f"def get_config():\n  c = tiny_config()\n  c.vae.train.num_train_steps = 4\n"
+            f"def get_config():\n  c = tiny_config()\n  c.vae.train.num_train_steps = 2\n"
             f"  c.num_train_steps = {RUN_STEPS}\n  c.checkpoint_every_steps = {CHECKPOINT_EVERY}\n"
-            f"  c.sample_every_steps = 30\n  c.data.cache_latents = False\n  return c\n")
+            f"  c.data.cache_latents = False\n  return c\n")
   return path
 
 
@@ -150,7 +152,7 @@ def test_train_preempt_resume_sample_and_evaluate_on_gcs(storage, compilation_ca
 
   def run(*args, environment=gcs_env) -> str:
     argv, kwargs = command(*args, environment=environment)
-    proc = subprocess.run(argv, timeout=600, check=False, **kwargs)
+    proc = subprocess.run(argv, timeout=TIMEOUT, check=False, **kwargs)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
 
@@ -162,13 +164,13 @@ def test_train_preempt_resume_sample_and_evaluate_on_gcs(storage, compilation_ca
   train = ("train", "--config", config, "--workdir", workdir)
   argv, kwargs = command(*train, environment=gcs_env)
   with subprocess.Popen(argv, **kwargs) as proc:
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + TIMEOUT
     while proc.poll() is None and time.monotonic() < deadline:
       if storage.exists(f"{run_dir}/checkpoints/{CHECKPOINT_EVERY}/commit_success.txt"):
         proc.send_signal(signal.SIGTERM)
         break
       time.sleep(0.05)
-    output = proc.communicate(timeout=600)[0]
+    output = proc.communicate(timeout=TIMEOUT)[0]
   assert proc.returncode == EXIT_CODE, output[-3000:]
   preempted = int(re.search(rf"saved the checkpoint of step (\d+) in {workdir}/checkpoints", output).group(1))
   assert CHECKPOINT_EVERY <= preempted < RUN_STEPS
@@ -184,11 +186,12 @@ def test_train_preempt_resume_sample_and_evaluate_on_gcs(storage, compilation_ca
         f"{time.monotonic() - started:.0f}s")
 
   files = [name[len(run_dir) + 1:] for name in storage.find(run_dir)]
-  expected = [f"vae/checkpoints/4/{marker}" for marker in ("commit_success.txt", "state/commit_success.txt")]
+  expected = [f"vae/checkpoints/2/{marker}" for marker in ("commit_success.txt", "state/commit_success.txt")]
   expected += [f"checkpoints/{RUN_STEPS}/commit_success.txt"]
-  expected += ["vae/metrics.jsonl", "metrics.jsonl", "images/samples_00000030.png", "images/samples_00000060.png",
-               "samples/samples.npz", "samples/grid.png", "report.json", report_path[len(workdir) + 1:],
-               os.path.dirname(report_path[len(workdir) + 1:]) + "/samples_20x16x16x3.npz"]
+  evaluation = os.path.dirname(report_path[len(workdir) + 1:])
+  expected += ["vae/metrics.jsonl", "metrics.jsonl", "samples/samples.npz", "samples/grid.png", "report.json",
+               f"{evaluation}/report.json", f"{evaluation}/sampling.json", f"{evaluation}/samples_20x16x16x3.npz",
+               f"{evaluation}/shards/shard_00000000.npz"]
   missing = [name for name in expected if name not in files]
   assert not missing, (missing, files)
   for stage in ("vae/", ""):
@@ -198,10 +201,10 @@ def test_train_preempt_resume_sample_and_evaluate_on_gcs(storage, compilation_ca
   assert os.listdir(cwd) == [] and not os.path.exists(os.path.join(ROOT, "gs:"))
 
   # TensorBoard reads the event files of both runs: every FlowAR step once.
-  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   events_dir = tmp_path / "events"
   storage.get(f"{run_dir}/tensorboard/", str(events_dir), recursive=True)
-  events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
+  events = event_accumulator.EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
   events.Reload()
   assert [e.step for e in events.Scalars("loss")] == list(range(1, RUN_STEPS + 1))
 

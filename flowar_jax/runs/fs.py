@@ -157,13 +157,13 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
 
 
 class AppendFile:
-  """A file that only grows, on any path (metrics.jsonl, event files, logs); a new one continues what `path` holds.
+  """A file that only grows, on any path (metrics.jsonl, event files, logs); it continues what `path` holds.
 
   Locally each `write` is appended and flushed at once. A GCS object cannot be appended to: the contents are
   kept here and the object is rewritten whole by `flush`, and by `write` when `upload_every` seconds have
-  passed since the last upload (0: at every write; the first write is always uploaded). So on GCS a crash loses at most the last `upload_every`
-  seconds, and each upload sends the whole file: keep such files small (roll over to a new file) or
-  upload rarely.
+  passed since the last upload (0: at every write; the first write is always uploaded). So on GCS a crash
+  loses at most the last `upload_every` seconds, and each upload sends the whole file: keep such files
+  small (roll over to a new file) or upload rarely.
   """
 
   def __init__(self, path: PathLike, upload_every: float = 0.0):
