@@ -83,6 +83,35 @@ def test_scalars_images_text_histograms_and_hparams_read_back(tmp_path):
                               "flag": True}
 
 
+def test_events_roll_over_to_new_files_that_tensorboard_reads_in_order(tmp_path):
+  """Each event file stays near `file_bytes` (on GCS each upload rewrites the open one); TensorBoard reads
+  them all, and a second writer in the same second and process gets files of its own."""
+  logdir = str(tmp_path / "tb")
+  grid = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  first = TensorBoardWriter(logdir, file_bytes=2000)
+  for step in range(1, 31):
+    first.write_scalars(step, {"loss": 1.0 / step})
+    first.write_images(step, {"grid": grid})
+  first.close()
+  second = TensorBoardWriter(logdir, file_bytes=2000)
+  second.write_scalars(31, {"loss": 1.0 / 31})
+  second.close()
+  files = sorted(os.listdir(logdir))
+  assert len(files) > 5 and all(".tfevents." in name for name in files)
+  png_bytes = len(_png_bytes(grid))
+  assert all(os.path.getsize(os.path.join(logdir, name)) < 2000 + png_bytes + 500 for name in files)
+  events = _events(logdir)
+  assert [e.step for e in events.Scalars("loss")] == list(range(1, 32))
+  np.testing.assert_allclose([e.value for e in events.Scalars("loss")], [1.0 / s for s in range(1, 32)], rtol=1e-6)
+  assert [e.step for e in events.Images("grid")] == list(range(1, 31))
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
 def test_metric_writer_mirrors_jsonl_scalars_and_grids_to_tensorboard(tmp_path):
   images = np.random.default_rng(1).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
   with MetricWriter(str(tmp_path)) as writer:

@@ -1,13 +1,13 @@
 """Images in `root/<class_name>/...`, one subfolder per class; labels follow the sorted class names.
 
 The folder may be local or on gs://. Every non-hidden file below a class folder (nested folders included)
-is a candidate; hidden files (`.DS_Store`, `._x.jpg`) and folders are not. Building a source decodes each candidate once, in a thread
-pool, so unreadable files (not an image, empty, corrupt, truncated, beyond PIL's size guard) are dropped
-up front and reported in one warning with the first few and why, instead of failing a step hours into
-training. Doing it up front keeps the example list, and so the shuffled order and a checkpointed
-iterator position, fixed for the run. The scan is cached per process (keyed by every candidate's path,
-size and version), so the train split, the eval split and the latent cache share one scan.
-Both splits come from the same readable set, `eval_fraction` per class held out with a fixed seed
+is a candidate; hidden files (`.DS_Store`, `._x.jpg`) and folders are not. Building a source decodes each
+candidate once, in a thread pool, so unreadable files (not an image, empty, corrupt, truncated, beyond
+PIL's size guard) are dropped up front and reported in one warning with the first few and why, instead of
+failing a step hours into training. Doing it up front keeps the example list, and so the shuffled order
+and a checkpointed iterator position, fixed for the run. The scan is cached per process (keyed by every
+candidate's path, size and version), so the train split, the eval split and the latent cache share one
+scan. Both splits come from the same readable set, `eval_fraction` per class held out with a fixed seed
 (`splits.eval_mask`).
 """
 from __future__ import annotations

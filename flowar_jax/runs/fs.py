@@ -157,13 +157,13 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
 
 
 class AppendFile:
-  """A file that only grows, on any path (metrics.jsonl, event files, logs); a new one continues what `path` holds.
+  """A file that only grows, on any path (metrics.jsonl, event files, logs); it continues what `path` holds.
 
   Locally each `write` is appended and flushed at once. A GCS object cannot be appended to: the contents are
   kept here and the object is rewritten whole by `flush`, and by `write` when `upload_every` seconds have
-  passed since the last upload (0: at every write). So on GCS a crash loses at most the last `upload_every`
-  seconds, and each upload sends the whole file: keep such files small (roll over to a new file) or
-  upload rarely.
+  passed since the last upload (0: at every write; the first write is always uploaded). So on GCS a crash
+  loses at most the last `upload_every` seconds, and each upload sends the whole file: keep such files
+  small (roll over to a new file) or upload rarely.
   """
 
   def __init__(self, path: PathLike, upload_every: float = 0.0):
@@ -174,7 +174,7 @@ class AppendFile:
     target.parent.mkdir(parents=True, exist_ok=True)
     if self._remote:
       self._contents = bytearray(target.read_bytes() if target.exists() else b"")
-      self._uploaded = time.monotonic()
+      self._uploaded = -float("inf")  # the first write is uploaded at once: the file shows up
       self._dirty = False
     else:
       self._file = open(target, "ab")  # pylint: disable=consider-using-with
