@@ -215,7 +215,8 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
     tx, schedule = vae_stage.vae_optimizer(config.vae.train)
     programs.append(step_program(
         "vae train step", "--config.vae.train.batch_size",
-        functools.partial(vae_stage.VAETrainable, config, config.seed), tx, schedule, vae_stage.VAE_EMA_DECAY, vae_stage.vae_stage_loss(config.vae.train),
+        functools.partial(vae_stage.VAETrainable, config, config.seed), tx, schedule, vae_stage.VAE_EMA_DECAY,
+        vae_stage.vae_stage_loss(config.vae.train),
         batch_of(config.vae.train.batch_size, image=images, label=labels), None))
   if config.stage in ("flowar", "both"):
     vae_graphdef, vae_params = split_params(nnx.eval_shape(functools.partial(build_vae, config)))
