@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -138,7 +139,7 @@ def test_train_preempt_resume_sample_and_evaluate_on_gcs(storage, compilation_ca
   """digits `train` (stage both) in gs://bucket/run, SIGTERM mid-FlowAR, the same command again, `sample`,
   `evaluate --metrics digits`: every artifact lands in the bucket, nothing on local disk, and the samples are
   those of the same run on local disk."""
-  started = time.monotonic()
+  started, children = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
   config = _config_file(tmp_path)
   cwd = tmp_path / "cwd"  # where the commands run: a path mistaken for a local one would land here
   cwd.mkdir()
@@ -182,8 +183,10 @@ def test_train_preempt_resume_sample_and_evaluate_on_gcs(storage, compilation_ca
   assert f"wrote {workdir}/samples/samples.npz, {workdir}/samples/grid.png" in sampled
   evaluated = run("evaluate", "--workdir", workdir, "--metrics", "digits", "--num_samples", "20")
   report_path = re.search(r"wrote (gs://\S+/report\.json)", evaluated).group(1)
+  used = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = used.ru_utime + used.ru_stime - children.ru_utime - children.ru_stime
   print(f"train (preempted at step {preempted}), train again, sample, evaluate on gs:// and train on local disk: "
-        f"{time.monotonic() - started:.0f}s")
+        f"{time.monotonic() - started:.0f}s, {cpu:.0f} CPU seconds")
 
   files = [name[len(run_dir) + 1:] for name in storage.find(run_dir)]
   expected = [f"vae/checkpoints/2/{marker}" for marker in ("commit_success.txt", "state/commit_success.txt")]

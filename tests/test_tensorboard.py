@@ -6,6 +6,7 @@ import inspect
 import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -156,3 +157,13 @@ def test_training_run_logs_scales_throughput_and_sample_grids(trained):
   np.testing.assert_array_equal(_png(events.Images("samples")[-1]), png)
   hparams = _hparams(events)
   assert hparams["model.width"] == config.model.width and hparams["data.name"] == "digits"
+
+
+def test_a_tensorboard_that_does_not_import_is_a_warning_not_an_info_line(tmp_path, monkeypatch, caplog):
+  """The command line shows warnings and hides info lines: a run without event files must say so."""
+  monkeypatch.setitem(sys.modules, "flowar_jax.training.tensorboard_writer", None)  # import raises ImportError
+  with caplog.at_level("WARNING"):
+    with MetricWriter(str(tmp_path)) as writer:
+      writer.write_scalars(1, {"loss": 0.5})
+  assert any(r.levelname == "WARNING" and "TensorBoard logging off" in r.getMessage() for r in caplog.records)
+  assert not (tmp_path / "tensorboard").exists() and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
