@@ -2,7 +2,9 @@
 
 A Python loop traces and compiles every block separately; a scan over the blocks' stacked parameters
 compiles the block once, which cuts compile time and compile memory roughly by the depth (FlowAR-H's
-30 backbone and 12 head blocks). The values are the same either way.
+30 backbone and 12 head blocks). The values are the same either way, and both run inside an enclosing loop
+over blocks built outside it (the flow head inside the sampler's ODE `lax.scan`): the scan merges each
+block's slice of the stack in its body, and `remat` passes the block's variables as arguments.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *shared: Any, per_blo
     x: the stream passed from block to block (e.g. `[B, L, D]`).
     shared: arguments every block gets.
     per_block: one extra trailing argument per block (e.g. dropout keys, or Nones), or None for none.
-    remat_policy: one of `REMAT_POLICIES`, applied to each block.
+    remat_policy: one of `REMAT_POLICIES`, applied to each block ('none' where nothing is differentiated).
     scan: run the blocks as a `lax.scan` over their stacked parameters.
     names: logical axis names to constrain `x` to after every block.
   """
