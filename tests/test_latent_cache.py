@@ -2,8 +2,12 @@
 by the batch whatever the dataset size, and the same cache on gs:// (a local GCS emulator)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 import tracemalloc
 
 import grain
@@ -214,3 +218,45 @@ def test_cache_on_gcs_matches_the_local_cache(tiny_vae, tmp_path):
     finally:
       gcsfs.GCSFileSystem.clear_instance_cache()
       backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.mark.multiprocess
+def test_two_processes_build_the_cache_together(tiny_vae, tmp_path):
+  """Two jax.distributed processes (2 CPU devices each): each encodes its own shards, and each then trains on
+  the batches the in-memory order gives it."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  base = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+              PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  logs = [(tmp_path / f"out_{i}.txt", tmp_path / f"err_{i}.txt") for i in range(2)]
+  procs = []
+  for i, (out, err) in enumerate(logs):  # files, not pipes: a full pipe would stall a process at a barrier
+    with open(out, "w") as out_file, open(err, "w") as err_file:
+      procs.append(subprocess.Popen([sys.executable, os.path.join(here, "latent_cache_multiprocess.py"),
+                                     str(tmp_path / "run")], env=dict(base, JAX_PROCESS_ID=str(i)),
+                                    stdout=out_file, stderr=err_file))
+  try:
+    for proc in procs:
+      proc.wait(timeout=600)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  reports = []
+  for proc, (out, err) in zip(procs, logs):
+    lines = [line[len("REPORT "):] for line in out.read_text().splitlines() if line.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, (out.read_text()[-3000:], err.read_text()[-6000:])
+    reports.append(json.loads(lines[-1]))
+  config, vae, _ = tiny_vae
+  moments, labels = latent_cache.encode_train_split(vae, config, max_examples=10**9)
+  shards = -(-len(labels) // 256)
+  assert [r["encoded"] for r in reports] == [list(range(0, shards, 2)), list(range(1, shards, 2))]
+  for process, report in enumerate(reports):
+    want = _in_memory_iterator(moments, labels, 16, 5, process, 2)
+    for got_moments, got_labels in zip(report["moments"], report["labels"]):
+      expected = next(want)
+      np.testing.assert_array_equal(got_labels, expected["label"])
+      np.testing.assert_allclose(got_moments, expected["moments"], rtol=1e-5, atol=1e-6)  # 2 devices vs 1

@@ -160,23 +160,24 @@ class LatentCache:
   def __init__(self, directory: str, manifest: Manifest):
     self.directory, self.manifest = directory, manifest
     self._dtype = manifest.record_dtype
+    # Per shard (a few bytes each, N / shard_size of them): its path and where its records start.
+    self._paths = [fs.join(directory, manifest.shard_name(i, "npy")) for i in range(manifest.num_shards)]
+    self._offsets = np.array([len(_npy_header(self._dtype, stop - start))
+                              for start, stop in map(manifest.shard_bounds, range(manifest.num_shards))], np.int64)
 
   def __len__(self) -> int:
     return self.manifest.count
-
-  def _record_range(self, index: int) -> tuple[str, int, int]:
-    shard, row = divmod(index, self.manifest.shard_size)
-    start, stop = self.manifest.shard_bounds(shard)
-    offset = len(_npy_header(self._dtype, stop - start)) + row * self._dtype.itemsize
-    return fs.join(self.directory, self.manifest.shard_name(shard, "npy")), offset, offset + self._dtype.itemsize
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Examples `indices` `[B]` -> `{'moments': float32 [B, h, w, 2C], 'label': int32 [B]}`, in that order."""
     indices = np.asarray(indices, np.int64).reshape(-1)
     if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
       raise IndexError(f"latent cache indices must lie in [0, {len(self)}), got {indices.min()}..{indices.max()}")
-    chunks = fs.read_ranges([self._record_range(int(i)) for i in indices])
-    records = np.frombuffer(b"".join(chunks), self._dtype)
+    shards, rows = np.divmod(indices, self.manifest.shard_size)
+    starts = self._offsets[shards] + rows * self._dtype.itemsize
+    requests = zip([self._paths[i] for i in shards.tolist()], starts.tolist(),
+                   (starts + self._dtype.itemsize).tolist())
+    records = np.frombuffer(b"".join(fs.read_ranges(list(requests))), self._dtype)
     return {"moments": np.ascontiguousarray(records["moments"]), "label": records["label"].copy()}
 
   def mean_spread(self) -> Spread:
@@ -348,13 +349,14 @@ def build(directory: str, manifest: Manifest, make_encoder: Callable[[], LocalEn
     _remove_stale(directory, names, manifest, shard_index, shard_count)
     mine = [i for i in missing if i % shard_count == shard_index]
     total = sum(stop - start for start, stop in map(manifest.shard_bounds, mine))
-    with Progress(total, desc="encode latents", unit="image", every=max(1, total // 20)) as progress:
-      for index in mine:
-        start, stop = manifest.shard_bounds(index)
-        moments, labels = encode_range(encoder, source, data_config, start, stop, encoder.batch_size)
-        _write_shard(directory, manifest, index, moments, labels)
-        encoded.append(index)
-        progress.update(sum(b - a for a, b in map(manifest.shard_bounds, encoded)))
+    if mine:
+      with Progress(total, desc="encode latents", unit="image", every=max(1, total // 20)) as progress:
+        for index in mine:
+          start, stop = manifest.shard_bounds(index)
+          moments, labels = encode_range(encoder, source, data_config, start, stop, encoder.batch_size)
+          _write_shard(directory, manifest, index, moments, labels)
+          encoded.append(index)
+          progress.update(sum(b - a for a, b in map(manifest.shard_bounds, encoded)))
   _barrier("latent cache written", shard_count)
   if missing:
     names = set(fs.listdir(directory))
