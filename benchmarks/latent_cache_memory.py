@@ -11,6 +11,11 @@ Synthetic RGB images (default 8x8; image i depends on i alone) are encoded by th
   train      `--epochs` epochs of the training iterator (global shuffle, batch `--batch_size`)
   in_memory  the whole cache read into one array, as every process held it before the cache was sharded
 
+`--no_vae` fills the cache with random moments of the same shape instead of encoding ("fill"), so the reading
+phases can be measured on a million images in a minute:
+
+  python benchmarks/latent_cache_memory.py --no_vae --counts 10000,100000,1000000
+
 For each phase and image count it prints the RSS before the phase (imports, VAE, compiled encoder), the peak
 RSS during it (VmHWM, reset at the phase's start; `ru_maxrss` where /proc is missing) and their difference;
 encode also prints seconds per 10k images. The last line is JSON.
@@ -46,6 +51,18 @@ class SyntheticSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(index)
     return {"image": rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8), "label": np.int32(index % 10)}
+
+
+class RandomMoments:
+  """Stands in for the VAE (`--no_vae`): moments `[b, *shape]` drawn at random, to fill large caches quickly."""
+
+  batch_size = 64
+
+  def __init__(self, shape: tuple[int, ...]):
+    self.shape, self.rng = shape, np.random.default_rng(0)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    return self.rng.standard_normal((len(images), *self.shape)).astype(np.float32)
 
 
 def _status_mib(field: str) -> float | None:
@@ -93,7 +110,7 @@ def run_phase(phase: str, directory: str, count: int, args: argparse.Namespace) 
   figures = {"phase": phase, "count": count, "record_bytes": manifest.record_dtype.itemsize,
              "data_mib": count * manifest.record_dtype.itemsize / 2**20}
   if phase == "encode":
-    encoder = latent_cache.LocalEncoder(vae)
+    encoder = RandomMoments(manifest.shape) if args.no_vae else latent_cache.LocalEncoder(vae)
     source = SyntheticSource(count, args.image_size)
     encoder(np.zeros((1, args.image_size, args.image_size, 3), np.float32))  # compile before measuring
     before = _start_measuring()
@@ -129,6 +146,7 @@ def main():
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--epochs", type=int, default=1)
   parser.add_argument("--phases", default="encode,train,in_memory")
+  parser.add_argument("--no_vae", action="store_true", help="write random moments instead of encoding (fast)")
   parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
   parser.add_argument("--directory", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -143,6 +161,7 @@ def main():
         command = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--directory", directory,
                    "--counts", str(count), "--image_size", str(args.image_size), "--shard_size",
                    str(args.shard_size), "--batch_size", str(args.batch_size), "--epochs", str(args.epochs)]
+        command += ["--no_vae"] if args.no_vae else []
         done = subprocess.run(command, capture_output=True, text=True, check=False,
                               env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get(
                                   "PYTHONPATH")]))))
@@ -152,7 +171,7 @@ def main():
         results.append(figures)
         extra = (f", {figures['s_per_10k_images']:.1f} s per 10k images" if phase == "encode" else
                  f", {figures['batches_per_s']:.0f} batches/s" if phase == "train" else "")
-        print(f"{phase:9s} {count:7d} images ({figures['data_mib']:.1f} MiB of records): RSS "
+        print(f"{phase if phase != 'encode' or not args.no_vae else 'fill':9s} {count:7d} images ({figures['data_mib']:.1f} MiB of records): RSS "
               f"{figures['rss_before_mib']:.0f} MiB before, peak {figures['rss_peak_mib']:.0f} MiB "
               f"(+{figures['rss_growth_mib']:.1f}){extra}", flush=True)
   print(json.dumps(results))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from flowar_jax import data
 from flowar_jax.runs import fs
 from flowar_jax.training import latent_cache
 from flowar_jax.training.builders import build_vae
@@ -63,9 +64,12 @@ def _in_memory_iterator(moments, labels, batch_size, seed, shard_index, shard_co
 def test_sharded_cache_trains_on_the_same_batches_as_the_in_memory_cache(tiny_vae, tmp_path):
   """Real digits: the shards hold exactly what encoding the split in memory gives, and every process's batches
   (over two epochs, and after restoring the iterator state) are those of the in-memory order."""
-  config, vae, _ = tiny_vae
+  config, vae, encoder = tiny_vae
   cache = latent_cache.load_or_encode(vae, config, str(tmp_path), shard_size=256)
   moments, labels = latent_cache.encode_train_split(vae, config, max_examples=10**9)
+  first = next(data.make_eval_batches(config.data, encoder.batch_size, split="train"))  # the evaluation view
+  np.testing.assert_array_equal(moments[:encoder.batch_size], encoder(first["image"]))
+  np.testing.assert_array_equal(labels[:encoder.batch_size], first["label"])
   assert cache.manifest.num_shards == -(-len(labels) // 256) > 2
   stored = cache.read(np.arange(len(cache)))
   np.testing.assert_array_equal(stored["moments"], moments)

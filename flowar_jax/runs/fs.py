@@ -114,7 +114,7 @@ def read_ranges(requests: Sequence[tuple[PathLike, int, int]]) -> list[bytes]:
     try:
       for path, start, stop in requests:
         if path not in handles:
-          handles[path] = os.open(as_path(path), os.O_RDONLY)
+          handles[path] = os.open(os.path.abspath(os.path.expanduser(path)), os.O_RDONLY)  # str: no Path per read
         chunks.append(os.pread(handles[path], stop - start, start))
     finally:
       for handle in handles.values():

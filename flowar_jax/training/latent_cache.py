@@ -21,6 +21,7 @@ one shard while encoding and one batch while training, whatever the dataset size
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -49,7 +50,7 @@ from flowar_jax.training.progress import Progress
 
 SHARD_SIZE = 1024  # examples per shard: 32 MiB of records for ImageNet at 256 px (latent 16 x 16 x 16)
 _ENCODE_BATCH = 64
-_READ_THREADS = 16  # threads decoding images while encoding, when config.data.num_workers > 0
+_READ_THREADS = 16  # threads decoding images while encoding (when config.data.num_workers > 0), reading spreads
 _FORMAT = "flowar_jax latent cache v1"
 
 
@@ -182,11 +183,11 @@ class LatentCache:
 
   def mean_spread(self) -> Spread:
     """The spread of every posterior mean in the cache, from the shards' stored spreads (no records read)."""
-    spreads = []
-    for index in range(self.manifest.num_shards):
-      stored = fs.read_json(fs.join(self.directory, self.manifest.shard_name(index, "json")))["mean_spread"]
-      spreads.append(Spread(int(stored["count"]), float(stored["mean"]), float(stored["m2"])))
-    return functools.reduce(Spread.merge, spreads)
+    paths = [fs.join(self.directory, self.manifest.shard_name(i, "json")) for i in range(self.manifest.num_shards)]
+    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:  # one small file per shard: overlap the GETs
+      stored = [value["mean_spread"] for value in pool.map(fs.read_json, paths)]
+    spreads = [Spread(int(s["count"]), float(s["mean"]), float(s["m2"])) for s in stored]
+    return functools.reduce(Spread.merge, spreads)  # in shard order, whoever reads them
 
   def train_iterator(self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
                      ) -> grain.DatasetIterator:
@@ -350,13 +351,15 @@ def build(directory: str, manifest: Manifest, make_encoder: Callable[[], LocalEn
     mine = [i for i in missing if i % shard_count == shard_index]
     total = sum(stop - start for start, stop in map(manifest.shard_bounds, mine))
     if mine:
+      done = 0
       with Progress(total, desc="encode latents", unit="image", every=max(1, total // 20)) as progress:
         for index in mine:
           start, stop = manifest.shard_bounds(index)
           moments, labels = encode_range(encoder, source, data_config, start, stop, encoder.batch_size)
           _write_shard(directory, manifest, index, moments, labels)
           encoded.append(index)
-          progress.update(sum(b - a for a, b in map(manifest.shard_bounds, encoded)))
+          done += stop - start
+          progress.update(done)
   _barrier("latent cache written", shard_count)
   if missing:
     names = set(fs.listdir(directory))
