@@ -258,7 +258,7 @@ def test_measured_latent_scale_is_the_same_on_every_resume(trained, tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   first = flowar_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale  # encodes, writes the cache
-  assert first > 0 and os.path.exists(os.path.join(workdir, "latent_cache.npz"))
+  assert first > 0 and os.path.exists(os.path.join(workdir, "latent_cache", "manifest.json"))
   assert flowar_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale == first  # from the cache
   config.data.cache_latents = False
   assert flowar_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale == first  # encoded afresh

@@ -6,7 +6,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -41,8 +40,8 @@ def _latents_from_batch(vae: AutoencoderKL, batch: dict, latent_scale: float, sa
   return jax.lax.stop_gradient(latents * latent_scale)
 
 
-def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, workdir: str,
-                         plan: ShardingPlan | None = None) -> ml_collections.ConfigDict:
+def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, workdir: str
+                         ) -> ml_collections.ConfigDict:
   """A copy of `config` whose `vae.latent_scale` is concrete: taken from WORKDIR's checkpoint when resuming,
   else 1 / std of the train set's posterior means (so FlowAR sees unit-variance latents, as 0.2325 gives
   for MAR's KL-16)."""
@@ -50,15 +49,15 @@ def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, 
   if stored is not None:
     scale = stored
   else:
-    if config.data.cache_latents:
-      moments, _ = latent_cache.load_or_encode(vae, config, workdir, plan)
-      means = moments[..., :config.vae.latent_channels]
+    if config.data.cache_latents:  # every latent, from the spreads stored with the shards
+      cache = latent_cache.load_or_encode(vae, config, workdir)
+      spread, count = cache.mean_spread(), len(cache)
     else:
-      means = latent_cache.encode_train_split(vae, config, max_examples=_SCALE_EXAMPLES, plan=plan)[0][
-          ..., :config.vae.latent_channels]
-    scale = float(1.0 / np.std(means))
+      moments, _ = latent_cache.encode_train_split(vae, config, max_examples=_SCALE_EXAMPLES)
+      spread, count = latent_cache.mean_spread(moments), len(moments)
+    scale = 1.0 / spread.std
     if jax.process_index() == 0:
-      print(f"measured vae.latent_scale = {scale:.6g} (1 / std of {len(means)} train latents)", flush=True)
+      print(f"measured vae.latent_scale = {scale:.6g} (1 / std of {count} train latents)", flush=True)
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.vae.latent_scale = scale
   resolved.lock()
@@ -95,9 +94,9 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
   vae = load_vae(config, workdir, plan)
   vae_graphdef, vae_params = split_params(vae)
   if config.vae.latent_scale <= 0:
-    config = resolve_latent_scale(config, vae, workdir, plan)
+    config = resolve_latent_scale(config, vae, workdir)
   if config.data.cache_latents:
-    iterator = latent_cache.make_latent_iterator(vae, config, workdir, plan)
+    iterator = latent_cache.make_latent_iterator(vae, config, workdir)
   else:
     iterator = data.make_train_iterator(config.data, config.batch_size, config.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
