@@ -1,4 +1,6 @@
 """Zero-shot editing: kept tokens, mask reduction, the full-mask case, and the errors bad input gets."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,6 +149,26 @@ def test_blend_keeps_the_original_outside_the_mask():
   assert (out[0, :, :2] == 0).all() and (out[0, :, 2:] == 200).all()
 
 
+def test_editor_encodes_edits_and_decodes(model):
+  from flowar_jax.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  from flowar_jax.sampling.sampler import image_sampler  # pylint: disable=g-import-not-at-top
+  vae = AutoencoderKL(tiny_config().vae, rngs=nnx.Rngs(1))
+  settings = SamplingSettings(cfg=2.0, guidance=0.9, num_steps=2)
+  editor = editing.Editor(model, vae, 1.0, settings)
+  images = np.asarray(jax.random.randint(jax.random.key(0), (2, 16, 16, 3), 0, 256), np.uint8)
+  full = np.ones((2, 16, 16), bool)
+  labels = np.array([4, 8])
+  # A full mask is plain sampling, image for image.
+  np.testing.assert_array_equal(editor(images, full, labels, seed=3),
+                                image_sampler(model, vae, settings, 1.0)(labels, seed=3))
+  masks = _half_masks()
+  a = editor(images, masks, labels, seed=3)
+  assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8
+  assert not np.array_equal(a, editor(images, masks, labels, seed=4))
+  with pytest.raises(ValueError, match="class label 11 is out of range"):
+    editor(images, masks, np.array([1, 11]), seed=0)
+
+
 # The command's input checks: all run before anything loads or compiles.
 from flowar_jax.commands import edit as edit_command  # noqa: E402
 
@@ -209,7 +231,7 @@ def test_bad_masks_and_images_are_named(tmp_path, digit):
 
 def test_full_mask_notes_plain_sampling_and_other_sizes_are_resized(tmp_path, digit):
   got = edit_command.prepare(digit, 16, box="0,0,1,1")
-  assert got.full and got.notes == ["note: the mask covers the whole image: this is plain class-conditional sampling"]
+  assert got.full and got.notes == ["note: the mask covers the whole image: nothing is kept, this is plain sampling"]
   wide = _png(tmp_path / "wide.png", np.zeros((16, 32, 3), np.uint8))
   got = edit_command.prepare(wide, 16, box="0,0.5,1,1")
   assert got.image.shape == (16, 16, 3) and got.mask[:, 8:].all() and not got.mask[:, :8].any()
@@ -223,3 +245,47 @@ def test_labels_are_checked():
     edit_command.check_label(10, 10)
   with pytest.raises(ValueError, match="--label -1 is out of range"):
     edit_command.check_label(-1, 10)
+
+
+def test_seam_energy_and_kept_change():
+  from flowar_jax.evaluation.edit_metrics import kept_change, seam_energy  # pylint: disable=g-import-not-at-top
+  images = np.zeros((1, 4, 4, 3), np.uint8)
+  images[0, :, 2:] = 255  # a full step exactly on the boundary of the right half
+  right = np.zeros((1, 4, 4), bool)
+  right[0, :, 2:] = True
+  assert seam_energy(images, right) == 1.0
+  bottom = np.zeros((1, 4, 4), bool)
+  bottom[0, 2:] = True
+  assert seam_energy(images, bottom) == 0.0  # no step across the rows
+  moved = images.copy()
+  moved[0, 0, 0] = 51  # one kept pixel of 8 moves by 0.2
+  assert kept_change(moved, images, right) == pytest.approx(0.2 / 8)
+  with pytest.raises(ValueError, match="no boundary"):
+    seam_energy(images, np.ones((1, 4, 4), bool))
+
+
+def test_cli_edit_help_lists_its_flags():
+  from test_cli import cli  # pylint: disable=g-import-not-at-top
+  out = " ".join(cli("edit", "--help").stdout.split())
+  for flag in ("--image FILE (required)", "--mask FILE", "--box Y0,X0,Y1,X1", "--outpaint L,R,T,B", "--label L",
+               "--out DIR", "--[no]blend", "--num_samples N number of edits (default: 8)"):
+    assert flag in out, flag
+
+
+def test_cli_edit_writes_edits_and_names_bad_input(trained, tmp_path):
+  from test_cli import cli  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = trained
+  image = np.zeros((16, 16, 3), np.uint8)
+  image[3:13, 6:10] = 255
+  path = _png(tmp_path / "digit.png", image)
+  proc = cli("edit", "--workdir", workdir, "--image", path, "--label", "12", "--box", "0,0.5,1,1", check_ok=False)
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+  assert "--label 12 is out of range: the model has 10 classes (0..9)" in proc.stderr
+  out = str(tmp_path / "edits")
+  proc = cli("edit", "--workdir", workdir, "--image", path, "--box", "0,0.5,1,1", "--label", "3", "--out", out,
+             "--num_samples", "3", "--batch_size", "2", "--num_steps", "2", "--blend")
+  with np.load(os.path.join(out, "edits.npz")) as f:
+    edits = f["images"]
+    assert edits.shape == (3, 16, 16, 3) and int(f["label"]) == 3
+  np.testing.assert_array_equal(edits[:, :, :8], np.broadcast_to(image[:, :8], (3, 16, 8, 3)))  # --blend
+  assert os.path.exists(os.path.join(out, "grid.png")) and os.path.exists(os.path.join(out, "edit_002.png"))

@@ -143,7 +143,7 @@ def prepare(image_path: str, image_size: int, *, mask_path: str | None = None, b
                  "the mask with it; the edits are written at that size")
     image, mask = resize_to_model(image, mask, image_size)
   if mask.all():
-    notes.append("note: the mask covers the whole image: this is plain class-conditional sampling")
+    notes.append("note: the mask covers the whole image: nothing is kept, this is plain sampling")
   return EditInput(image, mask, notes)
 
 

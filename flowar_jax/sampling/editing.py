@@ -169,6 +169,20 @@ class Editor:
     state_sh = jax.tree.map(lambda x: x.sharding, self._state)
     self._fn = self.plan.jit(self._run, in_shardings=(state_sh, batch, batch, batch, scalar, scalar),
                              out_shardings=batch)
+    self._round_trip = self.plan.jit(self._reconstruct, in_shardings=(state_sh, batch), out_shardings=batch)
+
+  def _reconstruct(self, state, images):
+    _, vae = nnx.merge(self._graph, state)
+    latents = encode_to_latents(vae, to_model_input(images), self.latent_scale, None)
+    return to_uint8(decode_from_latents(vae, latents, self.latent_scale))
+
+  def round_trip(self, images: np.ndarray) -> np.ndarray:
+    """uint8 `[B, H, W, 3]` -> the VAE's encode (posterior mean) then decode, uint8: what an edit that changed
+    no token would give, so the least any latent edit can move the kept pixels."""
+    images = np.asarray(images, np.uint8)
+    real = len(images)
+    images = np.resize(images, (round_up_to_data_parallel(self.plan, real),) + images.shape[1:])
+    return to_host(self._round_trip(self._state, replicated_batch(self.plan, images)))[:real]
 
   def _run(self, state, images, masks, labels, seed, first_index):
     model, vae = nnx.merge(self._graph, state)
