@@ -7,7 +7,8 @@ separately, the bottom half are regenerated:
   accuracy_true   the digits classifier's accuracy on the edits under the digit's own label
   success_other   the share of edits under another label (label + 1 + i % 9, mod 10) read as that label
   kept_change     mean |grey difference| (0..1) to the original over the kept half; `roundtrip` is the same
-                  for a plain VAE encode -> decode, the least any latent edit can move it
+                  for a plain VAE encode -> decode, the least any latent edit can move it; `_far` leaves out
+                  the kept pixels within one latent token (the VAE's stride) of the mask
   seam            mean squared grey step across the mask boundary; `real` is the originals' own
 for three methods: `path` (kept tokens follow the real noised path inside the ODE, the default), `after_scale`
 (kept tokens reset only at each scale's end), and `paste` (a fresh sample of the label with the kept half of
@@ -52,14 +53,16 @@ def other_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return ((labels + shift) % num_classes).astype(np.int32)
 
 
-def scores(classifier, masks, originals, true_labels, other, edits_true, edits_other, roundtrip) -> dict:
+def scores(classifier, masks, originals, true_labels, other, edits_true, edits_other, roundtrip, margin) -> dict:
   """The figures of one method on one region (see the module docstring)."""
   keep_rt = kept_change(roundtrip, originals, masks)
   keep = kept_change(edits_true, originals, masks)
+  far = kept_change(edits_true, originals, masks, margin)
   return {"accuracy_true": classifier.metrics(edits_true, true_labels)["digits_accuracy"],
           "success_other": classifier.metrics(edits_other, other)["digits_accuracy"],
           "kept_change": keep, "kept_change_other": kept_change(edits_other, originals, masks),
-          "kept_vs_roundtrip": keep / keep_rt,
+          "kept_vs_roundtrip": keep / keep_rt, "kept_change_far": far,
+          "kept_far_vs_roundtrip": far / kept_change(roundtrip, originals, masks, margin),
           "seam": seam_energy(edits_true, masks), "seam_other": seam_energy(edits_other, masks),
           "seam_blended": seam_energy(blend(edits_true, originals, masks), masks)}
 
@@ -95,6 +98,7 @@ def main() -> None:
              for known in ("path", "after_scale")}
   roundtrip = editors["path"].round_trip(originals)
   figures["roundtrip_accuracy"] = classifier.metrics(roundtrip, labels)["digits_accuracy"]
+  margin = size // editors["path"].schedule.latent_side  # one latent token: the 'far' kept pixels lie beyond
   for region in ("right", "bottom"):
     masks = half_masks(n, size, region)
     out = {"real": {"seam": seam_energy(originals, masks)},
@@ -103,10 +107,11 @@ def main() -> None:
     for known, editor in editors.items():
       edits_true = editor(originals, masks, labels, args.seed)
       edits_other = editor(originals, masks, other, args.seed)
-      out[known] = scores(classifier, masks, originals, labels, other, edits_true, edits_other, roundtrip)
+      out[known] = scores(classifier, masks, originals, labels, other, edits_true, edits_other, roundtrip,
+                          margin)
     pasted_true, pasted_other = blend(fresh_true, originals, masks), blend(fresh_other, originals, masks)
     out["paste"] = scores(classifier, masks, originals, labels, other, pasted_true, pasted_other,
-                          roundtrip)
+                          roundtrip, margin)
     figures[region] = out
     print(region, out, file=sys.stderr, flush=True)
   figures["seconds"] = time.perf_counter() - start

@@ -260,6 +260,7 @@ def test_seam_energy_and_kept_change():
   moved = images.copy()
   moved[0, 0, 0] = 51  # one kept pixel of 8 moves by 0.2
   assert kept_change(moved, images, right) == pytest.approx(0.2 / 8)
+  assert kept_change(moved, images, right, margin=1) == pytest.approx(0.2 / 4)  # column 1 is left out
   with pytest.raises(ValueError, match="no boundary"):
     seam_energy(images, np.ones((1, 4, 4), bool))
 

@@ -13,10 +13,22 @@ def _grey(images: np.ndarray) -> np.ndarray:
   return np.asarray(images, np.float64).mean(axis=-1) / 255.0
 
 
-def kept_change(images: np.ndarray, reference: np.ndarray, masks: np.ndarray) -> float:
+def grow(masks: np.ndarray, margin: int) -> np.ndarray:
+  """bool `[N, H, W]` masks grown by `margin` pixels in every direction (a square neighbourhood)."""
+  masks = np.asarray(masks, bool)
+  out = masks.copy()
+  h, w = masks.shape[1:]
+  for dy in range(-margin, margin + 1):
+    for dx in range(-margin, margin + 1):
+      out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
+          masks[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+  return out
+
+
+def kept_change(images: np.ndarray, reference: np.ndarray, masks: np.ndarray, margin: int = 0) -> float:
   """Mean absolute grey difference (0..1) between `images` and `reference` `[N, H, W, C]` over the kept pixels
-  (`masks` `[N, H, W]` False)."""
-  keep = ~np.asarray(masks, bool)
+  (`masks` `[N, H, W]` False), leaving out those within `margin` pixels of a generated one."""
+  keep = ~grow(masks, margin)
   if not keep.any():
     raise ValueError("the masks keep no pixel: there is no kept region to compare")
   return float(np.abs(_grey(images) - _grey(reference))[keep].mean())
