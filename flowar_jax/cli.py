@@ -58,12 +58,20 @@ _PORT = flags.DEFINE_integer("port", 8000, "port to listen on (0: any free port)
 _CFG_CHOICES = flags.DEFINE_list("cfg_choices", None, "guidance scales the page offers, one compiled sampler each "
                                  "(default: 1 and --cfg)")
 _MAX_SAMPLES = flags.DEFINE_integer("max_samples", None, "most images one request may ask for (default: 4 batches)")
+_IMAGE = flags.DEFINE_string("image", None, "image to edit (PNG, JPEG, ...; local or gs://)")
+_MASK = flags.DEFINE_string("mask", None, "mask image of the same size: white pixels are generated")
+_BOX = flags.DEFINE_string("box", None, "generate a box instead of a mask: y0,x0,y1,x1 in fractions of the image")
+_OUTPAINT = flags.DEFINE_string("outpaint", None, "grow the canvas by L,R,T,B pixels and generate the new area")
+_LABEL = flags.DEFINE_integer("label", None, "class to generate under (default: none, unconditional)")
+_OUT = flags.DEFINE_string("out", None, "output directory (default: WORKDIR/edits)")
+_BLEND = flags.DEFINE_boolean("blend", False, "paste the original's pixels back outside the mask")
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
 
 _METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...",
-             "metrics": "M1,M2,...", "from_torch": "FILE|URL|HF_ID", "vae_torch": "FILE|URL|HF_ID", "inception_weights": "FILE",
-             "topology": "GEN:AxB[xC]", "reference": "REF", "cfg_choices": "C1,C2,...", "host": "ADDR",
-             "port": "PORT", "max_samples": "N"}
+             "metrics": "M1,M2,...", "from_torch": "FILE|URL|HF_ID", "vae_torch": "FILE|URL|HF_ID",
+             "inception_weights": "FILE", "topology": "GEN:AxB[xC]", "reference": "REF", "cfg_choices": "C1,C2,...",
+             "host": "ADDR", "port": "PORT", "max_samples": "N", "image": "FILE", "mask": "FILE",
+             "box": "Y0,X0,Y1,X1", "outpaint": "L,R,T,B", "label": "L", "out": "DIR"}
 _SAMPLING = ("cfg", "num_steps", "guidance", "solver", "compute_dtype", "batch_size", "use_ema")
 _STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpoint)"
 
@@ -88,6 +96,14 @@ COMMANDS = {
         optional=("config", "metrics", "reference", "inception_weights", "num_samples", "seed") + _SAMPLING,
         notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.eval.num_samples)",
                "use_ema": "sample with the EMA weights (default: config.sampling.use_ema)"}),
+    "edit": Command(
+        "inpaint, outpaint or class-edit an image with WORKDIR's checkpoint -> WORKDIR/edits/",
+        "Keeps the image's tokens outside the mask at every scale and generates the rest (docs/editing.md). "
+        "Give exactly one of --mask, --box or --outpaint; writes edits.npz, edit_###.png and grid.png.",
+        required=("workdir", "image"),
+        optional=("mask", "box", "outpaint", "label", "out", "blend", "config", "num_samples", "seed") + _SAMPLING,
+        notes={"config": _STORED_CONFIG, "num_samples": "number of edits (default: 8)",
+               "workdir": "run directory holding the FlowAR checkpoint (trained or converted)"}),
     "summary": Command(
         "parameters per module of a config's FlowAR and VAE (nothing is allocated)",
         "Prints the parameter count of each FlowAR module, the total, and the VAE's.",
@@ -232,7 +248,7 @@ def _check_checkpoint(workdir: str) -> None:
 
 
 def _run(command: str) -> None:
-  if command in ("train", "sample", "evaluate"):
+  if command in ("train", "sample", "evaluate", "edit"):
     from flowar_jax.parallel.distributed import initialize_from_environment
     initialize_from_environment()
   if command == "summary":
@@ -274,6 +290,18 @@ def _run(command: str) -> None:
                  batch_size=_default(_BATCH.value, config.sampling.batch_size),
                  use_ema=_default(_USE_EMA.value, config.sampling.use_ema), metrics=_METRICS.value,
                  reference=_REFERENCE.value, inception_weights=_INCEPTION.value)
+  elif command == "edit":
+    from flowar_jax.commands import edit, sample
+    workdir = _WORKDIR.value
+    _check_checkpoint(workdir)
+    config = _CONFIG.value or sample.stored_config(workdir)
+    settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
+                                    guidance=_GUIDANCE.value, solver=_SOLVER.value,
+                                    compute_dtype=_COMPUTE_DTYPE.value)
+    edit.run(config, workdir, image=_IMAGE.value, mask=_MASK.value, box=_BOX.value, outpaint=_OUTPAINT.value,
+             label=_LABEL.value, out=_OUT.value, num_samples=_default(_NUM_SAMPLES.value, 8), seed=_SEED.value,
+             settings=settings, batch_size=_default(_BATCH.value, config.sampling.batch_size),
+             use_ema=_default(_USE_EMA.value, True), blend_original=_BLEND.value)
   else:
     from flowar_jax.commands import sample
     workdir = _WORKDIR.value

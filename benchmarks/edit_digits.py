@@ -1,0 +1,122 @@
+"""Zero-shot editing measured on the held-out real digits (docs/editing.md has the figures).
+
+  python benchmarks/edit_digits.py --workdir runs/digits [--num_steps 25] [--cfg 3] [--seed 0] [--json FILE]
+
+For each held-out digit (the digits metric's eval split, which neither network saw), the right half and,
+separately, the bottom half are regenerated:
+  accuracy_true   the digits classifier's accuracy on the edits under the digit's own label
+  success_other   the share of edits under another label (label + 1 + i % 9, mod 10) read as that label
+  kept_change     mean |grey difference| (0..1) to the original over the kept half; `roundtrip` is the same
+                  for a plain VAE encode -> decode, the least any latent edit can move it; `_far` leaves out
+                  the kept pixels within one latent token (the VAE's stride) of the mask
+  seam            mean squared grey step across the mask boundary; `real` is the originals' own
+for three methods: `path` (kept tokens follow the real noised path inside the ODE, the default), `after_scale`
+(kept tokens reset only at each scale's end), and `paste` (a fresh sample of the label with the kept half of
+the original pasted back). `plain_samples.accuracy` is the class-conditional sampler's accuracy on the same
+labels and seeds, the target for `accuracy_true`. Every method uses the same noise: sample i draws from
+(seed, i). Add --mask_rule most to compare the token rule.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.timing import report  # noqa: E402
+from flowar_jax.commands.edit import load_editor  # noqa: E402
+from flowar_jax.commands.sample import load_image_sampler, settings_from, stored_config  # noqa: E402
+from flowar_jax.evaluation.digits import digit_classifier, split_images  # noqa: E402
+from flowar_jax.evaluation.edit_metrics import kept_change, seam_energy  # noqa: E402
+from flowar_jax.sampling.editing import EditSettings, blend  # noqa: E402
+
+
+def half_masks(n: int, size: int, region: str) -> np.ndarray:
+  """bool `[n, size, size]`: the right or bottom half generated."""
+  mask = np.zeros((size, size), bool)
+  if region == "right":
+    mask[:, size // 2:] = True
+  else:
+    mask[size // 2:] = True
+  return np.broadcast_to(mask, (n, size, size))
+
+
+def other_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """A label other than each one, spread over all the others: label + 1 + i % (classes - 1), mod classes."""
+  shift = 1 + np.arange(len(labels)) % (num_classes - 1)
+  return ((labels + shift) % num_classes).astype(np.int32)
+
+
+def scores(classifier, masks, originals, true_labels, other, edits_true, edits_other, roundtrip, margin) -> dict:
+  """The figures of one method on one region (see the module docstring)."""
+  keep_rt = kept_change(roundtrip, originals, masks)
+  keep = kept_change(edits_true, originals, masks)
+  far = kept_change(edits_true, originals, masks, margin)
+  return {"accuracy_true": classifier.metrics(edits_true, true_labels)["digits_accuracy"],
+          "success_other": classifier.metrics(edits_other, other)["digits_accuracy"],
+          "kept_change": keep, "kept_change_other": kept_change(edits_other, originals, masks),
+          "kept_vs_roundtrip": keep / keep_rt, "kept_change_far": far,
+          "kept_far_vs_roundtrip": far / kept_change(roundtrip, originals, masks, margin),
+          "seam": seam_energy(edits_true, masks), "seam_other": seam_energy(edits_other, masks),
+          "seam_blended": seam_energy(blend(edits_true, originals, masks), masks)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--num_steps", type=int)
+  parser.add_argument("--cfg", type=float)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--mask_rule", choices=("any", "most"), default="any")
+  parser.add_argument("--json", help="also write the figures to this file")
+  args = parser.parse_args()
+
+  config = stored_config(args.workdir)
+  settings = settings_from(config, num_steps=args.num_steps, cfg=args.cfg)
+  size, fraction = config.data.image_size, config.data.eval_fraction
+  originals, labels = split_images("eval", size, fraction)
+  n, num_classes = len(labels), config.model.num_classes
+  other = other_labels(labels, num_classes)
+  classifier = digit_classifier(size, fraction)
+  figures = {"workdir": args.workdir, "num_images": n, "settings": dataclasses.asdict(settings),
+             "mask_rule": args.mask_rule, "seed": args.seed, "device": jax.devices()[0].platform,
+             "real_heldout_accuracy": classifier.metrics(originals, labels)["digits_accuracy"]}
+
+  start = time.perf_counter()
+  sampler = load_image_sampler(config, args.workdir, settings)
+  fresh_true = sampler(labels, args.seed)
+  fresh_other = sampler(other, args.seed)
+  figures["plain_samples"] = {"accuracy": classifier.metrics(fresh_true, labels)["digits_accuracy"],
+                              "accuracy_other_labels": classifier.metrics(fresh_other, other)["digits_accuracy"]}
+  editors = {known: load_editor(config, args.workdir, settings, EditSettings(args.mask_rule, known))
+             for known in ("path", "after_scale")}
+  roundtrip = editors["path"].round_trip(originals)
+  figures["roundtrip_accuracy"] = classifier.metrics(roundtrip, labels)["digits_accuracy"]
+  margin = size // editors["path"].schedule.latent_side  # one latent token: the 'far' kept pixels lie beyond
+  for region in ("right", "bottom"):
+    masks = half_masks(n, size, region)
+    out = {"real": {"seam": seam_energy(originals, masks)},
+           "roundtrip": {"kept_change": kept_change(roundtrip, originals, masks),
+                         "seam": seam_energy(roundtrip, masks)}}
+    for known, editor in editors.items():
+      edits_true = editor(originals, masks, labels, args.seed)
+      edits_other = editor(originals, masks, other, args.seed)
+      out[known] = scores(classifier, masks, originals, labels, other, edits_true, edits_other, roundtrip,
+                          margin)
+    pasted_true, pasted_other = blend(fresh_true, originals, masks), blend(fresh_other, originals, masks)
+    out["paste"] = scores(classifier, masks, originals, labels, other, pasted_true, pasted_other,
+                          roundtrip, margin)
+    figures[region] = out
+    print(region, out, file=sys.stderr, flush=True)
+  figures["seconds"] = time.perf_counter() - start
+  report(figures, args.json)
+
+
+if __name__ == "__main__":
+  main()
