@@ -93,6 +93,8 @@ def edit_latents(model: FlowAR, latents: jax.Array, masks: list[jax.Array], labe
 
 
 def _edit_latents(model, latents, masks, labels, keys, settings, known):
+  # The scale loop of `sampler._sample_latents` (same noise, CFG ramp and next-scale inputs) plus the kept
+  # tokens; kept apart so that the published sampling program stays exactly as it is.
   schedule = model.schedule
   b, c = labels.shape[0], model.latent_channels
   targets = scale_targets(latents.astype(jnp.float32), schedule)
