@@ -14,7 +14,7 @@ for three methods: `path` (kept tokens follow the real noised path inside the OD
 (kept tokens reset only at each scale's end), and `paste` (a fresh sample of the label with the kept half of
 the original pasted back). `plain_samples.accuracy` is the class-conditional sampler's accuracy on the same
 labels and seeds, the target for `accuracy_true`. Every method uses the same noise: sample i draws from
-(seed, i). Add --mask_rule most to compare the token rule.
+(seed, i). --mask_rule any / most compare the token rules.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main() -> None:
   parser.add_argument("--num_steps", type=int)
   parser.add_argument("--cfg", type=float)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--mask_rule", choices=("any", "most"), default="any")
+  parser.add_argument("--mask_rule", choices=("hybrid", "any", "most"), default="hybrid")
   parser.add_argument("--json", help="also write the figures to this file")
   args = parser.parse_args()
 

@@ -91,11 +91,11 @@ def test_helpfull_adds_every_flag():
 @pytest.mark.parametrize("args,message", [
     (["sampel"], "unknown command 'sampel'; did you mean 'sample'?"),
     (["evalute", "--help"], "unknown command 'evalute'; did you mean 'evaluate'?"),
-    (["xyz"], "unknown command 'xyz'; the commands are train, sample, evaluate, summary, convert, compile, serve"),
+    (["xyz"], "unknown command 'xyz'; the commands are train, sample, evaluate, edit, summary, convert, compile, serve"),
     (["summary", "extra", "--config", "configs/digits.py"], "unexpected argument 'extra'"),
     (["summary"], "--config is required"),
     (["train", "--config", "configs/digits.py", "--workdir", "runs/x", "--seed", "3"],
-     "--seed does not apply to train (it is a flag of sample, evaluate)"),
+     "--seed does not apply to train (it is a flag of sample, evaluate, edit)"),
     (["sample", "--workdir", "runs/x", "--config.sampling.num_steps=3"],
      "--config.sampling.num_steps overrides a key of the --config file, and no --config is given"),
 ])

@@ -13,7 +13,7 @@ from flowar_jax.sampling import editing
 from flowar_jax.sampling.ode import integrate
 from flowar_jax.sampling.sampler import SamplingSettings, sample_keys, sample_latents
 from flowar_jax.sampling.time_grid import time_grid
-from flowar_jax.scales import scale_targets
+from flowar_jax.scales import ScaleSchedule, scale_targets
 
 
 def _randomize(model):
@@ -56,15 +56,34 @@ def test_reduce_mask_any_and_most():
   half[0, :, 8:] = True
   np.testing.assert_array_equal(np.asarray(editing.reduce_mask(half, 2, "any"))[0], [[False, True], [False, True]])
   assert not bool(editing.reduce_mask(half, 1, "most")[0, 0, 0])  # exactly half is not most
-  with pytest.raises(ValueError, match="mask_rule"):
+  with pytest.raises(ValueError, match="mask rule"):
     editing.reduce_mask(half, 2, "all")
 
 
-@pytest.mark.parametrize("known", ["path", "after_scale"])
-def test_kept_tokens_are_the_images_pyramid_at_every_scale(model, known):
+def test_hybrid_rule_is_most_on_coarse_scales_and_any_on_the_finest():
+  schedule = ScaleSchedule((1, 2, 4))
+  mask = np.zeros((1, 16, 16), bool)
+  mask[0, :, 9:] = True  # 7 of 16 columns: less than half of the 1x1 token
+  mask[0, 0, 0] = True  # one pixel of the top-left token of every scale
+  hybrid = [np.asarray(m)[0] for m in editing.token_masks(mask, schedule)]
+  any_ = [np.asarray(m)[0] for m in editing.token_masks(mask, schedule, "any")]
+  assert not hybrid[0].any() and any_[0].all()
+  np.testing.assert_array_equal(hybrid[1], [[False, True], [False, True]])
+  np.testing.assert_array_equal(any_[1], [[True, True], [False, True]])
+  expected = np.zeros((4, 4), bool)
+  expected[:, 2:] = True
+  expected[0, 0] = True  # the finest scale regenerates every masked pixel
+  np.testing.assert_array_equal(hybrid[2], expected)
+  np.testing.assert_array_equal(any_[2], expected)
+  with pytest.raises(ValueError, match="mask_rule must be one of"):
+    editing.token_masks(mask, schedule, "all")
+
+
+@pytest.mark.parametrize("known,rule", [("path", "hybrid"), ("after_scale", "any")])
+def test_kept_tokens_are_the_images_pyramid_at_every_scale(model, known, rule):
   schedule = model.schedule
   latents = jax.random.normal(jax.random.key(3), (2, 4, 4, 4))
-  masks = editing.token_masks(_half_masks(), schedule)
+  masks = editing.token_masks(_half_masks(), schedule, rule)
   labels, keys = jnp.array([1, 5]), sample_keys(0, 0, 2)
   settings = SamplingSettings(cfg=2.0, guidance=0.9, num_steps=4)
   seen = []
@@ -84,10 +103,10 @@ def test_kept_tokens_are_the_images_pyramid_at_every_scale(model, known):
   assert len(finished) == schedule.num_scales
   for k, (x, y, m) in enumerate(zip(finished, targets, masks)):
     keep = ~np.asarray(m)
-    if k > 0:  # scale 0 (one token) is generated: both masks touch it
-      assert keep.any() and (~keep).any(), k
+    assert k == 0 or (keep.any() and (~keep).any()), k  # scale 0: one token, kept by 'hybrid', not by 'any'
     np.testing.assert_array_equal(np.asarray(x)[keep], np.asarray(y)[keep])  # exactly
-    assert not np.allclose(np.asarray(x)[~keep], np.asarray(y)[~keep]), k  # the masked ones were generated
+    if (~keep).any():
+      assert not np.allclose(np.asarray(x)[~keep], np.asarray(y)[~keep]), k  # the masked ones were generated
 
 
 def test_kept_tokens_follow_the_noised_path_inside_the_ode():
@@ -167,6 +186,8 @@ def test_editor_encodes_edits_and_decodes(model):
   assert not np.array_equal(a, editor(images, masks, labels, seed=4))
   with pytest.raises(ValueError, match="class label 11 is out of range"):
     editor(images, masks, np.array([1, 11]), seed=0)
+  with pytest.raises(ValueError, match="the mask of image 1 is empty: there is nothing to generate"):
+    editor(images, np.stack([masks[0], np.zeros((16, 16), bool)]), labels, seed=0)
 
 
 # The command's input checks: all run before anything loads or compiles.

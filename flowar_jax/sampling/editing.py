@@ -13,8 +13,10 @@ them on the path up to float rounding; at the end of each scale they are set to 
 `known="after_scale"` is the weaker alternative measured in docs/editing.md: the ODE runs freely over all
 tokens and only its result at the kept positions is replaced by y.
 
-Masks: True = generate. A token of a scale is generated when its footprint in the image holds any masked
-pixel (`mask_rule="any"`, the default) or more than half masked pixels (`"most"`).
+Masks: True = generate. With `mask_rule="hybrid"` (the default) a token of the finest scale is generated when
+its footprint in the image holds any masked pixel, so every masked pixel is regenerated, and a token of a
+coarser scale when more than half of its footprint is masked, so the coarse tokens that are mostly the
+image's stay the image's. `"any"` and `"most"` apply one of the two at every scale.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from flowar_jax.sampling.time_grid import time_grid
 from flowar_jax.scales import ScaleSchedule, next_scale_input, scale_targets
 from flowar_jax.scales.resize import apply_axis_matrices, area_matrix
 
-MASK_RULES = ("any", "most")
+MASK_RULES = ("hybrid", "any", "most")
 KNOWN_RULES = ("path", "after_scale")
 
 
@@ -46,8 +48,8 @@ def reduce_mask(mask: jax.Array | np.ndarray, side: int, rule: str = "any") -> j
   The share of masked pixels under each token is the mask area-resized to `side` (the resize the pyramid
   uses); 'any' generates a token with a share > 0, 'most' one with a share > 1/2.
   """
-  if rule not in MASK_RULES:
-    raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {rule!r}")
+  if rule not in ("any", "most"):
+    raise ValueError(f"a scale's mask rule must be 'any' or 'most', got {rule!r}")
   mask = jnp.asarray(mask, jnp.float32)
   share = apply_axis_matrices(mask[..., None], area_matrix(mask.shape[1], side),
                               area_matrix(mask.shape[2], side))[..., 0]
@@ -55,9 +57,14 @@ def reduce_mask(mask: jax.Array | np.ndarray, side: int, rule: str = "any") -> j
   return share > 0 if rule == "any" else share > 0.5 + 1e-6
 
 
-def token_masks(mask: jax.Array | np.ndarray, schedule: ScaleSchedule, rule: str = "any") -> list[jax.Array]:
-  """Pixel mask `[B, H, W]` -> per scale k, bool `[B, side_k, side_k]` (True = generated)."""
-  return [reduce_mask(mask, side, rule) for side in schedule.sides]
+def token_masks(mask: jax.Array | np.ndarray, schedule: ScaleSchedule, rule: str = "hybrid") -> list[jax.Array]:
+  """Pixel mask `[B, H, W]` -> per scale k, bool `[B, side_k, side_k]` (True = generated), by `rule` (see the
+  module docstring)."""
+  if rule not in MASK_RULES:
+    raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {rule!r}")
+  last = len(schedule.sides) - 1
+  rules = [("most" if k < last else "any") if rule == "hybrid" else rule for k in range(last + 1)]
+  return [reduce_mask(mask, side, r) for side, r in zip(schedule.sides, rules)]
 
 
 def _follow_path(velocity, keep: jax.Array, y: jax.Array, eps: jax.Array):
@@ -86,6 +93,8 @@ def edit_latents(model: FlowAR, latents: jax.Array, masks: list[jax.Array], labe
 
 
 def _edit_latents(model, latents, masks, labels, keys, settings, known):
+  # The scale loop of `sampler._sample_latents` (same noise, CFG ramp and next-scale inputs) plus the kept
+  # tokens; kept apart so that the published sampling program stays exactly as it is.
   schedule = model.schedule
   b, c = labels.shape[0], model.latent_channels
   targets = scale_targets(latents.astype(jnp.float32), schedule)
@@ -133,10 +142,10 @@ def blend(edited: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndar
 
 @dataclasses.dataclass(frozen=True)
 class EditSettings:
-  """mask_rule: which tokens a pixel mask generates ('any' | 'most'); known: how kept tokens enter the ODE
-  ('path' | 'after_scale', see the module docstring)."""
+  """mask_rule: which tokens a pixel mask generates ('hybrid' | 'any' | 'most'); known: how kept tokens enter
+  the ODE ('path' | 'after_scale'); see the module docstring."""
 
-  mask_rule: str = "any"
+  mask_rule: str = "hybrid"
   known: str = "path"
 
   def __post_init__(self):
@@ -210,6 +219,9 @@ class Editor:
     if images.ndim != 4 or masks.shape != images.shape[:3] or len(labels) != len(images):
       raise ValueError(f"expected images [B, H, W, 3], masks [B, H, W] and labels [B], got {images.shape}, "
                        f"{masks.shape} and {labels.shape}")
+    empty = np.flatnonzero(~masks.reshape(len(masks), -1).any(axis=1))
+    if empty.size:
+      raise ValueError(f"the mask of image {int(empty[0])} is empty: there is nothing to generate")
     real = len(labels)
     size = round_up_to_data_parallel(self.plan, real)
     pad = lambda x: np.resize(x, (size,) + x.shape[1:])
