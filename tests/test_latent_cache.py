@@ -2,6 +2,7 @@
 by the batch whatever the dataset size, and the same cache on gs:// (a local GCS emulator)."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -58,7 +59,9 @@ def _in_memory_iterator(moments, labels, batch_size, seed, shard_index, shard_co
              .slice(slice(shard_index, shard_count * per_shard, shard_count))
              .repeat()
              .map(lambda i: {"moments": moments[i], "label": labels[i]}))
-  return iter(dataset.to_iter_dataset().batch(local_batch, drop_remainder=True))
+  # Serial reads (the order is the same with grain's read threads): no thread outlives the test.
+  serial = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return iter(dataset.to_iter_dataset(serial).batch(local_batch, drop_remainder=True))
 
 
 def test_sharded_cache_trains_on_the_same_batches_as_the_in_memory_cache(tiny_vae, tmp_path):
@@ -147,6 +150,7 @@ def test_processes_encode_their_own_shards(tiny_vae, tmp_path):
 
 def _peak_python_bytes(fn) -> int:
   """Peak bytes that Python and NumPy allocate while `fn()` runs (XLA's own buffers are not counted)."""
+  gc.collect()
   tracemalloc.start()
   try:
     fn()
