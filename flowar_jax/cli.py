@@ -96,6 +96,14 @@ COMMANDS = {
         optional=("config", "metrics", "reference", "inception_weights", "num_samples", "seed") + _SAMPLING,
         notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.eval.num_samples)",
                "use_ema": "sample with the EMA weights (default: config.sampling.use_ema)"}),
+    "edit": Command(
+        "inpaint, outpaint or class-edit an image with WORKDIR's checkpoint -> WORKDIR/edits/",
+        "Keeps the image's tokens outside the mask at every scale and generates the rest (docs/editing.md). "
+        "Give exactly one of --mask, --box or --outpaint; writes edits.npz, edit_###.png and grid.png.",
+        required=("workdir", "image"),
+        optional=("mask", "box", "outpaint", "label", "out", "blend", "config", "num_samples", "seed") + _SAMPLING,
+        notes={"config": _STORED_CONFIG, "num_samples": "number of edits (default: 8)",
+               "workdir": "run directory holding the FlowAR checkpoint (trained or converted)"}),
     "summary": Command(
         "parameters per module of a config's FlowAR and VAE (nothing is allocated)",
         "Prints the parameter count of each FlowAR module, the total, and the VAE's.",
