@@ -224,15 +224,18 @@ class LocalEncoder:
     mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, 1, 1), MESH_AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
     self._plan = ShardingPlan(mesh, {"batch": ("data",)})
+    self._batch_sharding = self._plan.batch_sharding()  # one object: JAX caches by sharding, so reuse it
     self.batch_size = -(-batch_size // len(devices)) * len(devices)
-    self._state = jax.device_put(state, self._plan.replicated)
+    # Plain leaves, unflattened inside: an nnx State argument would rebuild its Variables' metadata every call.
+    leaves, treedef = jax.tree.flatten(state)
+    self._state = jax.device_put(leaves, self._plan.replicated)
 
-    def encode(state, images):
-      posterior = nnx.merge(graphdef, state).encode(images)
+    def encode(leaves, images):
+      posterior = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)).encode(images)
       return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
 
-    self._encode = self._plan.jit(encode, in_shardings=(self._plan.replicated, self._plan.batch_sharding()),
-                                  out_shardings=self._plan.batch_sharding())
+    self._encode = self._plan.jit(encode, in_shardings=(self._plan.replicated, self._batch_sharding),
+                                  out_shardings=self._batch_sharding)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     count = len(images)
@@ -240,7 +243,7 @@ class LocalEncoder:
       raise ValueError(f"{count} images exceed the encoder's batch of {self.batch_size}")
     padded = np.zeros((self.batch_size,) + images.shape[1:], np.float32)  # one compiled shape
     padded[:count] = images
-    batch = jax.device_put(padded, self._plan.batch_sharding())
+    batch = jax.device_put(padded, self._batch_sharding)
     return np.asarray(self._encode(self._state, batch))[:count]
 
 
@@ -258,7 +261,8 @@ def encode_range(encoder: Callable[[np.ndarray], np.ndarray], source: data.Image
   transform = functools.partial(_centre_cropped, image_size=data_config.image_size,
                                 resize_to=source_lib.resize_size(data_config))
   threads = _READ_THREADS if data_config.num_workers else 0
-  examples = (grain.MapDataset.source(source)[start:stop].map(transform)
+  # range + map rather than MapDataset.source, whose per-read metrics keep a little memory per example
+  examples = (grain.MapDataset.range(start, stop).map(lambda i: transform(source[i]))
               .to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch_size)))
   moments, labels = [], []
   for batch in examples.batch(batch_size):
