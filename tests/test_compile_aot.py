@@ -18,10 +18,10 @@ from flax import nnx
 
 from conftest import tiny_config
 from flowar_jax.commands import compile as compile_command
-from flowar_jax.commands.sample import settings_from
 from flowar_jax.models.flow_head import HeadBlockV1
 from flowar_jax.models.rope import rope_tables
 from flowar_jax.parallel.remat import REMAT_POLICIES, remat
+from flowar_jax.sampling.generate import settings_from
 from flowar_jax.sampling.sampler import Sampler
 from flowar_jax.training.builders import build_flowar
 

@@ -218,9 +218,10 @@ def test_kernel_under_mesh_is_shard_mapped_and_matches_reference():
 
 def train_losses(impl: str, steps: int = 3) -> list[float]:
   """Losses of `steps` FlowAR train steps (tiny config, attention dropout 0.1) through `impl`."""
+  from flowar_jax.models.params import split_params
   from flowar_jax.training.builders import build_flowar
   from flowar_jax.training.optimizer import flowar_optimizer
-  from flowar_jax.training.state import init_train_state, make_train_step, split_params
+  from flowar_jax.training.state import init_train_state, make_train_step
   config = tiny_config()
   config.model.attention_impl = impl
   assert config.model.attn_dropout > 0

@@ -14,12 +14,12 @@ from conftest import tiny_config
 from flowar_jax.config import base_config, validate_config
 from flowar_jax.models import flops
 from flowar_jax.models.params import path_name
+from flowar_jax.models.vae_trainable import VAETrainable
 from flowar_jax.parallel import logical
 from flowar_jax.parallel.distributed import setup_from_environment
 from flowar_jax.parallel.mesh import resolve_mesh_shape
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training.builders import build_flowar
-from flowar_jax.training.vae_stage import VAETrainable
 
 RULES = logical.parse_rules(base_config().sharding.rules)
 
@@ -170,7 +170,7 @@ def test_model_flops_match_xla_count_of_the_forward_pass():
 
 
 def test_sampling_falls_back_to_data_parallel_when_the_trained_mesh_does_not_fit():
-  from flowar_jax.commands.sample import sampling_plan  # pylint: disable=g-import-not-at-top
+  from flowar_jax.sampling.generate import sampling_plan  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.dcn_data = 1, 8, 4  # a 4-slice pod run, sampled here
   plan = sampling_plan(config)

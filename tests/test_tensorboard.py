@@ -16,8 +16,8 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
-from flowar_jax.training.metrics import MetricWriter  # noqa: E402
-from flowar_jax.training.tensorboard_writer import TensorBoardWriter  # noqa: E402
+from flowar_jax.runs.metrics import MetricWriter  # noqa: E402
+from flowar_jax.runs.tensorboard_writer import TensorBoardWriter  # noqa: E402
 
 
 def _events(logdir: str) -> EventAccumulator:

@@ -13,9 +13,10 @@ from conftest import tiny_config
 from flowar_jax.commands import train
 from flowar_jax.config import config_from_dict, validate_config
 from flowar_jax.models.params import flat_params
-from flowar_jax.training.builders import build_flowar, load_params
+from flowar_jax.runs.checkpointing import Checkpointer
+from flowar_jax.runs.loaders import load_params
 from flowar_jax.training import loop
-from flowar_jax.training.checkpointing import Checkpointer
+from flowar_jax.training.builders import build_flowar
 from flowar_jax.training.optimizer import decay_mask, flowar_optimizer, warmup_cosine
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from flowar_jax.commands.flag_errors import shorten_config_file_error, unknown_key_message
 from flowar_jax.config import check_batch_divisible, check_types, validate_config
-from flowar_jax.training.checkpointing import Checkpointer
+from flowar_jax.runs.checkpointing import Checkpointer
 from flowar_jax.training.resume_check import check_config_matches_checkpoints
 from test_cli import cli
 

@@ -15,11 +15,11 @@ from flax import nnx
 from flowar_jax.convert import names
 from flowar_jax.convert.params import params_from_state_dict
 from flowar_jax.convert.sizes import check_published_heads, describe_flowar
+from flowar_jax.models.params import split_params
+from flowar_jax.models.vae_trainable import VAETrainable
+from flowar_jax.runs.checkpointing import Checkpointer, checkpoint_exists
+from flowar_jax.runs.workdir import checkpoint_dir
 from flowar_jax.training.builders import build_flowar
-from flowar_jax.training.checkpointing import Checkpointer, checkpoint_exists
-from flowar_jax.training.state import split_params
-from flowar_jax.training.vae_stage import VAETrainable
-from flowar_jax.training.workdir import checkpoint_dir
 
 CONVERTED_STEP = 0
 MAR_LATENT_SCALE = 0.2325  # the official code's latent normalisation for MAR's KL-16 VAE

@@ -19,7 +19,7 @@ from flowar_jax import data
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
 from flowar_jax.parallel.plan import ShardingPlan
-from flowar_jax.training.progress import Progress
+from flowar_jax.runs.progress import Progress
 
 _ENCODE_BATCH = 64
 
