@@ -703,9 +703,9 @@ def test_periodic_evaluation_during_training(trained, tmp_path, monkeypatch):
   loop itself, which runs periodic actions after checkpoints, is tested in test_training)."""
   _, workdir, _ = trained
   from flowar_jax.models.params import split_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_model  # pylint: disable=g-import-not-at-top
   from flowar_jax.runs.loaders import load_params  # pylint: disable=g-import-not-at-top
   from flowar_jax.training import flowar_stage, loop  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_flowar  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.stage = "flowar"
   config.vae_checkpoint = os.path.join(workdir, "vae")
@@ -720,7 +720,7 @@ def test_periodic_evaluation_during_training(trained, tmp_path, monkeypatch):
   assert evaluation.every == 2
 
   def weights(use_ema):
-    model = load_params(lambda: build_flowar(config), os.path.join(workdir, "checkpoints"), use_ema=use_ema)
+    model = load_params(lambda: build_model(config), os.path.join(workdir, "checkpoints"), use_ema=use_ema)
     return split_params(model)[1]
 
   ema, raw = weights(True), weights(False)

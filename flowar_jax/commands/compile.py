@@ -39,6 +39,7 @@ from jax.experimental import topologies
 from flowar_jax.config import latent_side, validate_config
 from flowar_jax.models import flops
 from flowar_jax.models.params import split_params
+from flowar_jax.models.registry import build_model, build_vae
 from flowar_jax.models.vae import decode_from_latents
 from flowar_jax.models.vae_trainable import VAETrainable
 from flowar_jax.parallel import logical
@@ -48,7 +49,6 @@ from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.generate import settings_from
 from flowar_jax.sampling.sampler import Sampler
 from flowar_jax.training import flowar_stage, vae_stage
-from flowar_jax.training.builders import build_flowar, build_vae
 from flowar_jax.training.optimizer import flowar_optimizer
 from flowar_jax.training.state import init_train_state, make_train_step
 
@@ -229,14 +229,14 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
     else:
       batch = batch_of(config.batch_size, image=images, label=labels)
     programs.append(step_program(
-        "flowar train step", "--config.batch_size", functools.partial(build_flowar, config, config.seed), tx,
+        "flowar train step", "--config.batch_size", functools.partial(build_model, config, config.seed), tx,
         schedule, config.optimizer.ema_decay, flowar_stage.flowar_loss_fn(vae_graphdef, config), batch,
         plan.abstract(vae_params), remat=True, model_flops=float(flops.training_flops_per_step(config))))
   return programs
 
 
 def _sampler_program(config: ml_collections.ConfigDict, plan: ShardingPlan) -> Program:
-  model = nnx.eval_shape(functools.partial(build_flowar, config))
+  model = nnx.eval_shape(functools.partial(build_model, config))
   vae = nnx.eval_shape(functools.partial(build_vae, config))
   scale = config.vae.latent_scale or 1.0
   sampler = Sampler(model, settings_from(config), decode=lambda v, z: decode_from_latents(v, z, scale),

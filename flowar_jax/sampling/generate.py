@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from flowar_jax.config import validate_config
+from flowar_jax.models.registry import build_model
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs import fs
@@ -19,7 +20,6 @@ from flowar_jax.runs.progress import Progress
 from flowar_jax.runs.stored_config import stored_latent_scale
 from flowar_jax.runs.workdir import checkpoint_dir
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings, image_sampler
-from flowar_jax.training.builders import build_flowar
 
 
 def class_labels(num_samples: int, num_classes: int, labels: list[int] | None = None) -> np.ndarray:
@@ -52,7 +52,7 @@ def load_image_sampler(config: ml_collections.ConfigDict, workdir: str, settings
   validate_config(config)
   fs.use_storage_emulator()
   plan = plan or sampling_plan(config)
-  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
+  flowar = load_params(functools.partial(build_model, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
   vae = load_vae(config, workdir, plan)
   latent_scale = config.vae.latent_scale
   if latent_scale <= 0:  # measured during training and stored with the checkpoint

@@ -13,13 +13,13 @@ from flax import nnx
 from flowar_jax import data
 from flowar_jax import precision
 from flowar_jax.models.params import split_params
+from flowar_jax.models.registry import build_model
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs.loaders import load_vae
 from flowar_jax.runs.metrics import MetricWriter
 from flowar_jax.runs.stored_config import stored_latent_scale
 from flowar_jax.training import latent_cache, loop
-from flowar_jax.training.builders import build_flowar
 from flowar_jax.training.optimizer import flowar_optimizer
 from flowar_jax.training.sample_grids import SampleGrids
 
@@ -91,7 +91,7 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
     iterator = data.make_train_iterator(config.data, config.batch_size, config.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
   tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
-  model_factory = functools.partial(build_flowar, config, config.seed)
+  model_factory = functools.partial(build_model, config, config.seed)
   graphdef, _ = split_params(nnx.eval_shape(model_factory))
   periodic = []
   if config.eval.every_steps > 0:
