@@ -103,7 +103,7 @@ def run_phase(phase: str, directory: str, count: int, args: argparse.Namespace) 
   """One phase in this process -> its figures."""
   from flowar_jax.runs import fs  # pylint: disable=g-import-not-at-top
   from flowar_jax.training import latent_cache  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_vae  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_vae  # pylint: disable=g-import-not-at-top
   config = _config(args.image_size)
   vae = build_vae(config)
   manifest = latent_cache.expected_manifest(config, vae.stride, count, args.shard_size)

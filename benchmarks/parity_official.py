@@ -275,13 +275,13 @@ def check_flowar(flowar_mod, run: Run, seed: int) -> tuple[dict[str, float], tup
   import torch  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from flowar_jax.convert import flowar_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.params import split_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_model  # pylint: disable=g-import-not-at-top
   from flowar_jax.sampling.sampler import SamplingSettings, sample_latents  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_flowar  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.state import split_params  # pylint: disable=g-import-not-at-top
 
   config = our_config(run)
   theirs = official_flowar(flowar_mod, config, seed)
-  graphdef, _ = split_params(nnx.eval_shape(lambda: build_flowar(config)))
+  graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(config)))
   ours = nnx.merge(graphdef, flowar_params(config, state_dict_numpy(theirs)))
   rng = np.random.default_rng(seed)
   batch, scales = run.batch, list(config.model.scales)
@@ -338,8 +338,8 @@ def check_vae(vae_mod, run: Run, seed: int, sampled=None) -> dict[str, float]:
   import torch  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from flowar_jax.convert import vae_params  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_vae  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.state import split_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.params import split_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_vae  # pylint: disable=g-import-not-at-top
 
   config = our_config(run)
   theirs = official_vae(vae_mod, run.vae_channels, seed)

@@ -23,8 +23,8 @@ from benchmarks.throughput_common import add_model_flags, median_seconds, model_
 from benchmarks.timing import report  # noqa: E402
 from flowar_jax.config import validate_config  # noqa: E402
 from flowar_jax.models.flops import sampling_flops_per_image  # noqa: E402
+from flowar_jax.models.registry import build_model  # noqa: E402
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings  # noqa: E402
-from flowar_jax.training.builders import build_flowar  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
   validate_config(config)
   settings = SamplingSettings(cfg=args.cfg, guidance=args.guidance, num_steps=args.num_steps, solver=args.solver,
                               compute_dtype=args.compute_dtype)
-  sampler = Sampler(build_flowar(config), settings)
+  sampler = Sampler(build_model(config), settings)
   labels = sampler.check_labels(np.arange(args.batch) % config.model.num_classes)
   compiled = sampler.lower(args.batch).compile()
   flops = sampling_flops_per_image(config, settings) * args.batch  # XLA's count sees each loop body once

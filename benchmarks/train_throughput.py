@@ -22,12 +22,13 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.throughput_common import (add_model_flags, compiled_flops, matmul_rate, median_seconds,  # noqa: E402
                                           model_config, peak_flops)
 from benchmarks.timing import report  # noqa: E402
+from flowar_jax import precision  # noqa: E402
 from flowar_jax.config import validate_config  # noqa: E402
 from flowar_jax.models.flops import training_flops_per_step  # noqa: E402
-from flowar_jax import precision  # noqa: E402
-from flowar_jax.training.builders import build_flowar  # noqa: E402
+from flowar_jax.models.params import split_params  # noqa: E402
+from flowar_jax.models.registry import build_model  # noqa: E402
 from flowar_jax.training.optimizer import flowar_optimizer  # noqa: E402
-from flowar_jax.training.state import init_train_state, make_train_step, split_params  # noqa: E402
+from flowar_jax.training.state import init_train_state, make_train_step  # noqa: E402
 
 
 def latent_loss_fn(compute_dtype: str):
@@ -50,7 +51,7 @@ def main() -> None:
     config.model.remat = args.remat
   validate_config(config)
   config.vae.latent_channels = args.latent_channels
-  model = build_flowar(config)
+  model = build_model(config)
   graphdef, params = split_params(model)
   tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, 1000)
   state = init_train_state(model, tx, seed=0)

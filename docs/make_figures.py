@@ -123,7 +123,7 @@ def loss_per_scale(workdir: str, out: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  from flowar_jax.runs.metrics import read_metrics  # pylint: disable=g-import-not-at-top
 
   records = [r for r in read_metrics(workdir) if "loss" in r]
   steps = [r["step"] for r in records]

@@ -240,8 +240,8 @@ def _parse_floats(name: str, raw: list[str]) -> list[float]:
 
 def _check_checkpoint(workdir: str) -> None:
   """`sample` and `evaluate` read a FlowAR checkpoint: say how to get one before anything else runs."""
-  from flowar_jax.training.checkpointing import checkpoint_exists  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.workdir import checkpoint_dir  # pylint: disable=g-import-not-at-top
+  from flowar_jax.runs.checkpointing import checkpoint_exists  # pylint: disable=g-import-not-at-top
+  from flowar_jax.runs.workdir import checkpoint_dir  # pylint: disable=g-import-not-at-top
   if not checkpoint_exists(checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no FlowAR checkpoint in {checkpoint_dir(workdir)!r}: train one into that workdir "
                             f"(`train --workdir`) or convert official weights into it (`convert --workdir`)")
@@ -278,11 +278,13 @@ def _run(command: str) -> None:
               max_samples=_MAX_SAMPLES.value, use_ema=_default(_USE_EMA.value, True), host=_HOST.value,
               port=_PORT.value)
   elif command == "evaluate":
-    from flowar_jax.commands import evaluate, sample
+    from flowar_jax.commands import evaluate
+    from flowar_jax.runs.stored_config import stored_config
+    from flowar_jax.sampling.generate import settings_from
     workdir = _WORKDIR.value
     _check_checkpoint(workdir)
-    config = _CONFIG.value or sample.stored_config(workdir)
-    settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
+    config = _CONFIG.value or stored_config(workdir)
+    settings = settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
                                     guidance=_GUIDANCE.value, solver=_SOLVER.value,
                                     compute_dtype=_COMPUTE_DTYPE.value)
     evaluate.run(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.eval.num_samples),
@@ -304,16 +306,14 @@ def _run(command: str) -> None:
              use_ema=_default(_USE_EMA.value, True), blend_original=_BLEND.value)
   else:
     from flowar_jax.commands import sample
+    from flowar_jax.runs.stored_config import stored_config
     workdir = _WORKDIR.value
     _check_checkpoint(workdir)
-    config = _CONFIG.value or sample.stored_config(workdir)
-    settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
-                                    guidance=_GUIDANCE.value, solver=_SOLVER.value,
-                                    compute_dtype=_COMPUTE_DTYPE.value)
-    sample.sample_to_workdir(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.sampling.num_samples),
-                             seed=_SEED.value, settings=settings, labels=_parse_labels(_LABELS.value),
-                             batch_size=_default(_BATCH.value, config.sampling.batch_size),
-                             use_ema=_default(_USE_EMA.value, True))
+    config = _CONFIG.value or stored_config(workdir)
+    sample.run(config, workdir, seed=_SEED.value, labels=_parse_labels(_LABELS.value),
+               num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value, use_ema=_USE_EMA.value,
+               cfg=_CFG.value, num_steps=_NUM_STEPS.value, guidance=_GUIDANCE.value, solver=_SOLVER.value,
+               compute_dtype=_COMPUTE_DTYPE.value)
 
 
 def _known_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:

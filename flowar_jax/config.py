@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.vae.train.disc_layers = 3
 
   c.model = ml_collections.ConfigDict()
+  c.model.name = "flowar"  # the generator, by its name in models/registry.py
   c.model.scales = (1, 2, 4, 8, 16)  # sides of each scale; the last is the latent side
   c.model.width = 768
   c.model.depth = 6  # blocks per stack (two stacks: encoder and decoder)
@@ -238,6 +239,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   split are not checked.
   """
   check_types(config)
+  from flowar_jax.models import registry  # pylint: disable=g-import-not-at-top  (imports jax)
+  registry.check_model_name(config.model.name)
   flat = {k: v for k, v in _flatten(config)}
   for key, choices in _CHOICES.items():
     if flat[key] not in choices:

@@ -28,7 +28,7 @@ from conftest import tiny_config  # noqa: E402
 from flowar_jax import data  # noqa: E402
 from flowar_jax.parallel.plan import ShardingPlan  # noqa: E402
 from flowar_jax.training import latent_cache  # noqa: E402
-from flowar_jax.training.builders import build_vae  # noqa: E402
+from flowar_jax.models.registry import build_vae  # noqa: E402
 
 SHARD_SIZE, BATCH, SEED, STEPS = 256, 16, 5, 3
 

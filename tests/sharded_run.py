@@ -21,15 +21,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from flowar_jax.models.params import split_params  # noqa: E402
+from flowar_jax.models.registry import build_model, build_vae  # noqa: E402
 from flowar_jax.parallel.batch import global_batch, to_host  # noqa: E402
 from flowar_jax.parallel.plan import ShardingPlan  # noqa: E402
+from flowar_jax.runs.checkpointing import Checkpointer  # noqa: E402
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings  # noqa: E402
 from flowar_jax.training import loop  # noqa: E402
-from flowar_jax.training.builders import build_flowar, build_vae  # noqa: E402
-from flowar_jax.training.checkpointing import Checkpointer  # noqa: E402
 from flowar_jax.training.flowar_stage import flowar_loss_fn  # noqa: E402
 from flowar_jax.training.optimizer import flowar_optimizer  # noqa: E402
-from flowar_jax.training.state import make_train_step, split_params  # noqa: E402
+from flowar_jax.training.state import make_train_step  # noqa: E402
 
 STEPS = 5
 MESHES = {"1": None, "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
@@ -70,7 +71,7 @@ class Run:
     self.context = self.plan.place(vae_params)
     self.tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
     self.checkpointer = Checkpointer(checkpoint_dir)
-    self.graphdef, self.state = loop.create_or_restore(functools.partial(build_flowar, config, config.seed),
+    self.graphdef, self.state = loop.create_or_restore(functools.partial(build_model, config, config.seed),
                                                        self.tx, config.seed, self.checkpointer, plan=self.plan)
     self.step_fn = make_train_step(self.graphdef, flowar_loss_fn(vae_graphdef, config), self.tx,
                                    config.optimizer.ema_decay, schedule, plan=self.plan,

@@ -20,8 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from gcsfs.retry import HttpError
 
-from flowar_jax.training.checkpoint_damage import RetryPolicy, damage_shown_by
-from flowar_jax.training.checkpointing import (Checkpointer, CheckpointMismatchError, CheckpointStorageError,
+from flowar_jax.runs.checkpoint_damage import RetryPolicy, damage_shown_by
+from flowar_jax.runs.checkpointing import (Checkpointer, CheckpointMismatchError, CheckpointStorageError,
                                                UnreadableCheckpointError, restore_params_only)
 from test_checkpointing import _abstract, _assert_trees_equal, _init, _iterator, _params
 
@@ -304,7 +304,7 @@ def test_retry_policy_delays_double_up_to_the_cap():
 _KILLED_WRITER = """
 import os, signal, sys, time
 import jax.numpy as jnp
-from flowar_jax.training.checkpointing import Checkpointer
+from flowar_jax.runs.checkpointing import Checkpointer
 checkpointer = Checkpointer(sys.argv[1], keep=1)
 checkpointer.save(1, {"w": jnp.full((8,), 1.0)})
 checkpointer.wait()

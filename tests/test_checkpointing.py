@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from flowar_jax.training.checkpointing import Checkpointer, checkpoint_exists, restore_params_only
+from flowar_jax.runs.checkpointing import Checkpointer, checkpoint_exists, restore_params_only
 
 
 @flax.struct.dataclass
@@ -271,7 +271,7 @@ def test_restore_params_only_shape_mismatch(tmp_path):
 
 def test_save_in_flight_is_committed_when_the_script_exits_without_close(tmp_path):
   script = ("import jax.numpy as jnp\n"
-            "from flowar_jax.training.checkpointing import Checkpointer\n"
+            "from flowar_jax.runs.checkpointing import Checkpointer\n"
             f"Checkpointer({str(tmp_path)!r}).save(1, {{'w': jnp.ones((1024, 1024))}})\n")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)

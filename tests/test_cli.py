@@ -118,12 +118,12 @@ def _flowar_only_workdir(workdir: str, **model) -> None:
   import runpy  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_flowar  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.state import split_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.params import split_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_model  # pylint: disable=g-import-not-at-top
+  from flowar_jax.runs.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   config = runpy.run_path(os.path.join(ROOT, "configs", "digits.py"))["get_config"]()
   config.model.update(model)
-  _, abstract = split_params(nnx.eval_shape(functools.partial(build_flowar, config)))
+  _, abstract = split_params(nnx.eval_shape(functools.partial(build_model, config)))
   params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
   with Checkpointer(os.path.join(workdir, "checkpoints"), keep=None, async_save=False) as checkpointer:
     checkpointer.save(0, {"step": np.asarray(0, np.int32), "params": params, "ema_params": params}, config=config)

@@ -18,12 +18,12 @@ from flax import nnx
 
 from conftest import tiny_config
 from flowar_jax.commands import compile as compile_command
-from flowar_jax.commands.sample import settings_from
 from flowar_jax.models.flow_head import HeadBlockV1
+from flowar_jax.models.registry import build_model
 from flowar_jax.models.rope import rope_tables
 from flowar_jax.parallel.remat import REMAT_POLICIES, remat
+from flowar_jax.sampling.generate import settings_from
 from flowar_jax.sampling.sampler import Sampler
-from flowar_jax.training.builders import build_flowar
 
 pytestmark = pytest.mark.tpu_aot
 needs_libtpu = pytest.mark.skipif(
@@ -178,7 +178,7 @@ def test_sampling_is_the_same_with_and_without_remat():
   for policy in ("none", "full"):
     config = tiny_config()
     config.model.remat = policy
-    images[policy] = Sampler(build_flowar(config, 0), settings_from(config))(np.arange(4), seed=3)
+    images[policy] = Sampler(build_model(config, 0), settings_from(config))(np.arange(4), seed=3)
   assert images["none"].shape == (4, 4, 4, 4)
   np.testing.assert_array_equal(images["full"], images["none"])
 

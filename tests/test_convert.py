@@ -15,19 +15,22 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from flowar_jax.commands import convert, sample
+from flowar_jax.commands import convert
 from flowar_jax.convert import load_state_dict, names, select_weights
 from flowar_jax.convert.params import state_dict_from_params
 from flowar_jax.convert.sizes import PUBLISHED, FlowARSize, check_published_heads, describe_flowar, flowar_size
 from flowar_jax.convert.state_dict import file_format
 from flowar_jax.convert.workdir import converted_config, flowar_params, vae_params
 from flowar_jax.models.params import flat_params
-from flowar_jax.sampling.time_grid import time_grid
-from flowar_jax.training.builders import build_flowar, load_params
-from flowar_jax.training.checkpointing import Checkpointer
-from flowar_jax.training.state import split_params
-from flowar_jax.training.vae_stage import VAETrainable
-from flowar_jax.training.workdir import checkpoint_dir
+from flowar_jax.models.params import split_params
+from flowar_jax.models.registry import build_model
+from flowar_jax.models.time_grid import time_grid
+from flowar_jax.models.vae_trainable import VAETrainable
+from flowar_jax.runs.checkpointing import Checkpointer
+from flowar_jax.runs.loaders import load_params
+from flowar_jax.runs.stored_config import stored_config
+from flowar_jax.runs.workdir import checkpoint_dir
+from flowar_jax.sampling.generate import sample_to_workdir, settings_from
 
 _KEYS = os.path.join(os.path.dirname(__file__), "data", "official_keys_tiny.txt")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +75,7 @@ def random_params(factory, seed=0):
 
 
 def official_flowar_state_dict(config, seed=0):
-  params = random_params(functools.partial(build_flowar, config), seed)
+  params = random_params(functools.partial(build_model, config), seed)
   sd = state_dict_from_params(params, to_torch=names.flowar_to_torch)
   sd["mask"] = np.zeros((1, 1, 21, 21), np.float32)  # buffers the converter must skip
   sd["encoder_blocks.0.attn.rope.freqs"] = np.zeros((4,), np.float32)
@@ -311,17 +314,17 @@ def test_convert_npz_then_sample(tmp_path):
   workdir = str(tmp_path / "out")
 
   convert.run(config, workdir, flowar_path=flowar_file, vae_path=vae_file)
-  stored = sample.stored_config(workdir)
+  stored = stored_config(workdir)
   assert stored.vae.latent_scale == pytest.approx(0.2325)
   assert (stored.sampling.cfg, stored.sampling.guidance, stored.sampling.num_steps) == (3.5, 0.8, 2)
   for use_ema in (True, False):  # the file's EMA weights, under both names
-    loaded = load_params(functools.partial(build_flowar, stored), checkpoint_dir(workdir), use_ema=use_ema)
+    loaded = load_params(functools.partial(build_model, stored), checkpoint_dir(workdir), use_ema=use_ema)
     assert_same_tree(split_params(loaded)[1], ema)
   with Checkpointer(checkpoint_dir(os.path.join(workdir, "vae"))) as c:
     assert c.all_steps() == [0]
 
-  images, labels = sample.sample_to_workdir(stored, workdir, num_samples=3, seed=0,
-                                            settings=sample.settings_from(stored), labels=[1, 2], batch_size=3)
+  images, labels = sample_to_workdir(stored, workdir, num_samples=3, seed=0,
+                                     settings=settings_from(stored), labels=[1, 2], batch_size=3)
   assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, [1, 2, 1])
   assert os.path.exists(os.path.join(workdir, "samples", "samples.npz"))
@@ -330,5 +333,5 @@ def test_convert_npz_then_sample(tmp_path):
     convert.run(config, workdir, flowar_path=flowar_file, vae_path=vae_file)
   raw_dir = str(tmp_path / "raw")
   convert.run(config, raw_dir, flowar_path=flowar_file, use_ema=False)
-  loaded = load_params(functools.partial(build_flowar, config), checkpoint_dir(raw_dir), use_ema=True)
+  loaded = load_params(functools.partial(build_model, config), checkpoint_dir(raw_dir), use_ema=True)
   assert_same_tree(split_params(loaded)[1], raw)

@@ -17,9 +17,9 @@ from flax import nnx
 
 from conftest import tiny_config
 from flowar_jax.config import validate_config
+from flowar_jax.data import source as source_lib
 from flowar_jax.evaluation import frechet_distance, frechet_distance_to_features, inception_score
 from flowar_jax.evaluation import manifold_radii, precision_recall
-from flowar_jax.data import source as source_lib
 from flowar_jax.evaluation import inception_weights, sample_store, suite, tf_graph
 from flowar_jax.evaluation.frechet import feature_statistics
 from flowar_jax.evaluation.inception import InceptionV3, avg_pool_3x3_same, max_pool_3x3, spatial_features
@@ -702,9 +702,10 @@ def test_periodic_evaluation_during_training(trained, tmp_path, monkeypatch):
   """train_flowar hands the loop an evaluation on `eval.every_steps`; run it on two sets of trained weights (the
   loop itself, which runs periodic actions after checkpoints, is tested in test_training)."""
   _, workdir, _ = trained
+  from flowar_jax.models.params import split_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_model  # pylint: disable=g-import-not-at-top
+  from flowar_jax.runs.loaders import load_params  # pylint: disable=g-import-not-at-top
   from flowar_jax.training import flowar_stage, loop  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_flowar, load_params  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.state import split_params  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.stage = "flowar"
   config.vae_checkpoint = os.path.join(workdir, "vae")
@@ -719,7 +720,7 @@ def test_periodic_evaluation_during_training(trained, tmp_path, monkeypatch):
   assert evaluation.every == 2
 
   def weights(use_ema):
-    model = load_params(lambda: build_flowar(config), os.path.join(workdir, "checkpoints"), use_ema=use_ema)
+    model = load_params(lambda: build_model(config), os.path.join(workdir, "checkpoints"), use_ema=use_ema)
     return split_params(model)[1]
 
   ema, raw = weights(True), weights(False)

@@ -77,7 +77,7 @@ def test_append_file_continues_an_object_and_uploads_on_flush(storage):
 
 
 def test_vae_checkpoint_on_gcs_is_found(storage):
-  from flowar_jax.training.workdir import find_vae_checkpoints  # pylint: disable=g-import-not-at-top
+  from flowar_jax.runs.workdir import find_vae_checkpoints  # pylint: disable=g-import-not-at-top
   storage.pipe(f"{BUCKET}/vae_run/vae/checkpoints/7/commit_success.txt", b"done")
   config = tiny_config()
   for given in (f"gs://{BUCKET}/vae_run/vae", f"gs://{BUCKET}/vae_run/vae/checkpoints"):

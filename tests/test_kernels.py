@@ -218,15 +218,16 @@ def test_kernel_under_mesh_is_shard_mapped_and_matches_reference():
 
 def train_losses(impl: str, steps: int = 3) -> list[float]:
   """Losses of `steps` FlowAR train steps (tiny config, attention dropout 0.1) through `impl`."""
-  from flowar_jax.training.builders import build_flowar
+  from flowar_jax.models.params import split_params
+  from flowar_jax.models.registry import build_model
   from flowar_jax.training.optimizer import flowar_optimizer
-  from flowar_jax.training.state import init_train_state, make_train_step, split_params
+  from flowar_jax.training.state import init_train_state, make_train_step
   config = tiny_config()
   config.model.attention_impl = impl
   assert config.model.attn_dropout > 0
   latents = jax.random.normal(jax.random.key(1), (steps, config.batch_size, 4, 4, 4))
   labels = jax.random.randint(jax.random.key(2), (steps, config.batch_size), 0, 10)
-  model = build_flowar(config, config.seed)
+  model = build_model(config, config.seed)
   tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, 10)
   graphdef, _ = split_params(model)
   step = make_train_step(graphdef, lambda m, batch, rng, ctx, s: m.loss(batch["latents"], batch["label"], rng),

@@ -19,7 +19,7 @@ from conftest import tiny_config
 from flowar_jax import data
 from flowar_jax.runs import fs
 from flowar_jax.training import latent_cache
-from flowar_jax.training.builders import build_vae
+from flowar_jax.models.registry import build_vae
 
 
 class SyntheticSource:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowar_jax.training import metrics as metrics_lib
-from flowar_jax.training import progress as progress_lib
-from flowar_jax.training.metrics import MetricWriter
-from flowar_jax.training.progress import Progress, format_duration
+from flowar_jax.runs import metrics as metrics_lib
+from flowar_jax.runs import progress as progress_lib
+from flowar_jax.runs.metrics import MetricWriter
+from flowar_jax.runs.progress import Progress, format_duration
 
 
 def _records(workdir) -> list[dict]:
@@ -103,7 +103,7 @@ def test_tensorboard_backend_gets_the_same_floats(tmp_path):
 
 def test_missing_tensorboard_backend_is_not_an_error(tmp_path):
   # A None entry in sys.modules makes the import fail, as when the `tensorboard` package is absent.
-  with mock.patch.dict(sys.modules, {"tensorboard": None, "flowar_jax.training.tensorboard_writer": None}):
+  with mock.patch.dict(sys.modules, {"tensorboard": None, "flowar_jax.runs.tensorboard_writer": None}):
     assert metrics_lib._tensorboard_writer(str(tmp_path / "tb")) is None
     with MetricWriter(str(tmp_path)) as writer:
       writer.write_scalars(1, {"loss": 1.0})

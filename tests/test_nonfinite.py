@@ -11,9 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
+from flowar_jax.models.params import split_params
+from flowar_jax.runs.checkpointing import Checkpointer
 from flowar_jax.training import loop, nonfinite
-from flowar_jax.training.checkpointing import Checkpointer
-from flowar_jax.training.state import init_train_state, make_train_step, split_params
+from flowar_jax.training.state import init_train_state, make_train_step
 
 
 class _Regressor(nnx.Module):

@@ -14,12 +14,12 @@ from conftest import tiny_config
 from flowar_jax.config import base_config, validate_config
 from flowar_jax.models import flops
 from flowar_jax.models.params import path_name
+from flowar_jax.models.registry import build_model
+from flowar_jax.models.vae_trainable import VAETrainable
 from flowar_jax.parallel import logical
 from flowar_jax.parallel.distributed import setup_from_environment
 from flowar_jax.parallel.mesh import resolve_mesh_shape
 from flowar_jax.parallel.plan import ShardingPlan
-from flowar_jax.training.builders import build_flowar
-from flowar_jax.training.vae_stage import VAETrainable
 
 RULES = logical.parse_rules(base_config().sharding.rules)
 
@@ -97,7 +97,7 @@ def test_every_parameter_has_logical_names(factory):
   config = tiny_config("v2" if factory == "flowar_v2" else "v1")
   config.vae.train.disc_weight = 0.1
   make = (functools.partial(VAETrainable, config) if factory.startswith("vae")
-          else functools.partial(build_flowar, config))
+          else functools.partial(build_model, config))
   params = nnx.state(nnx.eval_shape(make), nnx.Param)
   leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   missing = [path_name(path) for path, var in leaves
@@ -108,7 +108,7 @@ def test_every_parameter_has_logical_names(factory):
 def test_plan_shards_variables_by_name_and_replicates_the_rest():
   plan = ShardingPlan.single_device(RULES)
   config = tiny_config()
-  model = nnx.eval_shape(functools.partial(build_flowar, config))
+  model = nnx.eval_shape(functools.partial(build_model, config))
   tree = {"params": nnx.state(model, nnx.Param), "rng": jax.random.key(0), "step": jnp.zeros((), jnp.int32)}
   abstract = plan.abstract(tree)
   kernel = abstract["params"]["backbone"]["encoder_blocks"][0]["mlp"]["fc2"]["kernel"].get_value()
@@ -128,7 +128,7 @@ def test_remat_wraps_every_block(policy, expected):
   """Backbone blocks (1 + 1) and the flow head's block at each of the 3 scales run under jax.checkpoint."""
   config = tiny_config()
   config.model.remat = policy
-  graphdef, params = nnx.split(build_flowar(config), nnx.Param)
+  graphdef, params = nnx.split(build_model(config), nnx.Param)
   loss = lambda p: nnx.merge(graphdef, p).loss(jnp.zeros((2, 4, 4, 4)), jnp.arange(2), jax.random.key(2))[0]
   jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
   checkpoints = [e for e in jaxpr.eqns if e.primitive.name in ("checkpoint", "remat", "remat2")]
@@ -159,7 +159,7 @@ def test_model_flops_match_xla_count_of_the_forward_pass():
     config = tiny_config(variant)
     config.model.width, config.model.num_heads, config.model.head.width, config.model.head.head_dim = 256, 4, 256, 64
     config.model.scales, config.data.image_size = (1, 2, 4, 8), 32
-    model = nnx.eval_shape(functools.partial(build_flowar, config))
+    model = nnx.eval_shape(functools.partial(build_model, config))
     graphdef, params = nnx.split(model, nnx.Param)
     latents = jax.ShapeDtypeStruct((2, 8, 8, config.vae.latent_channels), jnp.float32)
     labels = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -170,7 +170,7 @@ def test_model_flops_match_xla_count_of_the_forward_pass():
 
 
 def test_sampling_falls_back_to_data_parallel_when_the_trained_mesh_does_not_fit():
-  from flowar_jax.commands.sample import sampling_plan  # pylint: disable=g-import-not-at-top
+  from flowar_jax.sampling.generate import sampling_plan  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.dcn_data = 1, 8, 4  # a 4-slice pod run, sampled here
   plan = sampling_plan(config)
@@ -183,7 +183,7 @@ def test_scan_blocks_runs_each_stack_as_one_scan(scan):
   config = tiny_config("v2")
   config.model.depth, config.model.head.depth = 2, 2
   config.model.scan_blocks = scan
-  graphdef, params = nnx.split(build_flowar(config), nnx.Param)
+  graphdef, params = nnx.split(build_model(config), nnx.Param)
   loss = lambda p: nnx.merge(graphdef, p).loss(jnp.zeros((2, 4, 4, 4)), jnp.arange(2), jax.random.key(2))[0]
   jaxpr = jax.make_jaxpr(loss)(params)
   assert sum(e.primitive.name == "scan" for e in jaxpr.eqns) == (5 if scan else 0)

@@ -19,8 +19,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from flowar_jax.runs.checkpointing import Checkpointer
 from flowar_jax.training import loop, preemption
-from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.preemption import EXIT_CODE, Preempted, PreemptionWatcher
 from conftest import compilation_cache_env
 from test_nonfinite import _Regressor, _batches, _leaves, _loss
@@ -248,8 +248,8 @@ def test_killed_and_preempted_training_resumes_bit_for_bit(trained, compilation_
 def test_measured_latent_scale_is_the_same_on_every_resume(trained, tmp_path):
   """`vae.latent_scale = 0`: a run killed before FlowAR's first checkpoint measures the scale again and gets the
   same number (from the latent cache or by encoding); once a checkpoint exists, its stored scale is used."""
+  from flowar_jax.runs.loaders import load_vae  # pylint: disable=g-import-not-at-top
   from flowar_jax.training import flowar_stage  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.vae_stage import load_vae  # pylint: disable=g-import-not-at-top
   config, reference, _ = trained
   config = config.copy_and_resolve_references()
   config.vae.latent_scale = 0.0

@@ -8,8 +8,8 @@ from flax import nnx
 
 from conftest import tiny_config
 from flowar_jax.config import validate_config
+from flowar_jax.models.registry import build_model
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
-from flowar_jax.training.builders import build_flowar
 from flowar_jax.training.sample_grids import grid_labels
 
 
@@ -46,9 +46,9 @@ def test_loaded_weights_reuse_the_compiled_sampler_and_match_a_new_one():
   config = tiny_config()
   settings = SamplingSettings(cfg=2.0, num_steps=2)
   labels = np.arange(4)
-  sampler = Sampler(_perturbed(build_flowar(config, 0), 0.01), settings)
+  sampler = Sampler(_perturbed(build_model(config, 0), 0.01), settings)
   first = sampler(labels, seed=0)
-  other = _perturbed(build_flowar(config, 1), 0.02)
+  other = _perturbed(build_model(config, 1), 0.02)
   sampler.set_weights(other)
   second = sampler(labels, seed=0)
   assert sampler._fn._jitted._cache_size() == 1  # pylint: disable=protected-access
@@ -57,4 +57,4 @@ def test_loaded_weights_reuse_the_compiled_sampler_and_match_a_new_one():
   wider = tiny_config()
   wider.model.width = 64
   with pytest.raises(ValueError, match="structure"):
-    sampler.set_weights(build_flowar(wider, 0))
+    sampler.set_weights(build_model(wider, 0))

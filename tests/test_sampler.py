@@ -7,9 +7,9 @@ from flax import nnx
 
 from conftest import tiny_config
 from flowar_jax.models.flowar import FlowAR
+from flowar_jax.models.time_grid import time_grid
 from flowar_jax.sampling.ode import guided_velocity, integrate
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings, sample_keys, sample_latents
-from flowar_jax.sampling.time_grid import time_grid
 
 
 def test_official_time_grids():

@@ -17,8 +17,8 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
-from flowar_jax.training.metrics import MetricWriter  # noqa: E402
-from flowar_jax.training.tensorboard_writer import TensorBoardWriter  # noqa: E402
+from flowar_jax.runs.metrics import MetricWriter  # noqa: E402
+from flowar_jax.runs.tensorboard_writer import TensorBoardWriter  # noqa: E402
 
 
 def _events(logdir: str) -> EventAccumulator:
@@ -161,7 +161,7 @@ def test_training_run_logs_scales_throughput_and_sample_grids(trained):
 
 def test_a_tensorboard_that_does_not_import_is_a_warning_not_an_info_line(tmp_path, monkeypatch, caplog):
   """The command line shows warnings and hides info lines: a run without event files must say so."""
-  monkeypatch.setitem(sys.modules, "flowar_jax.training.tensorboard_writer", None)  # import raises ImportError
+  monkeypatch.setitem(sys.modules, "flowar_jax.runs.tensorboard_writer", None)  # import raises ImportError
   with caplog.at_level("WARNING"):
     with MetricWriter(str(tmp_path)) as writer:
       writer.write_scalars(1, {"loss": 0.5})

@@ -13,9 +13,10 @@ from conftest import tiny_config
 from flowar_jax.commands import train
 from flowar_jax.config import config_from_dict, validate_config
 from flowar_jax.models.params import flat_params
-from flowar_jax.training.builders import build_flowar, load_params
+from flowar_jax.models.registry import build_model
+from flowar_jax.runs.checkpointing import Checkpointer
+from flowar_jax.runs.loaders import load_params
 from flowar_jax.training import loop
-from flowar_jax.training.checkpointing import Checkpointer
 from flowar_jax.training.optimizer import decay_mask, flowar_optimizer, warmup_cosine
 
 
@@ -95,9 +96,9 @@ def test_resume_continues_the_same_run(trained, tmp_path):
   resumed.vae_checkpoint = os.path.join(workdir, "vae")
   resumed.sampling.num_samples = 2
   train.run(resumed, copy)
-  a = flat_params(load_params(functools.partial(build_flowar, config), os.path.join(workdir, "checkpoints"),
+  a = flat_params(load_params(functools.partial(build_model, config), os.path.join(workdir, "checkpoints"),
                               use_ema=False))
-  b = flat_params(load_params(functools.partial(build_flowar, config), os.path.join(copy, "checkpoints"),
+  b = flat_params(load_params(functools.partial(build_model, config), os.path.join(copy, "checkpoints"),
                               use_ema=False))
   for name in a:
     np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)

@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from flowar_jax.commands.flag_errors import shorten_config_file_error, unknown_key_message
 from flowar_jax.config import check_batch_divisible, check_types, validate_config
-from flowar_jax.training.checkpointing import Checkpointer
+from flowar_jax.runs.checkpointing import Checkpointer
 from flowar_jax.training.resume_check import check_config_matches_checkpoints
 from test_cli import cli
 
@@ -142,3 +142,25 @@ def test_command_line_refuses_a_workdir_of_another_architecture(trained, tmp_pat
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "config.vae.base_channels is 8 in the checkpoint but 32 now" in proc.stderr  # checked before training
   assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == before
+
+
+def test_unknown_model_name_lists_the_known_models():
+  config = tiny_config()
+  config.model.name = "flowwar"
+  with pytest.raises(ValueError, match=r"config.model.name 'flowwar' is not a known model; known models: flowar"):
+    validate_config(config)
+
+
+def test_registry_builds_the_named_model_and_stored_configs_without_a_name_are_flowar():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from flowar_jax.config import config_from_dict  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.flowar import FlowAR  # pylint: disable=g-import-not-at-top
+  values = tiny_config().to_dict()
+  del values["model"]["name"]  # as in the configs stored before the key existed
+  config = config_from_dict(values)
+  assert config.model.name == "flowar"
+  assert isinstance(nnx.eval_shape(lambda: registry.build_model(config)), FlowAR)
+  config.model.name = "var"
+  with pytest.raises(ValueError, match=r"known models: flowar"):
+    registry.build_model(config)

@@ -36,19 +36,21 @@ import ml_collections
 from flax import nnx
 from jax.experimental import topologies
 
-from flowar_jax.commands.sample import settings_from
 from flowar_jax.config import latent_side, validate_config
 from flowar_jax.models import flops
+from flowar_jax.models.params import split_params
+from flowar_jax.models.registry import build_model, build_vae
 from flowar_jax.models.vae import decode_from_latents
+from flowar_jax.models.vae_trainable import VAETrainable
 from flowar_jax.parallel import logical
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.sampling.generate import settings_from
 from flowar_jax.sampling.sampler import Sampler
 from flowar_jax.training import flowar_stage, vae_stage
-from flowar_jax.training.builders import build_flowar, build_vae
 from flowar_jax.training.optimizer import flowar_optimizer
-from flowar_jax.training.state import init_train_state, make_train_step, split_params
+from flowar_jax.training.state import init_train_state, make_train_step
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip
 _GIB = 2**30
@@ -215,7 +217,7 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
     tx, schedule = vae_stage.vae_optimizer(config.vae.train)
     programs.append(step_program(
         "vae train step", "--config.vae.train.batch_size",
-        functools.partial(vae_stage.VAETrainable, config, config.seed), tx, schedule, vae_stage.VAE_EMA_DECAY,
+        functools.partial(VAETrainable, config, config.seed), tx, schedule, vae_stage.VAE_EMA_DECAY,
         vae_stage.vae_stage_loss(config.vae.train),
         batch_of(config.vae.train.batch_size, image=images, label=labels), None))
   if config.stage in ("flowar", "both"):
@@ -228,14 +230,14 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
     else:
       batch = batch_of(config.batch_size, image=images, label=labels)
     programs.append(step_program(
-        "flowar train step", "--config.batch_size", functools.partial(build_flowar, config, config.seed), tx,
+        "flowar train step", "--config.batch_size", functools.partial(build_model, config, config.seed), tx,
         schedule, config.optimizer.ema_decay, flowar_stage.flowar_loss_fn(vae_graphdef, config), batch,
         plan.abstract(vae_params), remat=True, model_flops=float(flops.training_flops_per_step(config))))
   return programs
 
 
 def _sampler_program(config: ml_collections.ConfigDict, plan: ShardingPlan) -> Program:
-  model = nnx.eval_shape(functools.partial(build_flowar, config))
+  model = nnx.eval_shape(functools.partial(build_model, config))
   vae = nnx.eval_shape(functools.partial(build_vae, config))
   scale = config.vae.latent_scale or 1.0
   sampler = Sampler(model, settings_from(config), decode=lambda v, z: decode_from_latents(v, z, scale),

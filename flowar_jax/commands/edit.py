@@ -8,7 +8,6 @@ and a resize keeps the mask aligned with what the user marked, where a crop woul
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import sys
 
@@ -17,12 +16,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from flowar_jax.config import validate_config
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs import fs
 from flowar_jax.sampling.editing import Editor, EditSettings, blend
-from flowar_jax.sampling.images import enlarge, make_grid
+from flowar_jax.runs.images import enlarge, make_grid
 from flowar_jax.sampling.sampler import SamplingSettings
 from flowar_jax.scales.resize import area_matrix
 
@@ -152,21 +150,10 @@ def load_editor(config: ml_collections.ConfigDict, workdir: str, settings: Sampl
                 ) -> Editor:
   """An `Editor` for the latest FlowAR checkpoint in WORKDIR and its VAE, sharded by `plan` (default: the
   sampling plan of `sample`)."""
-  # The loaders live with training and sampling; imported here so that input errors come before them.
-  from flowar_jax.commands.sample import sampling_plan  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.builders import build_flowar, load_params  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.flowar_stage import stored_latent_scale  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.vae_stage import load_vae  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.workdir import checkpoint_dir  # pylint: disable=g-import-not-at-top
-  validate_config(config)
+  # Imported here so that input errors come before the loaders' imports.
+  from flowar_jax.sampling.generate import load_trained, sampling_plan  # pylint: disable=g-import-not-at-top
   plan = plan or sampling_plan(config)
-  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
-  vae = load_vae(config, workdir, plan)
-  latent_scale = config.vae.latent_scale
-  if latent_scale <= 0:
-    latent_scale = stored_latent_scale(workdir)
-    if latent_scale is None:
-      raise ValueError("vae.latent_scale is 0 (measure it) but the checkpoint in WORKDIR stores no measured value")
+  flowar, vae, latent_scale = load_trained(config, workdir, use_ema, plan)
   return Editor(flowar, vae, latent_scale, settings, edit, plan)
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from flowar_jax.commands.sample import load_image_sampler
 from flowar_jax.config import validate_config
 from flowar_jax.evaluation import runner, suite
 from flowar_jax.runs import fs
+from flowar_jax.runs.checkpointing import Checkpointer
+from flowar_jax.runs.workdir import checkpoint_dir
+from flowar_jax.sampling.generate import load_image_sampler
 from flowar_jax.sampling.sampler import SamplingSettings
-from flowar_jax.training.checkpointing import Checkpointer
-from flowar_jax.training.workdir import checkpoint_dir
 
 
 def eval_dir(workdir: str, name: str) -> str:

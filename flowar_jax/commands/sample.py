@@ -1,121 +1,19 @@
-"""`sample`: class-conditional samples from a trained (or converted) FlowAR checkpoint."""
+"""`sample`: class-conditional samples from a trained (or converted) FlowAR checkpoint -> WORKDIR/samples/."""
 from __future__ import annotations
 
-import functools
-
-import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
-from flowar_jax.config import config_from_dict, validate_config
-from flowar_jax.parallel.batch import round_up_to_data_parallel
-from flowar_jax.parallel.plan import ShardingPlan
-from flowar_jax.runs import fs
-from flowar_jax.sampling.images import write_samples
-from flowar_jax.sampling.sampler import Sampler, SamplingSettings, image_sampler
-from flowar_jax.training.builders import build_flowar, load_params
-from flowar_jax.training.flowar_stage import stored_latent_scale
-from flowar_jax.training.checkpointing import Checkpointer
-from flowar_jax.training.progress import Progress
-from flowar_jax.training.vae_stage import load_vae
-from flowar_jax.training.workdir import checkpoint_dir
+from flowar_jax.sampling.generate import sample_to_workdir, settings_from
 
 
-def stored_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config saved with the latest FlowAR checkpoint in WORKDIR."""
-  fs.use_storage_emulator()  # Orbax's TensorStore needs it for gs:// under an emulator
-  directory = checkpoint_dir(workdir)
-  checkpointer = Checkpointer(directory)
-  try:
-    if checkpointer.latest_step() is None:
-      raise FileNotFoundError(f"no FlowAR checkpoint in {directory!r}: train one first, or give --config")
-    config = checkpointer.restore_config()
-  finally:
-    checkpointer.close()
-  if config is None:
-    raise FileNotFoundError(f"the checkpoint in {directory!r} stores no config: pass --config")
-  return config_from_dict(config.to_dict())
-
-
-def class_labels(num_samples: int, num_classes: int, labels: list[int] | None = None) -> np.ndarray:
-  """`labels` repeated to `num_samples`, or every class in turn (equal counts per class)."""
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  pool = np.arange(num_classes) if not labels else np.asarray(labels, np.int64)
-  return np.resize(pool, num_samples).astype(np.int32)
-
-
-def sampling_plan(config: ml_collections.ConfigDict) -> ShardingPlan:
-  """`config.mesh` over this job's devices; when it does not fit them (e.g. the mesh of a pod run, sampled on a
-  laptop), data parallelism over all devices instead."""
-  try:
-    return ShardingPlan.from_config(config)
-  except ValueError as e:
-    fallback = ml_collections.ConfigDict(config.to_dict())
-    fallback.mesh.data, fallback.mesh.fsdp, fallback.mesh.tensor = -1, 1, 1
-    for axis in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
-      fallback.mesh[axis] = 1
-    logging.warning("sampling: config.mesh does not fit the %d devices here (%s); sampling data-parallel over "
-                    "all of them", jax.device_count(), e)
-    return ShardingPlan.from_config(fallback)
-
-
-def load_image_sampler(config: ml_collections.ConfigDict, workdir: str, settings: SamplingSettings,
-                       use_ema: bool = True, plan: ShardingPlan | None = None) -> Sampler:
-  """`image_sampler` for the latest FlowAR checkpoint in WORKDIR and its VAE, sharded by `plan` (default
-  `sampling_plan(config)`)."""
-  validate_config(config)
-  fs.use_storage_emulator()
-  plan = plan or sampling_plan(config)
-  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
-  vae = load_vae(config, workdir, plan)
-  latent_scale = config.vae.latent_scale
-  if latent_scale <= 0:  # measured during training and stored with the checkpoint
-    latent_scale = stored_latent_scale(workdir)
-    if latent_scale is None:
-      raise ValueError("vae.latent_scale is 0 (measure it) but the checkpoint in WORKDIR stores no measured value")
-  return image_sampler(flowar, vae, settings, latent_scale, plan)
-
-
-def generate(config: ml_collections.ConfigDict, workdir: str, *, labels: np.ndarray, seed: int,
-             settings: SamplingSettings, batch_size: int, use_ema: bool = True) -> np.ndarray:
-  """-> uint8 images `[N, H, W, 3]` for `labels` `[N]`; sample i uses noise from (seed, i).
-
-  Runs sharded over `config.mesh` (every process gets every image); `batch_size` is rounded up to a multiple
-  of the data-parallel devices.
-  """
-  plan = sampling_plan(config)
-  sampler = load_image_sampler(config, workdir, settings, use_ema, plan)
-  sampler.check_labels(labels)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  batch_size = round_up_to_data_parallel(plan, min(batch_size, len(labels)))
-  out = []
-  progress = Progress(len(labels), desc="sample", unit="image")
-  for start in range(0, len(labels), batch_size):
-    chunk = labels[start:start + batch_size]
-    real = len(chunk)
-    chunk = np.resize(chunk, batch_size)  # pad the last batch so one program serves every batch
-    out.append(sampler(chunk, seed, first_index=start)[:real])
-    progress.update(start + real, {})
-  progress.close()
-  return np.concatenate(out)
-
-
-def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int, seed: int,
-                      settings: SamplingSettings, labels: list[int] | None = None, batch_size: int = 64,
-                      use_ema: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Samples and writes WORKDIR/samples/{samples.npz, grid*.png}; returns (images, labels)."""
-  label_array = class_labels(num_samples, config.model.num_classes, labels)
-  images = generate(config, workdir, labels=label_array, seed=seed, settings=settings,
-                    batch_size=batch_size, use_ema=use_ema)
-  if jax.process_index() == 0:
-    paths = write_samples(fs.join(workdir, "samples"), images, label_array)
-    logging.info("wrote %s", ", ".join(paths))
-    print("wrote " + ", ".join(paths), flush=True)
-  return images, label_array
-
-
-def settings_from(config: ml_collections.ConfigDict, **overrides) -> SamplingSettings:
-  return SamplingSettings.from_config(config.sampling, **overrides)
+def run(config: ml_collections.ConfigDict, workdir: str, *, seed: int, labels: list[int] | None = None,
+        num_samples: int | None = None, batch_size: int | None = None, use_ema: bool | None = None,
+        **setting_overrides) -> tuple[np.ndarray, np.ndarray]:
+  """Samples from WORKDIR's latest checkpoint; returns (images, labels). Flags left None take the config's
+  values (`use_ema` defaults to True); `setting_overrides` (cfg, guidance, ...) override `config.sampling`."""
+  return sample_to_workdir(
+      config, workdir, num_samples=config.sampling.num_samples if num_samples is None else num_samples,
+      seed=seed, settings=settings_from(config, **setting_overrides), labels=labels,
+      batch_size=config.sampling.batch_size if batch_size is None else batch_size,
+      use_ema=True if use_ema is None else use_ema)

@@ -7,21 +7,15 @@ behind a single worker thread (`flowar_jax.serving.worker`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import ml_collections
 
-from flowar_jax.commands.sample import sampling_plan
-from flowar_jax.config import validate_config
+from flowar_jax.sampling.generate import load_trained, sampling_plan
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.sampling.sampler import SamplingSettings, image_sampler
 from flowar_jax.serving.grid_request import Limits
 from flowar_jax.serving.server import DemoServer
 from flowar_jax.serving.worker import SamplerWorker
-from flowar_jax.training.builders import build_flowar, load_params
-from flowar_jax.training.flowar_stage import stored_latent_scale
-from flowar_jax.training.vae_stage import load_vae
-from flowar_jax.training.workdir import checkpoint_dir
 
 
 def load_worker(config: ml_collections.ConfigDict, workdir: str, settings: SamplingSettings,
@@ -30,15 +24,8 @@ def load_worker(config: ml_collections.ConfigDict, workdir: str, settings: Sampl
   """A SamplerWorker with one compiled sampler per value of `cfg_choices` (`settings` with that cfg), all
   sharing one copy of the weights, each run on batches of `batch_size` (rounded up to the data-parallel
   devices)."""
-  validate_config(config)
   plan = sampling_plan(config)
-  flowar = load_params(functools.partial(build_flowar, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
-  vae = load_vae(config, workdir, plan)
-  latent_scale = config.vae.latent_scale
-  if latent_scale <= 0:
-    latent_scale = stored_latent_scale(workdir)
-    if latent_scale is None:
-      raise ValueError("vae.latent_scale is 0 (measure it) but the checkpoint in WORKDIR stores no measured value")
+  flowar, vae, latent_scale = load_trained(config, workdir, use_ema, plan)
   samplers = {cfg: image_sampler(flowar, vae, dataclasses.replace(settings, cfg=cfg), latent_scale,
                                  plan) for cfg in cfg_choices}
   return SamplerWorker(samplers, round_up_to_data_parallel(plan, batch_size), max_queue=max_queue)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from flowar_jax.config import validate_config
 from flowar_jax.models.params import flat_params
-from flowar_jax.training.builders import build_flowar, build_vae
+from flowar_jax.models.registry import build_model, build_vae
 
 
 def count_params(module_factory) -> dict[str, int]:
@@ -29,7 +29,7 @@ def group(counts: dict[str, int], depth: int) -> dict[str, int]:
 
 def summarize(config: ml_collections.ConfigDict) -> str:
   validate_config(config)
-  flowar = count_params(functools.partial(build_flowar, config))
+  flowar = count_params(functools.partial(build_model, config))
   vae = count_params(functools.partial(build_vae, config))
   lines = [f"{'module':<48}{'params':>16}"]
   for name, n in group(flowar, 2).items():

@@ -6,14 +6,14 @@ import json
 import jax
 import ml_collections
 
-from flowar_jax.commands.sample import sample_to_workdir, settings_from
 from flowar_jax.config import validate_config
 from flowar_jax.parallel.mesh import job_slices
 from flowar_jax.runs import fs
+from flowar_jax.runs.workdir import REPORT_FILE, vae_dir
+from flowar_jax.sampling.generate import sample_to_workdir, settings_from
 from flowar_jax.training.flowar_stage import train_flowar
 from flowar_jax.training.resume_check import check_config_matches_checkpoints
 from flowar_jax.training.vae_stage import train_vae
-from flowar_jax.training.workdir import REPORT_FILE, vae_dir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -15,11 +15,11 @@ from flax import nnx
 from flowar_jax.convert import names
 from flowar_jax.convert.params import params_from_state_dict
 from flowar_jax.convert.sizes import check_published_heads, describe_flowar
-from flowar_jax.training.builders import build_flowar
-from flowar_jax.training.checkpointing import Checkpointer, checkpoint_exists
-from flowar_jax.training.state import split_params
-from flowar_jax.training.vae_stage import VAETrainable
-from flowar_jax.training.workdir import checkpoint_dir
+from flowar_jax.models.params import split_params
+from flowar_jax.models.registry import build_model
+from flowar_jax.models.vae_trainable import VAETrainable
+from flowar_jax.runs.checkpointing import Checkpointer, checkpoint_exists
+from flowar_jax.runs.workdir import checkpoint_dir
 
 CONVERTED_STEP = 0
 MAR_LATENT_SCALE = 0.2325  # the official code's latent normalisation for MAR's KL-16 VAE
@@ -28,7 +28,7 @@ MAR_LATENT_SCALE = 0.2325  # the official code's latent normalisation for MAR's 
 def flowar_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray], where: str = "the checkpoint"):
   """Official FlowAR state dict -> our FlowAR params (an nnx.State) for `config`; errors name misfits and the
   checkpoint's size (with the preset for a released one)."""
-  _, abstract = split_params(nnx.eval_shape(functools.partial(build_flowar, config)))
+  _, abstract = split_params(nnx.eval_shape(functools.partial(build_model, config)))
   try:
     params = params_from_state_dict(state_dict, abstract, to_flax=names.flowar_to_flax,
                                     to_torch=names.flowar_to_torch, skipped=names.flowar_skipped, where=where)

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flowar_jax.evaluation.inception import InceptionV3, spatial_features
 from flowar_jax.evaluation.inception_input import check_resize_mode, inception_input
-from flowar_jax.training.progress import Progress
+from flowar_jax.runs.progress import Progress
 
 FEATURE_NAMES = ("pool", "spatial", "logits_unbiased")
 

@@ -23,8 +23,8 @@ import flowar_jax
 from flowar_jax.evaluation.sample_store import SampleStore, adm_npz_name, export_adm_npz
 from flowar_jax.evaluation.suite import EvalSetup, compute_metrics
 from flowar_jax.runs import fs
+from flowar_jax.runs.progress import Progress
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
-from flowar_jax.training.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)

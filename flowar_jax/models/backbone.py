@@ -38,34 +38,38 @@ class BackboneBlock(nnx.Module):
     mod = self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
     return [mod[:, :, i] for i in range(6)]
 
-  def __call__(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array, mask: ScaleCausalMask,
-               rng: jax.Array | None = None) -> jax.Array:
-    """Teacher-forced pass. x `[B, L, D]`, cond `[B, D]`, mask: the keys each token sees -> `[B, L, D]`."""
+  def __call__(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array, mask: ScaleCausalMask | None,
+               rng: jax.Array | None = None, *,
+               cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    """One definition for both passes; cond `[B, D]`.
+
+    With a `mask` (the keys each token sees), the teacher-forced pass: x `[B, L, D]` -> `[B, L, D]`.
+    With `mask` None, one scale of the KV-cached pass: x `[B, n, D]` attends to `cache` (the keys and values
+    of the scales before, None for the first) and to its own scale -> (`[B, n, D]`, the extended cache).
+    Dropout is on when `rng` is given.
+    """
     r_attn, r_mlp = split_rng(rng, 2)
     g1, g2, s1, s2, b1, b2 = self._modulation(cond)
-    x = x + self._masked_attention(modulate(rms_norm(x), b1, s1), cos, sin, mask, r_attn) * g1
-    return x + self.mlp(modulate(rms_norm(x), b2, s2), r_mlp) * g2
+    attended, kv = self._attention(modulate(rms_norm(x), b1, s1), cos, sin, mask, r_attn, cache)
+    x = x + attended * g1
+    x = x + self.mlp(modulate(rms_norm(x), b2, s2), r_mlp) * g2
+    return x if mask is not None else (x, kv)
 
-  def _masked_attention(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: ScaleCausalMask,
-                        rng: jax.Array | None) -> jax.Array:
-    """`SelfAttention.__call__` with the scale-causal attention of `flowar_jax.kernels` (same rng split)."""
+  def _attention(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: ScaleCausalMask | None,
+                 rng: jax.Array | None, cache: KVCache | None) -> tuple[jax.Array, KVCache]:
+    """`SelfAttention.__call__` (same rng split) with the attention of `flowar_jax.kernels`: scale-causal over
+    the whole sequence given a `mask`, else this scale's queries over the cached keys and its own."""
     r_attn, r_proj = split_rng(rng, 2)
     q, k, v = self.attn.project_qkv(x, cos, sin)
-    attended = scale_causal_attention(q, k, v, mask, impl=self.attention_impl,
-                                      dropout_rate=self.attn.attn_dropout, rng=r_attn)
-    return self.attn.output(attended, r_proj)
-
-  def cached_step(self, x: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array,
-                  cache: KVCache | None) -> tuple[jax.Array, KVCache]:
-    """One scale with a KV cache: x `[B, n, D]` attends to every cached token and to its own scale."""
-    g1, g2, s1, s2, b1, b2 = self._modulation(cond)
-    q, k, v = self.attn.project_qkv(modulate(rms_norm(x), b1, s1), cos, sin)
-    if cache is not None:
-      k = jnp.concatenate([cache[0], k], axis=1)
-      v = jnp.concatenate([cache[1], v], axis=1)
-    x = x + self.attn.output(decode_attention(q, k, v, impl=self.attention_impl), None) * g1
-    x = x + self.mlp(modulate(rms_norm(x), b2, s2)) * g2
-    return x, (k, v)
+    if mask is not None:
+      attended = scale_causal_attention(q, k, v, mask, impl=self.attention_impl,
+                                        dropout_rate=self.attn.attn_dropout, rng=r_attn)
+    else:
+      if cache is not None:
+        k = jnp.concatenate([cache[0], k], axis=1)
+        v = jnp.concatenate([cache[1], v], axis=1)
+      attended = decode_attention(q, k, v, impl=self.attention_impl)
+    return self.attn.output(attended, r_proj), (k, v)
 
 
 class Backbone(nnx.Module):
@@ -136,6 +140,6 @@ class Backbone(nnx.Module):
     for i, block in enumerate(blocks):
       if i == len(self.encoder_blocks):
         x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:, start:end]
-      x, cache = block.cached_step(x, class_embedding, cos, sin, None if caches is None else caches[i])
+      x, cache = block(x, class_embedding, cos, sin, None, cache=None if caches is None else caches[i])
       new_caches.append(cache)
     return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, start:end], new_caches

@@ -12,7 +12,7 @@ import ml_collections
 
 from flowar_jax.models.flow_head import TIME_FREQUENCY_DIM
 from flowar_jax.models.layers import mlp_hidden
-from flowar_jax.sampling.time_grid import time_grid
+from flowar_jax.models.time_grid import time_grid
 from flowar_jax.scales import ScaleSchedule
 
 

@@ -34,7 +34,7 @@ from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_paralle
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.ode import integrate
 from flowar_jax.sampling.sampler import SamplingSettings, sample_keys, to_uint8
-from flowar_jax.sampling.time_grid import time_grid
+from flowar_jax.models.time_grid import time_grid
 from flowar_jax.scales import ScaleSchedule, next_scale_input, scale_targets
 from flowar_jax.scales.resize import apply_axis_matrices, area_matrix
 

@@ -16,11 +16,11 @@ from flax import nnx
 
 from flowar_jax import precision
 from flowar_jax.models.flowar import FlowAR
+from flowar_jax.models.time_grid import time_grid
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.ode import integrate
-from flowar_jax.sampling.time_grid import time_grid
 from flowar_jax.scales import next_scale_input
 
 

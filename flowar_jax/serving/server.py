@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 from PIL import Image
 
-from flowar_jax.sampling.images import enlarge, make_grid
+from flowar_jax.runs.images import enlarge, make_grid
 from flowar_jax.serving.grid_request import Limits, RequestError, parse_grid_request
 from flowar_jax.serving.page import PAGE
 from flowar_jax.serving.worker import Busy, SamplerWorker

@@ -23,10 +23,10 @@ from etils import epath
 from flowar_jax.config import validate_config
 from flowar_jax.config_files import load_config, override_flags
 from flowar_jax.runs import fs
+from flowar_jax.runs.metrics import read_metrics
+from flowar_jax.runs.progress import Progress
+from flowar_jax.runs.workdir import REPORT_FILE
 from flowar_jax.sweeps.spec import Point, Sweep
-from flowar_jax.training.metrics import read_metrics
-from flowar_jax.training.progress import Progress
-from flowar_jax.training.workdir import REPORT_FILE
 
 POINT_FILE = "sweep_point.json"  # what the point is: name, config, overrides
 LOG_FILE = "train.log"  # a local point's output

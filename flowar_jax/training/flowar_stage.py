@@ -11,17 +11,16 @@ from flax import nnx
 
 from flowar_jax import data
 from flowar_jax import precision
+from flowar_jax.models.params import split_params
+from flowar_jax.models.registry import build_model
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.runs.loaders import load_vae
+from flowar_jax.runs.metrics import MetricWriter
+from flowar_jax.runs.stored_config import stored_latent_scale
 from flowar_jax.training import latent_cache, loop
-from flowar_jax.training.builders import build_flowar
-from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.optimizer import flowar_optimizer
 from flowar_jax.training.sample_grids import SampleGrids
-from flowar_jax.training.state import split_params
-from flowar_jax.training.checkpointing import Checkpointer, checkpoint_exists
-from flowar_jax.training.vae_stage import load_vae
-from flowar_jax.training.workdir import checkpoint_dir
 
 _SCALE_EXAMPLES = 2048
 
@@ -64,16 +63,6 @@ def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, 
   return resolved
 
 
-def stored_latent_scale(workdir: str) -> float | None:
-  """The latent scale in the config of WORKDIR's latest FlowAR checkpoint, if there is one."""
-  directory = checkpoint_dir(workdir)
-  if not checkpoint_exists(directory):
-    return None
-  with Checkpointer(directory) as checkpointer:
-    stored = checkpointer.restore_config()
-  return None if stored is None else float(stored.vae.latent_scale)
-
-
 def flowar_loss_fn(vae_graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
   def loss_fn(model, batch, rng, vae_params, step):  # pylint: disable=unused-argument
     r_post, r_model = jax.random.split(rng)
@@ -101,11 +90,11 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
     iterator = data.make_train_iterator(config.data, config.batch_size, config.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
   tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
-  model_factory = functools.partial(build_flowar, config, config.seed)
+  model_factory = functools.partial(build_model, config, config.seed)
   graphdef, _ = split_params(nnx.eval_shape(model_factory))
   periodic = []
   if config.eval.every_steps > 0:
-    from flowar_jax.evaluation.during_training import periodic_evaluation  # pylint: disable=g-import-not-at-top
+    from flowar_jax.training.periodic_evaluation import periodic_evaluation  # pylint: disable=g-import-not-at-top
     periodic.append(loop.Periodic(config.eval.every_steps, periodic_evaluation(config, workdir, graphdef, vae, plan)))
   logging.info("FlowAR: %d steps at batch %d, peak lr %.2e", config.num_train_steps, config.batch_size,
                config.optimizer.base_lr * config.batch_size / 256)

@@ -46,7 +46,7 @@ from flowar_jax.parallel.batch import to_host
 from flowar_jax.parallel.mesh import MESH_AXES
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs import fs
-from flowar_jax.training.progress import Progress
+from flowar_jax.runs.progress import Progress
 
 SHARD_SIZE = 1024  # examples per shard: 32 MiB of records for ImageNet at 256 px (latent 16 x 16 x 16)
 _ENCODE_BATCH = 64

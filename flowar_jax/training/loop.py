@@ -12,15 +12,16 @@ from absl import logging
 from flax import nnx
 
 from flowar_jax.config import flatten_config
+from flowar_jax.models.params import split_params
 from flowar_jax.parallel.batch import global_batch
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs import fs
-from flowar_jax.training.checkpointing import Checkpointer
-from flowar_jax.training.metrics import MetricWriter
+from flowar_jax.runs.checkpointing import Checkpointer
+from flowar_jax.runs.metrics import MetricWriter
+from flowar_jax.runs.progress import Progress
 from flowar_jax.training.nonfinite import NonFiniteMonitor
 from flowar_jax.training.preemption import Preempted, PreemptionWatcher
-from flowar_jax.training.progress import Progress
-from flowar_jax.training.state import LossFn, TrainState, init_train_state, make_train_step, split_params
+from flowar_jax.training.state import LossFn, TrainState, init_train_state, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ import ml_collections
 from absl import logging
 
 from flowar_jax.runs import fs
-from flowar_jax.training.checkpointing import Checkpointer, checkpoint_exists
-from flowar_jax.training.workdir import checkpoint_dir, vae_dir
+from flowar_jax.runs.checkpointing import Checkpointer, checkpoint_exists
+from flowar_jax.runs.workdir import checkpoint_dir, vae_dir
 
 _Key = str | tuple[str, Callable[[dict], Any]]  # a dotted key, or a name and how to derive it
 

@@ -11,9 +11,9 @@ from flax import nnx
 
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
 from flowar_jax.parallel.plan import ShardingPlan
-from flowar_jax.sampling.images import enlarge
+from flowar_jax.runs.images import enlarge
+from flowar_jax.runs.metrics import MetricWriter
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
-from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.state import TrainState
 
 GRID_ROWS = 2

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flowar_jax.models.params import split_params
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.training import nonfinite
 
@@ -25,14 +26,6 @@ class TrainState:
   ema_params: Any
   rng: jax.Array  # typed PRNG key
   skipped: nonfinite.SkipCounts  # updates skipped for a non-finite loss, gradient or update
-
-
-def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-  """Module -> (graphdef, params). Every variable of flowar_jax's modules is a parameter."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError(f"model holds non-parameter state, which training does not carry: {rest}")
-  return graphdef, params
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:

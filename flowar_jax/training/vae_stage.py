@@ -9,28 +9,12 @@ import optax
 from flax import nnx
 
 from flowar_jax import data
-from flowar_jax.models.discriminator import PatchDiscriminator
-from flowar_jax.models.vae import AutoencoderKL
-from flowar_jax.parallel.plan import ShardingPlan
+from flowar_jax.models.vae_trainable import VAETrainable
 from flowar_jax.training import loop
-from flowar_jax.training.builders import load_params
 from flowar_jax.training.optimizer import adamw, warmup_cosine
-from flowar_jax.training.state import split_params
 from flowar_jax.training.vae_loss import discriminator_loss, reconstruct, vae_loss
-from flowar_jax.training.workdir import find_vae_checkpoints
 
 VAE_EMA_DECAY = 0.999
-
-
-class VAETrainable(nnx.Module):
-  """What the VAE stage trains: the autoencoder, and its discriminator when `disc_weight > 0`."""
-
-  def __init__(self, config: ml_collections.ConfigDict, seed: int = 0):
-    rngs = nnx.Rngs(seed)
-    self.vae = AutoencoderKL(config.vae, rngs=rngs)
-    train = config.vae.train
-    self.disc = (PatchDiscriminator(config.vae.in_channels, train.disc_channels, train.disc_layers, rngs=rngs)
-                 if train.disc_weight > 0 else None)
 
 
 def vae_stage_loss(train_config: ml_collections.ConfigDict):
@@ -74,9 +58,3 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str):
       checkpoint_every=config.checkpoint_every_steps, keep=config.keep_checkpoints,
       log_every=config.log_every_steps, desc="vae",
       batch_size=train_config.batch_size, max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps)
-
-
-def load_vae(config: ml_collections.ConfigDict, workdir: str, plan: ShardingPlan | None = None) -> AutoencoderKL:
-  """The trained VAE (its latest raw parameters) for a FlowAR run in WORKDIR, sharded by `plan` if given."""
-  directory = find_vae_checkpoints(config, workdir)
-  return load_params(functools.partial(VAETrainable, config), directory, use_ema=False, plan=plan).vae

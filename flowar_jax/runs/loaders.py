@@ -1,22 +1,17 @@
-"""Building the models of a config, and loading trained ones from checkpoints."""
+"""Trained weights from a run's checkpoints, read straight into the models' (optionally sharded) layout."""
 from __future__ import annotations
+
+import functools
 
 import ml_collections
 from flax import nnx
 
-from flowar_jax.models.flowar import FlowAR
+from flowar_jax.models.params import split_params
 from flowar_jax.models.vae import AutoencoderKL
+from flowar_jax.models.vae_trainable import VAETrainable
 from flowar_jax.parallel.plan import ShardingPlan
-from flowar_jax.training.checkpointing import restore_params_only
-from flowar_jax.training.state import split_params
-
-
-def build_vae(config: ml_collections.ConfigDict, seed: int = 0) -> AutoencoderKL:
-  return AutoencoderKL(config.vae, rngs=nnx.Rngs(seed))
-
-
-def build_flowar(config: ml_collections.ConfigDict, seed: int = 0) -> FlowAR:
-  return FlowAR(config.model, config.vae.latent_channels, rngs=nnx.Rngs(seed))
+from flowar_jax.runs.checkpointing import restore_params_only
+from flowar_jax.runs.workdir import find_vae_checkpoints
 
 
 def load_params(model_factory, directory: str, *, use_ema: bool, step: int | None = None,
@@ -31,3 +26,9 @@ def load_params(model_factory, directory: str, *, use_ema: bool, step: int | Non
     abstract_params = plan.abstract(abstract_params)
   params = restore_params_only(directory, abstract_params, step=step, use_ema=use_ema)
   return nnx.merge(graphdef, params)
+
+
+def load_vae(config: ml_collections.ConfigDict, workdir: str, plan: ShardingPlan | None = None) -> AutoencoderKL:
+  """The trained VAE (its latest raw parameters) for a FlowAR run in WORKDIR, sharded by `plan` if given."""
+  directory = find_vae_checkpoints(config, workdir)
+  return load_params(functools.partial(VAETrainable, config), directory, use_ema=False, plan=plan).vae

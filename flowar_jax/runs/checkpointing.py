@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from flowar_jax.training.checkpoint_damage import RetryPolicy, absent, damage_shown_by, describe
+from flowar_jax.runs.checkpoint_damage import RetryPolicy, absent, damage_shown_by, describe
 
 _STATE, _DATA, _CONFIG = "state", "data", "config"
 _MAX_LISTED = 8  # missing / unexpected keys named in an error message

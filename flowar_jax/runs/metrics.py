@@ -26,7 +26,7 @@ from absl import logging
 from PIL import Image
 
 from flowar_jax.runs import fs
-from flowar_jax.sampling.images import make_grid
+from flowar_jax.runs.images import make_grid
 
 UPLOAD_SECONDS = 30.0  # how often a metrics.jsonl on GCS is rewritten
 
@@ -34,7 +34,7 @@ UPLOAD_SECONDS = 30.0  # how often a metrics.jsonl on GCS is rewritten
 def _tensorboard_writer(logdir: str):
   """The TensorBoard event-file writer, or None when the `tensorboard` package is not installed."""
   try:
-    from flowar_jax.training.tensorboard_writer import TensorBoardWriter  # pylint: disable=g-import-not-at-top
+    from flowar_jax.runs.tensorboard_writer import TensorBoardWriter  # pylint: disable=g-import-not-at-top
   except ImportError as error:  # a dependency, so only a broken environment gets here
     logging.warning("TensorBoard logging off, its package does not import (%s; `pip install tensorboard`); "
                     "metrics go to metrics.jsonl only", error)

@@ -17,8 +17,8 @@ from flowar_jax.evaluation import runner, suite
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs import fs
+from flowar_jax.runs.metrics import MetricWriter
 from flowar_jax.sampling.sampler import SamplingSettings, image_sampler
-from flowar_jax.training.metrics import MetricWriter
 from flowar_jax.training.state import TrainState
 
 
