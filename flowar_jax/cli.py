@@ -320,12 +320,13 @@ def _known_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:
   """(error types, exit code, label): errors that end a command with one line instead of a traceback.
 
   Exit codes as docs/reliability.md lists them: preempted after a checkpoint (the scheduler reruns the
-  command), training stopped by non-finite steps (1), and anything the user fixes in the command line,
+  command), training stopped by non-finite steps or by storage that kept failing to read a checkpoint (1), and anything the user fixes in the command line,
   a path or the config (2).
   """
   from flowar_jax.training.nonfinite import NonFiniteError  # pylint: disable=g-import-not-at-top
   from flowar_jax.training.preemption import EXIT_CODE, Preempted  # pylint: disable=g-import-not-at-top
-  return [((Preempted,), EXIT_CODE, ""), ((NonFiniteError,), 1, "error: "),
+  from flowar_jax.runs.checkpointing import CheckpointStorageError  # pylint: disable=g-import-not-at-top
+  return [((Preempted,), EXIT_CODE, ""), ((NonFiniteError, CheckpointStorageError), 1, "error: "),
           ((_UsageError, ValueError, OSError, ImportError), USAGE_EXIT_CODE, "error: ")]
 
 

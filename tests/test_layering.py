@@ -25,6 +25,11 @@ FORBIDDEN = {
     "sampling": _ABOVE_LIBRARIES + ("flowar_jax.evaluation", "flowar_jax.convert"),
     "evaluation": _ABOVE_LIBRARIES,
     "convert": _ABOVE_LIBRARIES + ("flowar_jax.sampling", "flowar_jax.evaluation"),
+    "serving": _ABOVE_LIBRARIES + ("flowar_jax.evaluation", "flowar_jax.convert"),
+    "tokenizers": _ABOVE_LIBRARIES + ("flowar_jax.sampling", "flowar_jax.evaluation", "flowar_jax.convert",
+                                      "flowar_jax.runs", "flowar_jax.data"),
+    "heads": _ABOVE_LIBRARIES + ("flowar_jax.sampling", "flowar_jax.evaluation", "flowar_jax.convert",
+                                 "flowar_jax.runs", "flowar_jax.data"),
 }
 # Leaf modules a package may import although their package is above it: parallel's sharding rules match the
 # dotted parameter names of models/params (which imports only jax and flax).
