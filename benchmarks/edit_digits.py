@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.timing import report  # noqa: E402
 from flowar_jax.commands.edit import load_editor  # noqa: E402
-from flowar_jax.commands.sample import load_image_sampler, settings_from, stored_config  # noqa: E402
+from flowar_jax.runs.stored_config import stored_config  # noqa: E402
+from flowar_jax.sampling.generate import load_image_sampler, settings_from  # noqa: E402
 from flowar_jax.evaluation.digits import digit_classifier, split_images  # noqa: E402
 from flowar_jax.evaluation.edit_metrics import kept_change, seam_energy  # noqa: E402
 from flowar_jax.sampling.editing import EditSettings, blend  # noqa: E402

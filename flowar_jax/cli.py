@@ -247,6 +247,19 @@ def _check_checkpoint(workdir: str) -> None:
                             f"(`train --workdir`) or convert official weights into it (`convert --workdir`)")
 
 
+def _stored_run():
+  """(workdir, config, sampling settings) of a command that samples from WORKDIR's checkpoint: the config is
+  --config or the one stored with the checkpoint, the settings its sampling section with the flags' overrides."""
+  from flowar_jax.runs.stored_config import stored_config
+  from flowar_jax.sampling.generate import settings_from
+  workdir = _WORKDIR.value
+  _check_checkpoint(workdir)
+  config = _CONFIG.value or stored_config(workdir)
+  settings = settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value, guidance=_GUIDANCE.value,
+                           solver=_SOLVER.value, compute_dtype=_COMPUTE_DTYPE.value)
+  return workdir, config, settings
+
+
 def _run(command: str) -> None:
   if command in ("train", "sample", "evaluate", "edit"):
     from flowar_jax.parallel.distributed import initialize_from_environment
@@ -265,13 +278,8 @@ def _run(command: str) -> None:
     convert.run(_CONFIG.value, _WORKDIR.value, flowar_path=_FROM_TORCH.value, vae_path=_VAE_TORCH.value,
                 use_ema=_USE_EMA.value, trust_pickle=_TRUST_PICKLE.value)
   elif command == "serve":
-    from flowar_jax.commands import sample, serve
-    workdir = _WORKDIR.value
-    _check_checkpoint(workdir)
-    config = _CONFIG.value or sample.stored_config(workdir)
-    settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
-                                    guidance=_GUIDANCE.value, solver=_SOLVER.value,
-                                    compute_dtype=_COMPUTE_DTYPE.value)
+    from flowar_jax.commands import serve
+    workdir, config, settings = _stored_run()
     choices = tuple(_parse_floats("cfg_choices", _CFG_CHOICES.value)) if _CFG_CHOICES.value else None
     serve.run(config, workdir, settings=settings, cfg_choices=choices,
               batch_size=_default(_BATCH.value, min(8, config.sampling.batch_size)),
@@ -279,27 +287,15 @@ def _run(command: str) -> None:
               port=_PORT.value)
   elif command == "evaluate":
     from flowar_jax.commands import evaluate
-    from flowar_jax.runs.stored_config import stored_config
-    from flowar_jax.sampling.generate import settings_from
-    workdir = _WORKDIR.value
-    _check_checkpoint(workdir)
-    config = _CONFIG.value or stored_config(workdir)
-    settings = settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
-                                    guidance=_GUIDANCE.value, solver=_SOLVER.value,
-                                    compute_dtype=_COMPUTE_DTYPE.value)
+    workdir, config, settings = _stored_run()
     evaluate.run(config, workdir, num_samples=_default(_NUM_SAMPLES.value, config.eval.num_samples),
                  seed=_SEED.value, settings=settings,
                  batch_size=_default(_BATCH.value, config.sampling.batch_size),
                  use_ema=_default(_USE_EMA.value, config.sampling.use_ema), metrics=_METRICS.value,
                  reference=_REFERENCE.value, inception_weights=_INCEPTION.value)
   elif command == "edit":
-    from flowar_jax.commands import edit, sample
-    workdir = _WORKDIR.value
-    _check_checkpoint(workdir)
-    config = _CONFIG.value or sample.stored_config(workdir)
-    settings = sample.settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value,
-                                    guidance=_GUIDANCE.value, solver=_SOLVER.value,
-                                    compute_dtype=_COMPUTE_DTYPE.value)
+    from flowar_jax.commands import edit
+    workdir, config, settings = _stored_run()
     edit.run(config, workdir, image=_IMAGE.value, mask=_MASK.value, box=_BOX.value, outpaint=_OUTPAINT.value,
              label=_LABEL.value, out=_OUT.value, num_samples=_default(_NUM_SAMPLES.value, 8), seed=_SEED.value,
              settings=settings, batch_size=_default(_BATCH.value, config.sampling.batch_size),

@@ -23,7 +23,9 @@ import pytest
 from PIL import Image
 
 from conftest import compilation_cache_env, persistent_compilation_cache
-from flowar_jax.commands import convert, sample, serve
+from flowar_jax.commands import convert, serve
+from flowar_jax.runs.stored_config import stored_config
+from flowar_jax.sampling import generate as sampling
 from flowar_jax.serving.grid_request import Limits, RequestError, parse_grid_request
 from flowar_jax.serving.server import grid_png
 from flowar_jax.serving.worker import Busy, SamplerWorker
@@ -50,14 +52,14 @@ def converted(tmp_path_factory):
   np.savez(vae_file, **{f"model/{k}": v for k, v in official_vae_state_dict(config, seed=2)[1].items()})
   workdir = str(root / "run")
   convert.run(config, workdir, flowar_path=flowar_file, vae_path=vae_file)
-  return sample.stored_config(workdir), workdir
+  return stored_config(workdir), workdir
 
 
 @pytest.fixture(scope="module")
 def server(converted, compilation_cache_dir):
   config, workdir = converted
   with persistent_compilation_cache(compilation_cache_dir):
-    demo = serve.make_server(config, workdir, settings=sample.settings_from(config), cfg_choices=(1.0, 2.0),
+    demo = serve.make_server(config, workdir, settings=sampling.settings_from(config), cfg_choices=(1.0, 2.0),
                              batch_size=BATCH, max_samples=8, port=0)
   thread = threading.Thread(target=demo.serve_forever, daemon=True)
   thread.start()
@@ -99,8 +101,8 @@ def test_grid_matches_the_sample_command(server, converted):
   assert grid.shape == (grid_side(2), grid_side(3), 3)
   # The same images as `sample` draws for these labels and seed (its own program, another batch size).
   labels = np.array([3, 999, 7, 3, 999, 7])
-  images = sample.generate(config, workdir, labels=labels, seed=5, batch_size=6,
-                           settings=sample.settings_from(config, cfg=2.0))
+  images = sampling.generate(config, workdir, labels=labels, seed=5, batch_size=6,
+                             settings=sampling.settings_from(config, cfg=2.0))
   assert grid_png(images, columns=3) == png
   assert post(server.url, {"classes": [3, 999, 7], "per_class": 2, "cfg": 2, "seed": 5})[1] == png
   assert post(server.url, {"classes": [3, 999, 7], "per_class": 2, "cfg": 2, "seed": 6})[1] != png
