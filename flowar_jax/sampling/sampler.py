@@ -5,7 +5,6 @@ fold_in(seed, sample index), so a sample does not depend on the batch it was dra
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -15,52 +14,11 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax import precision
+from flowar_jax.heads.flow_sampling import SamplingSettings
 from flowar_jax.models.flowar import FlowAR
-from flowar_jax.models.time_grid import time_grid
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
 from flowar_jax.parallel.plan import ShardingPlan
-from flowar_jax.sampling.ode import integrate
-from flowar_jax.scales import next_scale_input
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-  """cfg: guidance scale at the finest scale (ramped linearly from 1 at the coarsest; 1 disables CFG);
-  guidance: CFG applies only where t <= guidance; num_steps: ODE steps per scale (official grid);
-  compute_dtype: of the FlowAR's matrix products ('float32' | 'bfloat16', `flowar_jax.precision`;
-  the ODE state stays float32)."""
-
-  cfg: float = 1.0
-  guidance: float = 1.0
-  num_steps: int = 25
-  solver: str = "euler"
-  compute_dtype: str = "float32"
-
-  def __post_init__(self):
-    if not np.isfinite(self.cfg) or self.cfg < 0:
-      raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
-    if not 0.0 <= self.guidance <= 1.0:
-      raise ValueError(f"guidance must lie in [0, 1] (the time below which CFG applies), got {self.guidance}")
-    time_grid(self.num_steps)  # validates num_steps
-    if self.solver not in ("euler", "heun"):
-      raise ValueError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
-    if self.compute_dtype not in precision.COMPUTE_DTYPES:
-      raise ValueError(f"compute_dtype must be one of {sorted(precision.COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-
-  @classmethod
-  def from_config(cls, sampling: ml_collections.ConfigDict, **overrides) -> "SamplingSettings":
-    """The settings of a config's `sampling` section, with `overrides` that are not None."""
-    values = dict(cfg=sampling.cfg, guidance=sampling.guidance, num_steps=sampling.num_steps,
-                  solver=sampling.solver, compute_dtype=sampling.compute_dtype)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
-
-  def cfg_at(self, k: int, num_scales: int) -> float:
-    """Per-scale CFG ramp: 1 + (cfg - 1) * k / (num_scales - 1)."""
-    if num_scales == 1:
-      return self.cfg
-    return 1.0 + (self.cfg - 1.0) * k / (num_scales - 1)
 
 
 def sample_keys(seed: int | jax.Array, first_index: int | jax.Array, batch: int) -> jax.Array:
@@ -76,42 +34,7 @@ def sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: 
   `noise`, when given, replaces the drawn starting noise: one `[B, s*s, C]` array per scale.
   """
   with precision.compute_dtype(settings.compute_dtype):
-    return _sample_latents(model, labels, keys, settings, noise)
-
-
-def _sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: SamplingSettings,
-                    noise: list[jax.Array] | None) -> jax.Array:
-  schedule = model.schedule
-  b, c = labels.shape[0], model.latent_channels
-  use_cfg = settings.cfg != 1.0
-  class_emb = model.class_embedding(labels)
-  if use_cfg:
-    class_emb = jnp.concatenate([class_emb, model.class_embedding(jnp.full_like(labels, model.num_classes))])
-  grid = time_grid(settings.num_steps)
-  tokens = class_emb[:, None]
-  caches = None
-  x = None
-  for k in range(schedule.num_scales):
-    z, caches = model.backbone.cached_step(k, tokens, class_emb, caches)
-    n = schedule.lengths[k]
-    if noise is None:
-      x0 = jax.vmap(lambda key, k=k, n=n: jax.random.normal(jax.random.fold_in(key, k), (n, c)))(keys)
-    else:
-      x0 = noise[k]
-    cfg_k = settings.cfg_at(k, schedule.num_scales)
-    head = model.flownet
-    z_uncond = head.conditioning(z[b:]) if use_cfg and cfg_k != 1.0 else None
-    velocity = functools.partial(head.velocity, remat=False)  # nothing here is differentiated
-    x = integrate(velocity, x0, head.conditioning(z[:b]), z_uncond, cfg_k, grid, settings.guidance, settings.solver)
-    if k == schedule.num_scales - 1:
-      break
-    side = schedule.sides[k]
-    nxt = next_scale_input(x.reshape(b, side, side, c), schedule, k)
-    tokens = model.backbone.z_proj(nxt.reshape(b, -1, c))
-    if use_cfg:  # the conditional sample feeds both branches
-      tokens = jnp.concatenate([tokens, tokens])
-  side = schedule.latent_side
-  return x.reshape(b, side, side, c)
+    return model.sample(model.pyramid(), labels, keys, settings, noise)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
