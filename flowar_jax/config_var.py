@@ -135,6 +135,9 @@ def validate_var_sections(config: ml_collections.ConfigDict) -> None:
                      f"{s.top_k}")
   if not 0.0 <= s.top_p < 1.0:
     raise ValueError(f"config.sampling.top_p must lie in [0, 1) (0: off), got {s.top_p}")
+  if config.data.cache_latents:
+    raise ValueError("config.data.cache_latents caches a KL VAE's posterior, which VAR has none of; VAR encodes "
+                     "its images on the fly (set it to False)")
   t = v.train
   if t.batch_size < 1 or t.num_train_steps < 1:
     raise ValueError("config.vae.train.batch_size and num_train_steps must be >= 1")

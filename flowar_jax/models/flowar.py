@@ -40,14 +40,15 @@ class FlowAR(nnx.Module):
     """The scale pyramid of this model's latents (the KL tokenizer's, without its VAE)."""
     return ScalePyramid(self.schedule)
 
-  def teacher_forced_z(self, latents: jax.Array, labels: jax.Array, rng: jax.Array | None = None
-                       ) -> tuple[jax.Array, list[jax.Array]]:
-    """latents `[B, S, S, C]`, labels `[B]` -> z `[B, L, D]` and the per-scale targets `[B, s, s, C]`."""
-    targets, inputs = self.pyramid().teacher_forcing(latents)
+  def teacher_forced_z(self, latents: jax.Array, labels: jax.Array, rng: jax.Array | None = None,
+                       tokenizer: Tokenizer | None = None) -> tuple[jax.Array, list[jax.Array]]:
+    """latents `[B, S, S, C]`, labels `[B]` -> z `[B, L, D]` and the per-scale targets `[B, s, s, C]`, through
+    `tokenizer`'s teacher forcing (default: this model's scale pyramid)."""
+    targets, inputs = (tokenizer or self.pyramid()).teacher_forcing(latents)
     return self.backbone(self.class_embedding(labels), inputs, rng), targets
 
-  def loss(self, latents: jax.Array, labels: jax.Array, rng: jax.Array, *, train: bool = True
-           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss(self, latents: jax.Array, labels: jax.Array, rng: jax.Array, *, train: bool = True,
+           tokenizer: Tokenizer | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Flow-matching loss, summed over scales with weights side**2 / latent_side**2.
 
     latents `[B, S, S, C]` (the KL tokenizer's tokens: already times the VAE's latent scale), labels `[B]`.
@@ -57,7 +58,7 @@ class FlowAR(nnx.Module):
     if train and self.label_drop_prob > 0:
       dropped = jax.random.bernoulli(r_drop, self.label_drop_prob, labels.shape)
       labels = jnp.where(dropped, self.num_classes, labels)
-    z, targets = self.teacher_forced_z(latents, labels, r_net if train else None)
+    z, targets = self.teacher_forced_z(latents, labels, r_net if train else None, tokenizer)
     losses = [self.flownet.loss(z_k, y, jax.random.fold_in(r_flow, k))
               for k, (y, z_k) in enumerate(zip(targets, self.schedule.split(z)))]
     return self._weighted(losses)

@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowar_jax.heads.categorical import CategoricalSampling, sample_scale
+from flowar_jax.heads.categorical import CategoricalHead, CategoricalSampling
 from flowar_jax.kernels import api as attention_api
 from flowar_jax.kernels.mask import ScaleCausalMask
-from flowar_jax.models.layers import linear, split_rng
-from flowar_jax.parallel.logical import param_axes
+from flowar_jax.models.layers import TOKENS, linear, split_rng
+from flowar_jax.parallel.logical import constrain, param_axes
+from flowar_jax.parallel.remat import remat
 from flowar_jax.scales import ScaleSchedule
-from flowar_jax.tokenizers.msvq import PATCH_NUMS, VectorQuantizer
+from flowar_jax.tokenizers.msvq import PATCH_NUMS, MultiScaleVQVAE
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values [B, N, H, Dh]
 MAX_SCALE_MUL = math.log(100.0)
@@ -177,7 +178,7 @@ class VAR(nnx.Module):
                attn_l2_norm: bool = True, cond_drop_rate: float = 0.1, drop_path_rate: float | None = None,
                norm_eps: float = 1e-6, width: int | None = None, num_heads: int | None = None,
                init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
-               attention_impl: str = "auto", rngs: nnx.Rngs):
+               attention_impl: str = "auto", remat_policy: str = "none", rngs: nnx.Rngs):
     width = 64 * depth if width is None else width
     num_heads = depth if num_heads is None else num_heads
     drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
@@ -185,6 +186,7 @@ class VAR(nnx.Module):
     self.depth, self.width, self.num_heads = depth, width, num_heads
     self.num_classes, self.vocab_size, self.cvae = num_classes, vocab_size, cvae
     self.cond_drop_rate = cond_drop_rate
+    self.remat_policy = remat_policy
     self.mask = ScaleCausalMask.from_schedule(self.schedule)
     init_std = math.sqrt(1 / width / 3)
     out_std = init_std / math.sqrt(2 * depth)
@@ -244,10 +246,49 @@ class VAR(nnx.Module):
     first_l = self.schedule.lengths[0]
     sos = jnp.broadcast_to(cond[:, None], (b, first_l, self.width)) + self.pos_start[...]
     x = jnp.concatenate([sos, self.word_embed(next_inputs)], axis=1) + self.level_position
-    block_cond = self.block_condition(cond)
+    block_cond, mask = self.block_condition(cond), self.mask
+    # Rematerialised per block as FlowAR's are (the blocks differ in drop-path rate, so they are not scanned).
+    run = remat(lambda block, x, r: block(x, block_cond, mask, rng=r)[0], self.remat_policy)
+    x = constrain(x, TOKENS)
     for block, block_rng in zip(self.blocks, block_rngs):
-      x, _ = block(x, block_cond, self.mask, rng=block_rng)
+      x = constrain(run(block, x, block_rng), TOKENS)
     return self.logits(x, cond)
+
+  def head_seam(self, more_smooth: bool = False) -> CategoricalHead:
+    """The categorical head over this model's logits."""
+    return CategoricalHead(self.vocab_size, more_smooth)
+
+  def loss(self, indices: list[jax.Array], labels: jax.Array, rng: jax.Array, *, tokenizer: MultiScaleVQVAE,
+           train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy over every token of every scale (each token weighs the same, as VAR trains).
+
+    indices: per scale `[B, pn^2]` (the VQ's `encode`); labels `[B]`; `tokenizer` builds the teacher-forced
+    inputs. Condition dropout and stochastic depth act only when `train`. Metrics: the loss per scale side,
+    and the top-1 token accuracy.
+    """
+    targets, inputs = tokenizer.teacher_forcing(indices)
+    logits = self(labels, inputs, rng=rng if train else None)
+    head, total_tokens = self.head_seam(), self.schedule.num_tokens
+    metrics, total = {}, jnp.zeros((), jnp.float32)
+    for side, length, logits_k, target in zip(self.schedule.sides, self.schedule.lengths,
+                                              self.schedule.split(logits), targets):
+      loss_k = head.loss(logits_k, target)
+      metrics[f"loss_scale_{side}"] = loss_k
+      total = total + loss_k * (length / total_tokens)
+    flat_targets = jnp.concatenate([t.reshape(t.shape[0], -1) for t in targets], axis=1)
+    metrics["token_accuracy"] = jnp.mean((jnp.argmax(logits, axis=-1) == flat_targets).astype(jnp.float32))
+    metrics["loss"] = total
+    return total, metrics
+
+  def sample(self, tokenizer: MultiScaleVQVAE, labels: jax.Array, keys: jax.Array,
+             settings: CategoricalSampling) -> jax.Array:
+    """labels `[B]`, per-sample keys `[B]` -> f_hat `[B, H, H, Cvae]` after the last scale (the tokenizer's state,
+    for its `decode`). Each sample's draws come from its own key, so it does not depend on its batch."""
+    head = self.head_seam(settings.more_smooth)
+    draws = [head.draw(keys, k, length) for k, length in enumerate(self.schedule.lengths)]
+    uniforms = [u for u, _ in draws]
+    gumbels = [g for _, g in draws] if settings.more_smooth else None
+    return sample(self, tokenizer, labels, settings, (uniforms, gumbels)).f_hat
 
   def cached_step(self, scale: int, tokens: jax.Array, cond: jax.Array, caches: list[KVCache] | None
                   ) -> tuple[jax.Array, list[KVCache]]:
@@ -284,34 +325,33 @@ def sampling_draws(rng: jax.Array, batch: int, patch_nums: Sequence[int], vocab_
   return tokens, gumbel
 
 
-def sample(model: VAR, quantizer: VectorQuantizer, labels: jax.Array, settings: CategoricalSampling,
+def sample(model: VAR, tokenizer: MultiScaleVQVAE, labels: jax.Array, settings: CategoricalSampling,
            draws: tuple[list[jax.Array], list[jax.Array] | None]) -> VARSample:
   """VAR's KV-cached class-conditional sampler over all scales with classifier-free guidance.
 
   labels `[B]` (the null class `num_classes` gives unconditional samples); `draws` from `sampling_draws` (or
   any uniform draws of those shapes). The conditional and unconditional batches run together (2B rows).
   """
-  if tuple(quantizer.patch_nums) != model.schedule.sides:
-    raise ValueError(f"VQ scales {quantizer.patch_nums} differ from the transformer's {model.schedule.sides}")
+  if tuple(tokenizer.patch_nums) != model.schedule.sides:
+    raise ValueError(f"VQ scales {tokenizer.patch_nums} differ from the transformer's {model.schedule.sides}")
   uniforms, gumbels = draws
+  if settings.more_smooth and gumbels is None:
+    raise ValueError("more_smooth sampling needs gumbel draws [B, l, V]")
+  head = model.head_seam(settings.more_smooth)
   b, sides = labels.shape[0], model.schedule.sides
   cond = model.class_emb(jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)]))
   lvl_pos = model.level_position
   offsets = model.schedule.offsets
   tokens_in = (jnp.broadcast_to(cond[:, None], (2 * b, sides[0] ** 2, model.width)) + model.pos_start[...]
                + lvl_pos[:, :offsets[1]])
-  f_hat = jnp.zeros((b, sides[-1], sides[-1], model.cvae), jnp.float32)
+  f_hat = tokenizer.empty_state(b)
   caches, tokens, all_logits = None, [], []
   last = len(sides) - 1
-  for si, pn in enumerate(sides):
-    ratio = si / last
+  for si in range(len(sides)):
     logits, caches = model.cached_step(si, tokens_in, cond, caches)
-    idx, soft = sample_scale(logits, settings, ratio, uniforms[si], None if gumbels is None else gumbels[si])
-    if soft is None:
-      h = quantizer.embed(idx, pn)
-    else:
-      h = jnp.matmul(soft, quantizer.embedding.embedding[...], precision="highest").reshape(b, pn, pn, -1)
-    f_hat, nxt = quantizer.next_input(si, f_hat, h)
+    noise = (uniforms[si], None if gumbels is None else gumbels[si])
+    idx, soft = head.sample(logits[:b], logits[b:], noise, settings, si, len(sides))
+    f_hat, nxt = tokenizer.next_input(si, f_hat, idx if soft is None else soft)
     tokens.append(idx)
     all_logits.append(logits)
     if si != last:

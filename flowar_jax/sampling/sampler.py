@@ -45,16 +45,19 @@ def to_uint8(images: jax.Array) -> jax.Array:
 class Sampler:
   """Compiled sampler: `sampler(labels, seed)` -> uint8 images `[B, H, W, 3]`.
 
-  `decode(latents)` is any function from `[B, S, S, C]` latents to `[B, H, W, 3]` images in [-1, 1]
-  (usually the VAE's `decode_from_latents`); pass None to get latents instead of images. With a `plan`,
+  Any generator with `sample(tokenizer, labels, keys, settings)` (FlowAR, VAR). `tokenizer(decoder_module)`
+  gives the tokenizer seam it samples through (default: FlowAR's scale pyramid, `model.pyramid()`).
+  `decode(decoder_module, state)` maps the state after the last scale (FlowAR: latents `[B, S, S, C]`) to
+  `[B, H, W, 3]` images in [-1, 1]; pass None to get that state instead of images. With a `plan`,
   parameters are sharded by its rules and each batch is split over its data-parallel devices (a batch
   that does not divide is padded); every process passes the same labels and gets every image back.
   The model and decoder may be abstract (`nnx.eval_shape`) for `lower` only.
   """
 
-  def __init__(self, model: FlowAR, settings: SamplingSettings, decode=None, decoder_module: nnx.Module | None = None,
-               plan: ShardingPlan | None = None):
+  def __init__(self, model: nnx.Module, settings, decode=None, decoder_module: nnx.Module | None = None,
+               plan: ShardingPlan | None = None, tokenizer=None):
     self.settings = settings
+    self._tokenizer = tokenizer
     self.num_classes = model.num_classes
     self.plan = plan or ShardingPlan.single_device()
     self._graph, state = nnx.split((model, decoder_module))
@@ -67,10 +70,12 @@ class Sampler:
   def _run(self, state, labels, seed, first_index):
     model, decoder_module = nnx.merge(self._graph, state)
     keys = sample_keys(seed, first_index, labels.shape[0])
-    latents = sample_latents(model, labels, keys, self.settings)
+    tokenizer = model.pyramid() if self._tokenizer is None else self._tokenizer(decoder_module)
+    with precision.compute_dtype(self.settings.compute_dtype):
+      state = model.sample(tokenizer, labels, keys, self.settings)
     if self._decode is None:
-      return latents
-    return to_uint8(self._decode(decoder_module, latents))
+      return state
+    return to_uint8(self._decode(decoder_module, state))
 
   def set_weights(self, model: FlowAR, decoder_module: nnx.Module | None = None) -> None:
     """Swaps in other weights of the same structure (e.g. each evaluation during training) without recompiling."""
@@ -107,9 +112,12 @@ class Sampler:
     return self._fn.lower(*self.lower_args(batch_size))
 
 
-def image_sampler(flowar: FlowAR, vae: AutoencoderKL, settings: SamplingSettings, latent_scale: float,
+def image_sampler(model: nnx.Module, tokenizer_module: nnx.Module, settings, latent_scale: float,
                   plan: ShardingPlan | None = None) -> Sampler:
-  """A compiled sampler from class labels to uint8 images, decoding with `vae` at `latent_scale` (sharded by
-  `plan`, see `Sampler`)."""
-  decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
-  return Sampler(flowar, settings, decode=decode, decoder_module=vae, plan=plan)
+  """A compiled sampler from class labels to uint8 images for a FlowAR (over its KL VAE at `latent_scale`) or a
+  VAR (over its VQVAE; `latent_scale` unused), sharded by `plan` (see `Sampler`)."""
+  if isinstance(tokenizer_module, AutoencoderKL):
+    decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
+    return Sampler(model, settings, decode=decode, decoder_module=tokenizer_module, plan=plan)
+  return Sampler(model, settings, decode=lambda vq, f_hat: vq.decode(f_hat), decoder_module=tokenizer_module,
+                 plan=plan, tokenizer=lambda vq: vq)
