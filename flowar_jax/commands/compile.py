@@ -208,7 +208,7 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
     return Program(name, lambda: step.lower(*args), args, jax.tree.leaves(batch)[0].shape[0], batch_flag, remat,
                    model_flops)
 
-  size, channels = config.data.image_size, config.vae.in_channels
+  size, channels = config.data.image_size, config.vae.get("in_channels", 3)
   images = ((size, size, channels), jnp.float32)
   labels = ((), jnp.int32)
   programs = []

@@ -281,14 +281,15 @@ class VAR(nnx.Module):
     return total, metrics
 
   def sample(self, tokenizer: MultiScaleVQVAE, labels: jax.Array, keys: jax.Array,
-             settings: CategoricalSampling) -> jax.Array:
+             settings: CategoricalSampling, known: KnownTokens | None = None) -> jax.Array:
     """labels `[B]`, per-sample keys `[B]` -> f_hat `[B, H, H, Cvae]` after the last scale (the tokenizer's state,
-    for its `decode`). Each sample's draws come from its own key, so it does not depend on its batch."""
+    for its `decode`). Each sample's draws come from its own key, so it does not depend on its batch. With
+    `known`, only the masked tokens are generated (zero-shot editing, see `sample`)."""
     head = self.head_seam(settings.more_smooth)
     draws = [head.draw(keys, k, length) for k, length in enumerate(self.schedule.lengths)]
     uniforms = [u for u, _ in draws]
     gumbels = [g for _, g in draws] if settings.more_smooth else None
-    return sample(self, tokenizer, labels, settings, (uniforms, gumbels)).f_hat
+    return sample(self, tokenizer, labels, settings, (uniforms, gumbels), known).f_hat
 
   def cached_step(self, scale: int, tokens: jax.Array, cond: jax.Array, caches: list[KVCache] | None
                   ) -> tuple[jax.Array, list[KVCache]]:
@@ -304,6 +305,13 @@ class VAR(nnx.Module):
       x, cache = block(x, block_cond, None, cache)
       new.append(cache)
     return self.logits(x, cond), new
+
+
+class KnownTokens(typing.NamedTuple):
+  """Tokens to keep while sampling (zero-shot editing): per scale, the image's own indices `[B, pn^2]` and a mask
+  `[B, pn^2]`, True where the token is generated."""
+  indices: list[jax.Array]
+  generate: list[jax.Array]
 
 
 class VARSample(typing.NamedTuple):
@@ -326,11 +334,13 @@ def sampling_draws(rng: jax.Array, batch: int, patch_nums: Sequence[int], vocab_
 
 
 def sample(model: VAR, tokenizer: MultiScaleVQVAE, labels: jax.Array, settings: CategoricalSampling,
-           draws: tuple[list[jax.Array], list[jax.Array] | None]) -> VARSample:
+           draws: tuple[list[jax.Array], list[jax.Array] | None], known: KnownTokens | None = None) -> VARSample:
   """VAR's KV-cached class-conditional sampler over all scales with classifier-free guidance.
 
   labels `[B]` (the null class `num_classes` gives unconditional samples); `draws` from `sampling_draws` (or
   any uniform draws of those shapes). The conditional and unconditional batches run together (2B rows).
+  With `known`, each scale's tokens outside its mask are the given ones (as sampled tokens would be: they
+  feed f_hat and every later scale), so the model generates only the masked tokens, conditioned on them.
   """
   if tuple(tokenizer.patch_nums) != model.schedule.sides:
     raise ValueError(f"VQ scales {tokenizer.patch_nums} differ from the transformer's {model.schedule.sides}")
@@ -351,6 +361,11 @@ def sample(model: VAR, tokenizer: MultiScaleVQVAE, labels: jax.Array, settings: 
     logits, caches = model.cached_step(si, tokens_in, cond, caches)
     noise = (uniforms[si], None if gumbels is None else gumbels[si])
     idx, soft = head.sample(logits[:b], logits[b:], noise, settings, si, len(sides))
+    if known is not None:
+      keep = jnp.logical_not(known.generate[si])
+      idx = jnp.where(keep, known.indices[si].astype(idx.dtype), idx)
+      if soft is not None:
+        soft = jnp.where(keep[..., None], jax.nn.one_hot(known.indices[si], soft.shape[-1], dtype=soft.dtype), soft)
     f_hat, nxt = tokenizer.next_input(si, f_hat, idx if soft is None else soft)
     tokens.append(idx)
     all_logits.append(logits)
