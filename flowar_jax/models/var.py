@@ -75,7 +75,8 @@ class SelfAttention(nnx.Module):
     self.v_bias = nnx.Param(jnp.zeros((dim,)), **param_axes("qkv"))
     self.attn_l2_norm = attn_l2_norm
     if attn_l2_norm:
-      self.scale_mul_1H11 = nnx.Param(jnp.full((1, num_heads, 1, 1), math.log(4.0)))
+      self.scale_mul_1H11 = nnx.Param(jnp.full((1, num_heads, 1, 1), math.log(4.0)),
+                                      **param_axes(None, "heads", None, None))
     self.proj = linear(dim, dim, kernel_init=_normal(out_std), rngs=rngs, axes=("qkv", "embed"))
     self.impl = impl
 
@@ -135,7 +136,8 @@ class AdaLNSelfAttn(nnx.Module):
     self.shared_aln = shared_aln
     if shared_aln:
       gss = jax.random.normal(rngs.params(), (1, 1, 6, dim)) / math.sqrt(dim)
-      self.ada_gss = nnx.Param(gss * jnp.asarray([init_adaln_gamma] * 2 + [init_adaln] * 4)[:, None])
+      self.ada_gss = nnx.Param(gss * jnp.asarray([init_adaln_gamma] * 2 + [init_adaln] * 4)[:, None],
+                               **param_axes(None, None, None, "embed"))
     else:
       self.ada_lin = linear(cond_dim, 6 * dim, rngs=rngs, axes=("embed", "modulation"),
                             kernel_init=_ada_lin_init(dim, init_std, init_adaln, init_adaln_gamma))
@@ -193,10 +195,14 @@ class VAR(nnx.Module):
     first_l = self.schedule.lengths[0]
 
     self.word_embed = linear(cvae, width, kernel_init=_normal(init_std), rngs=rngs, axes=("latent", "embed"))
-    self.class_emb = nnx.Embed(num_classes + 1, width, embedding_init=_normal(init_std), rngs=rngs)
-    self.pos_start = nnx.Param(jax.random.normal(rngs.params(), (1, first_l, width)) * init_std)
-    self.pos_1LC = nnx.Param(jax.random.normal(rngs.params(), (1, self.schedule.num_tokens, width)) * init_std)
-    self.lvl_embed = nnx.Embed(self.schedule.num_scales, width, embedding_init=_normal(init_std), rngs=rngs)
+    self.class_emb = nnx.Embed(num_classes + 1, width, embedding_init=_normal(init_std), rngs=rngs,
+                               embedding_metadata=param_axes("vocab", "embed"))
+    self.pos_start = nnx.Param(jax.random.normal(rngs.params(), (1, first_l, width)) * init_std,
+                               **param_axes(None, "length", "embed"))
+    self.pos_1LC = nnx.Param(jax.random.normal(rngs.params(), (1, self.schedule.num_tokens, width)) * init_std,
+                             **param_axes(None, "length", "embed"))
+    self.lvl_embed = nnx.Embed(self.schedule.num_scales, width, embedding_init=_normal(init_std), rngs=rngs,
+                               embedding_metadata=param_axes(None, "embed"))  # one row per scale
     self.shared_aln = shared_aln
     if shared_aln:
       self.shared_ada_lin = linear(width, 6 * width, kernel_init=_normal(init_std), rngs=rngs,

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax.models.vae_blocks import conv
+from flowar_jax.parallel.logical import param_axes
 from flowar_jax.scales.resize import area_resize, bicubic_resize
 from flowar_jax.tokenizers.msvq_blocks import Decoder, Encoder
 
@@ -70,7 +71,7 @@ class VectorQuantizer(nnx.Module):
     self.patch_nums = tuple(int(p) for p in patch_nums)
     # share_quant_resi: 0 = one phi per scale, 1 = one phi for all, K > 1 = K phis shared by tick.
     self.num_phi = len(self.patch_nums) if share_quant_resi == 0 else share_quant_resi
-    self.embedding = nnx.Embed(vocab_size, channels, rngs=rngs)
+    self.embedding = nnx.Embed(vocab_size, channels, rngs=rngs, embedding_metadata=param_axes("vocab", "latent"))
     self.quant_resi = nnx.List([Phi(channels, quant_resi, rngs=rngs) for _ in range(self.num_phi)])
     self.vocab_size, self.channels, self.using_znorm = vocab_size, channels, using_znorm
 
