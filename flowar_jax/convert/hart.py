@@ -60,8 +60,11 @@ def hybrid_state_dict(model: HybridTokenizer, share_quant_resi: int = 4) -> dict
   return state_dict_from_params(nnx.state(model, nnx.Param), to_torch=vqvae_to_torch_for(share_quant_resi))
 
 
-def head_to_flax(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
-  """One official head entry (`diffloss.net.*`, `decoder_norm.*`) -> (our name, array in our layout)."""
+def head_to_flax(name: str, array: np.ndarray, norm: str = "layer") -> tuple[str, np.ndarray]:
+  """One official head entry (`diffloss.net.*`, `decoder_norm.*`) -> (our name, array in our layout); `norm`
+  is the head's condition norm ('layer' or 'rms': an RMSNorm keeps `weight`)."""
+  if norm == "rms" and name == "decoder_norm.weight":
+    return name, array
   if name.startswith("diffloss."):
     name = name[len("diffloss."):]
   for theirs, ours in _HEAD_NAMES:
@@ -94,7 +97,9 @@ def head_entries(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def load_residual_head(state_dict: dict[str, np.ndarray], head_kwargs: dict) -> ResidualHead:
   """A HART transformer (or head-only) state dict -> a ResidualHead holding `diffloss.net` and `decoder_norm`."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ResidualHead(**head_kwargs, rngs=nnx.Rngs(0))))
-  params = params_from_state_dict(head_entries(state_dict), abstract, to_flax=head_to_flax, to_torch=head_to_torch,
+  norm = head_kwargs.get("norm", "layer")
+  params = params_from_state_dict(head_entries(state_dict), abstract,
+                                  to_flax=lambda name, array: head_to_flax(name, array, norm), to_torch=head_to_torch,
                                   skipped=lambda name: False, where="the HART residual head state dict")
   return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
 
