@@ -21,6 +21,7 @@ compares:
   reconstruct     our own encode then hybrid decode, against the official's (images -> images)
   train_discrete  the training forward's output with `skip_continuous_prob=1` (discrete path, unclamped)
   train_hybrid    the training forward's output with `skip_continuous_prob=0` (continuous path, unclamped)
+  *_vq_loss       that forward's VQ loss; *_usage: its codebook usage in percent (must be equal)
   head_net        the MLP's output `[N, 2 C]` for random x, integer steps and conditions
   head_cond       decoder_norm(hidden + discrete embedding), the head's condition (LayerNorm)
   head_loss       per-token training loss (MSE + variational bound) at given steps and noise
@@ -47,7 +48,7 @@ import types
 import numpy as np
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKEN_METRICS = ("encode",)
+TOKEN_METRICS = ("encode", "train_discrete_usage", "train_hybrid_usage")  # must be exactly equal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +173,10 @@ def official_side(official: str, run: Run, seed: int, out_path: str) -> None:
   out["decode"] = inference_decode(idx, q.embedding(idx[-1])).numpy()
   out["decode_hybrid"] = inference_decode(idx, rest).numpy()
   out["reconstruct"] = out["decode_hybrid"]  # the official reconstruction is its encode then hybrid decode
-  out["train_discrete"] = vae(images, skip_continuous_prob=1.0)["out"].numpy()
-  out["train_hybrid"] = vae(images, skip_continuous_prob=0.0)["out"].numpy()
+  for name, skip in (("train_discrete", 1.0), ("train_hybrid", 0.0)):
+    result = vae(images, skip_continuous_prob=skip)
+    out[name], out[f"{name}_vq_loss"] = result["out"].numpy(), result["vq_loss"].numpy()
+    out[f"{name}_usage"] = np.float64(result["usages"])
   for name, v in vae.state_dict().items():
     out[f"vae/{name}"] = v.numpy()
 
@@ -241,8 +244,10 @@ def our_side(run: Run, data) -> dict[str, float]:
   out["reconstruct"] = rel_err(tok.reconstruct_hybrid(images), nhwc(data["reconstruct"]))
   f = tok.features(images)
   for name, continuous in (("train_discrete", False), ("train_hybrid", True)):
-    f_hat = tok.training_fhat(f, continuous)[0]
+    f_hat, vq_loss, usage = tok.training_forward(f, continuous)
     out[name] = rel_err(tok.decoder(tok.post_quant_conv(f_hat)), nhwc(data[name]))
+    out[f"{name}_vq_loss"] = rel_err(vq_loss, data[f"{name}_vq_loss"])
+    out[f"{name}_usage"] = abs(float(usage) - float(data[f"{name}_usage"]))
   t = jnp.asarray(data["head_t"].astype(np.int32))
   x, z = jnp.asarray(data["head_x"]), jnp.asarray(data["head_z"])
   out["head_net"] = rel_err(head.network(x, t, z), data["head_net"])
@@ -271,7 +276,7 @@ def table(results: dict[str, dict[str, float]], tol: float) -> str:
   lines = ["| metric | " + " | ".join(names) + " | tolerance | result |", "|---|" + "---|" * (len(names) + 2)]
   for metric in metrics:
     token = metric in TOKEN_METRICS
-    fmt = (lambda v: f"{v} differ") if token else (lambda v: f"{v:.1e}")
+    fmt = (lambda v: f"{v:g} differ") if token else (lambda v: f"{v:.1e}")
     cells = [fmt(results[n][metric]) if metric in results[n] else "-" for n in names]
     ok = all(results[n].get(metric, 0) <= (0 if token else tol) for n in names)
     lines.append(f"| {metric} | " + " | ".join(cells) + f" | {'0 differ' if token else f'{tol:.0e}'} | "
@@ -313,7 +318,7 @@ def main() -> None:
       with np.load(path) as data:
         results[run.name] = our_side(run, data)
     print(f"{run.name} ({time.time() - began:.0f} s): "
-          + "  ".join(f"{k} {v}" if k in TOKEN_METRICS else f"{k} {v:.1e}" for k, v in results[run.name].items()),
+          + "  ".join(f"{k} {v:g}" if k in TOKEN_METRICS else f"{k} {v:.1e}" for k, v in results[run.name].items()),
           flush=True)
   print()
   print(table(results, args.tol))

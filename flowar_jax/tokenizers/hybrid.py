@@ -19,7 +19,7 @@ they are VAR's.
 
 HART's own training forward (`HARTHybridQuantizer.forward`) walks differently: it applies phi at the last scale
 too, and with probability 1 - skip_continuous_prob adds the final rest (so decodes f itself). That path is
-`training_fhat` here; the two differ only at the last scale's phi.
+`training_forward` here (with its VQ loss and codebook usage); the two walks differ only at the last scale's phi.
 """
 from __future__ import annotations
 
@@ -123,14 +123,25 @@ class HybridTokenizer(MultiScaleVQVAE):
     """Images -> reconstruction `[B, H, W, 3]` through encode and decode (hybrid, or discrete only)."""
     return self.decode_tokens(self.encode(images), continuous)
 
-  def training_fhat(self, f: jax.Array, continuous: bool) -> tuple[jax.Array, list[jax.Array]]:
-    """HART's training walk: phi at every scale (the last included) and, with `continuous`, the final rest
-    added back, so f_hat = f. -> (f_hat `[B, H, H, Cvae]`, per-scale indices)."""
-    indices, f_hats = self.quantize.quantize(f)
-    f_hat = f_hats[-1]
-    if continuous:
-      f_hat = f_hat + (f - f_hat)  # as the official code: f_hat plus the final rest
-    return f_hat, indices
+  def training_forward(self, f: jax.Array, continuous: jax.Array | bool,
+                       beta: float = 0.25) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """HART's training walk over features f `[B, H, H, Cvae]`: phi at every scale (the last included); with
+    `continuous` (a bool, or a traced bool scalar drawn with probability 1 - skip_continuous_prob) the final
+    rest is added back, so the decoder sees f.
+
+    -> (f_hat `[B, H, H, Cvae]` with a straight-through gradient to f, the VQ loss: the mean over scales of
+    beta * |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2 (mean squares), the codebook usage: the percentage of
+    codes hit at least once over all scales of the batch)."""
+    f_ng = jax.lax.stop_gradient(f)
+    indices, f_hats = self.quantize.quantize(f_ng)
+    mse = lambda a, b: jnp.mean((a - b) ** 2)
+    vq_loss = sum(beta * mse(jax.lax.stop_gradient(fh), f) + mse(fh, f_ng) for fh in f_hats) / len(f_hats)
+    f_hat = jnp.where(continuous, f_hats[-1] + (f_ng - f_hats[-1]), f_hats[-1])
+    hits = jnp.zeros((self.vocab_size,), jnp.int32)
+    for idx in indices:
+      hits = hits.at[idx.reshape(-1)].add(1)
+    usage = 100.0 * jnp.mean((hits >= 1).astype(jnp.float32))
+    return (jax.lax.stop_gradient(f_hat) - f_ng) + f, vq_loss, usage
 
   # The tokenizer seam (`flowar_jax.tokenizers.base.Tokenizer`): discrete targets per scale, the state is f_hat.
 
