@@ -31,7 +31,9 @@ Errors are max|ours - official| / max|official|; the check passes when every rel
 (1e-4) and no token differs.
 
 Runs: 'reduced' = a 32-channel tokenizer (vocab 64, Cvae 8, scales 1, 2, 3, 4 on 64 px) and a width-64,
-depth-2 head on a 32-wide condition.
+depth-2 head on a 32-wide condition; 'published' = the published tokenizer layout (vocab 4096, Cvae 32, ch 160,
+scales 1 .. 16 on 256 px, one image) and the head at the official configs' defaults (width 1024, depth 6,
+condition width 1024).
 """
 from __future__ import annotations
 
@@ -74,7 +76,12 @@ class Run:
                 num_steps=self.num_steps)
 
 
-RUNS = {"reduced": (Run("reduced", (1, 2, 3, 4), 64, 8, 32, 32, 64, 2),)}
+RUNS = {
+    "reduced": (Run("reduced", (1, 2, 3, 4), 64, 8, 32, 32, 64, 2),),
+    # HART's tokenizer (VAR's vae_ch160v4096z32 layout, 256 px) and its head at the configs' defaults
+    # (diff_width 1024, diff_depth 6, on the default transformer width 1024).
+    "published": (Run("published", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 4096, 32, 160, 1024, 1024, 6, batch=1),),
+}
 
 
 def _select(name: str) -> tuple[Run | None, ...]:

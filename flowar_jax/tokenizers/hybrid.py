@@ -150,7 +150,8 @@ class HybridTokenizer(MultiScaleVQVAE):
     they only involve scales 0 .. K-2)."""
     return list(tokens.indices), self.quantize.teacher_forcing_input(tokens.indices)
 
-  def next_input(self, scale: int, f_hat: jax.Array, sampled) -> tuple[jax.Array, jax.Array]:
+  def next_input(self, scale: int, f_hat: jax.Array,
+                 sampled: jax.Array | tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Adds scale `scale`'s tokens to f_hat. Before the last scale `sampled` is indices `[B, pn^2]` or soft
     code weights `[B, pn^2, V]` (as VAR's). At the last scale it is indices, or (indices, residual
     `[B, pn^2, Cvae]`), added without phi. -> (f_hat, next scale's input; at the last scale f_hat itself)."""
