@@ -1,5 +1,6 @@
 """HART: the hybrid tokenizer (discrete scales plus the last scale's continuous residual), the residual
-diffusion head and its schedule, and their state-dict conversion (all on a CPU, no torch)."""
+diffusion head and its schedule, its flow-matching variant, and the state-dict conversion (all on a CPU, no
+torch)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,9 @@ from flax import nnx
 from flowar_jax.convert.hart import (hybrid_state_dict, load_hybrid, load_residual_head,
                                      residual_head_state_dict)
 from flowar_jax.heads.diffusion_schedule import cosine_betas, schedule, space_timesteps
+from flowar_jax.heads.flow_sampling import SamplingSettings
 from flowar_jax.heads.residual import ResidualHead, ResidualSampling
+from flowar_jax.heads.residual_flow import FlowResidualHead
 from flowar_jax.tokenizers.hybrid import HybridTokenizer, HybridTokens
 
 SCALES = (1, 2, 4)
@@ -207,6 +210,7 @@ def test_head_sampling_is_a_function_of_the_draws(head):
   keys = jax.random.split(jax.random.key(0), 2)
   noise = head.draw(keys, 2, 3)
   assert noise.shape == (2, 3, 3, 4)  # x_T, then one draw per step
+  assert float(jnp.abs(head.draw(keys, 1, 3) - noise).max()) > 0  # each scale its own draws
   z = jax.random.normal(jax.random.key(1), (2, 3, 8))
   zu = jax.random.normal(jax.random.key(2), (2, 3, 8))
   settings = ResidualSampling(cfg=1.5)
@@ -256,3 +260,36 @@ def test_head_state_dict_errors(head):
     load_residual_head(sd, dict(TINY_HEAD, depth=3))
   with pytest.raises(ValueError, match="not in the model: diffloss.net.res_blocks.1"):
     load_residual_head(sd, dict(TINY_HEAD, depth=1))
+
+
+# ------------------------------------------------------------------------------------ flow-matching variant
+
+TINY_FLOW = dict(channels=4, cond_dim=8, width=16, depth=2)
+
+
+def test_flow_head_with_zero_velocity_keeps_the_noise_and_matches_eps_minus_y():
+  fresh = FlowResidualHead(**TINY_FLOW, rngs=nnx.Rngs(0))  # zero-initialised output layer: v = 0
+  noise = fresh.draw(jax.random.split(jax.random.key(0), 2), 2, 3)
+  assert noise.shape == (2, 3, 4)
+  assert float(jnp.abs(fresh.draw(jax.random.split(jax.random.key(0), 2), 1, 3) - noise).max()) > 0
+  z = jnp.ones((2, 3, 8))
+  out = fresh.sample(z, None, noise, SamplingSettings(num_steps=2), 2, 3)
+  np.testing.assert_allclose(out, 0.6 * noise, rtol=1e-6)
+  target, eps = jnp.full((2, 3, 4), 0.3), jnp.ones((2, 3, 4))
+  np.testing.assert_allclose(fresh.matching_loss(z, target, jnp.array([0.2, 0.7]), eps), (1.0 - 0.5) ** 2, rtol=1e-6)
+
+
+def test_flow_head_loss_and_sampling():
+  head = _randomize(FlowResidualHead(**TINY_FLOW, rngs=nnx.Rngs(1)), 7)
+  z = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  zu = jax.random.normal(jax.random.key(1), (2, 3, 8))
+  target = 0.3 * jax.random.normal(jax.random.key(2), (2, 3, 4))
+  loss, grads = nnx.jit(nnx.value_and_grad(lambda h: h.loss(z, target, jax.random.key(3))))(head)
+  assert loss.shape == () and np.isfinite(float(loss))
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(nnx.state(grads, nnx.Param)) if g.ndim == 2)
+  keys = jax.random.split(jax.random.key(4), 2)
+  sample = nnx.jit(lambda h, z, zu, n, s: h.sample(z, zu, n, s, 2, 3), static_argnums=4)
+  settings = SamplingSettings(cfg=2.5, num_steps=2)
+  out = sample(head, z, zu, head.draw(keys, 2, 3), settings)
+  assert out.shape == (2, 3, 4)
+  assert float(jnp.abs(sample(head, z, None, head.draw(keys, 2, 3), settings) - out).max()) > 1e-4  # guided

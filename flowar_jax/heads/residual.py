@@ -91,14 +91,16 @@ class FinalLayer(nnx.Module):
 
 
 class ResidualMLP(nnx.Module):
-  """(x `[N, C]`, integer t `[N]`, z `[N, D]`) -> `[N, 2 C]` (epsilon, variance value)."""
+  """(x `[N, C]`, t `[N]` (integer steps; fractional ones are embedded too), z `[N, D]`) -> `[N, out]`
+  (default 2 C: epsilon, variance value)."""
 
-  def __init__(self, channels: int, cond_dim: int, width: int, depth: int, *, rngs: nnx.Rngs):
+  def __init__(self, channels: int, cond_dim: int, width: int, depth: int, *, out_channels: int | None = None,
+               rngs: nnx.Rngs):
     self.time_embed = TimeEmbedder(width, rngs=rngs)
     self.cond_embed = linear(cond_dim, width, rngs=rngs)
     self.input_proj = linear(channels, width, rngs=rngs)
     self.res_blocks = nnx.List([ResBlock(width, rngs=rngs) for _ in range(depth)])
-    self.final_layer = FinalLayer(width, 2 * channels, rngs=rngs)
+    self.final_layer = FinalLayer(width, out_channels or 2 * channels, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:
     x = self.input_proj(x)
@@ -200,11 +202,10 @@ class ResidualHead(nnx.Module):
     return jnp.mean(self.loss_terms(z, x, t, jax.random.normal(n_key, x.shape, x.dtype)))
 
   def draw(self, keys: jax.Array, scale: int, length: int) -> jax.Array:
-    """Per-sample keys `[B]` -> standard normal `[B, S + 1, length, C]`: x_T, then the noise of each of the S
-    sampling steps (`scale` unused: the head runs at the last scale only)."""
-    del scale
+    """Per-sample keys `[B]` -> standard normal `[B, S + 1, length, C]` from fold_in(key, scale): x_T, then
+    the noise of each of the S sampling steps in the order they run."""
     shape = (self.sample_schedule.num_steps + 1, length, self.channels)
-    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, scale), shape, jnp.float32))(keys)
 
   def sample(self, cond: jax.Array, uncond: jax.Array | None, noise: jax.Array, settings: ResidualSampling,
              scale: int, num_scales: int) -> jax.Array:
