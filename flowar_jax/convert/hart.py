@@ -1,0 +1,109 @@
+"""Official HART state dicts (numpy arrays) <-> the parameters of `tokenizers.hybrid.HybridTokenizer` and
+`heads.residual.ResidualHead`.
+
+Tokenizer: HART's `hart_autoencoder` has VAR's VQVAE names, so the VQVAE mapping of `convert.var` applies. The
+released tokenizer checkpoint is the autoencoder-with-discriminator wrapper: its names start with `vae.` (that
+prefix is dropped) and its discriminator's with `disc.` (not read). `quantize.ema_vocab_hit_SV` is codebook
+bookkeeping and is not read. A `double_decoder` checkpoint's `decoder2.*` / `post_quant_conv2.*` are not part of
+the inference model and are reported as unexpected.
+
+Residual head: the transformer's `diffloss.net.*` (the MLP) and `decoder_norm.*` (the norm of its condition).
+`nn.Sequential` indices become names (`time_embed.mlp.0` / `.2` -> `time_embed.linear_1` / `_2`,
+`res_blocks.N.mlp.0` / `.2` -> `res_blocks.N.fc1` / `fc2`, `adaLN_modulation.1` -> `adaLN_modulation`), a Linear
+`weight [out, in]` is a `kernel [in, out]`, a LayerNorm `weight` is `scale` (an RMSNorm keeps `weight`). Other transformer entries are not
+read by the head.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flowar_jax.convert.params import params_from_state_dict, state_dict_from_params
+from flowar_jax.convert.var import vqvae_skipped, vqvae_to_flax, vqvae_to_torch_for
+from flowar_jax.heads.residual import ResidualHead
+from flowar_jax.tokenizers.hybrid import HybridTokenizer
+
+_WRAPPER = "vae."
+_HEAD_PREFIXES = ("diffloss.net.", "decoder_norm.")
+# (official pattern, ours) for `re.sub`, and back.
+_HEAD_NAMES = ((r"time_embed\.mlp\.0\.", "time_embed.linear_1."), (r"time_embed\.mlp\.2\.", "time_embed.linear_2."),
+               (r"\.mlp\.0\.", ".fc1."), (r"\.mlp\.2\.", ".fc2."), (r"adaLN_modulation\.1\.", "adaLN_modulation."))
+_HEAD_NAMES_BACK = ((r"time_embed.mlp.0.", r"time_embed\.linear_1\."), (r"time_embed.mlp.2.", r"time_embed\.linear_2\."),
+                    (r".mlp.0.", r"\.fc1\."), (r".mlp.2.", r"\.fc2\."), (r"adaLN_modulation.1.", r"adaLN_modulation\."))
+_LAYER_NORMS = ("decoder_norm.", ".in_ln.")
+
+
+def tokenizer_state_dict_unwrapped(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Drops the autoencoder-with-discriminator wrapper: `vae.X` -> `X`, `disc.*` dropped; a bare autoencoder
+  state dict passes through."""
+  if not any(k.startswith(_WRAPPER) for k in state_dict):
+    return dict(state_dict)
+  return {k[len(_WRAPPER):]: v for k, v in state_dict.items() if k.startswith(_WRAPPER)}
+
+
+def load_hybrid(state_dict: dict[str, np.ndarray], tokenizer_kwargs: dict) -> HybridTokenizer:
+  """An official HART tokenizer state dict (bare, or wrapped with its discriminator) -> a HybridTokenizer."""
+  state_dict = tokenizer_state_dict_unwrapped(state_dict)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: HybridTokenizer(**tokenizer_kwargs, rngs=nnx.Rngs(0))))
+  params = params_from_state_dict(state_dict, abstract, to_flax=vqvae_to_flax,
+                                  to_torch=vqvae_to_torch_for(tokenizer_kwargs.get("share_quant_resi", 4)),
+                                  skipped=vqvae_skipped, where="the HART tokenizer state dict")
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+
+
+def hybrid_state_dict(model: HybridTokenizer, share_quant_resi: int = 4) -> dict[str, np.ndarray]:
+  """Our hybrid tokenizer's parameters -> a bare official-named state dict (no `ema_vocab_hit_SV`)."""
+  return state_dict_from_params(nnx.state(model, nnx.Param), to_torch=vqvae_to_torch_for(share_quant_resi))
+
+
+def head_to_flax(name: str, array: np.ndarray, norm: str = "layer") -> tuple[str, np.ndarray]:
+  """One official head entry (`diffloss.net.*`, `decoder_norm.*`) -> (our name, array in our layout); `norm`
+  is the head's condition norm ('layer' or 'rms': an RMSNorm keeps `weight`)."""
+  if norm == "rms" and name == "decoder_norm.weight":
+    return name, array
+  if name.startswith("diffloss."):
+    name = name[len("diffloss."):]
+  for theirs, ours in _HEAD_NAMES:
+    name = re.sub(theirs, ours, name)
+  if name.endswith(".weight") and array.ndim == 2:
+    return name[:-len("weight")] + "kernel", array.T
+  if name.endswith(".weight") and any(n in name for n in _LAYER_NORMS):
+    return name[:-len("weight")] + "scale", array
+  return name, array
+
+
+def head_to_torch(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+  """Inverse of `head_to_flax`."""
+  if name.endswith(".kernel"):
+    name, array = name[:-len("kernel")] + "weight", array.T
+  elif name.endswith(".scale"):
+    name = name[:-len("scale")] + "weight"
+  for theirs, ours in _HEAD_NAMES_BACK:
+    name = re.sub(ours, theirs, name)
+  if name.startswith("net."):
+    name = "diffloss." + name
+  return name, array
+
+
+def head_entries(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The residual head's entries of a HART transformer state dict (or of a head-only one)."""
+  return {k: v for k, v in state_dict.items() if k.startswith(_HEAD_PREFIXES)}
+
+
+def load_residual_head(state_dict: dict[str, np.ndarray], head_kwargs: dict) -> ResidualHead:
+  """A HART transformer (or head-only) state dict -> a ResidualHead holding `diffloss.net` and `decoder_norm`."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ResidualHead(**head_kwargs, rngs=nnx.Rngs(0))))
+  norm = head_kwargs.get("norm", "layer")
+  params = params_from_state_dict(head_entries(state_dict), abstract,
+                                  to_flax=lambda name, array: head_to_flax(name, array, norm), to_torch=head_to_torch,
+                                  skipped=lambda name: False, where="the HART residual head state dict")
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+
+
+def residual_head_state_dict(head: ResidualHead) -> dict[str, np.ndarray]:
+  """Our residual head's parameters -> official-named entries (`diffloss.net.*`, `decoder_norm.*`)."""
+  return state_dict_from_params(nnx.state(head, nnx.Param), to_torch=head_to_torch)

@@ -1,0 +1,295 @@
+"""HART: the hybrid tokenizer (discrete scales plus the last scale's continuous residual), the residual
+diffusion head and its schedule, its flow-matching variant, and the state-dict conversion (all on a CPU, no
+torch)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flowar_jax.convert.hart import (hybrid_state_dict, load_hybrid, load_residual_head,
+                                     residual_head_state_dict)
+from flowar_jax.heads.diffusion_schedule import cosine_betas, schedule, space_timesteps
+from flowar_jax.heads.flow_sampling import SamplingSettings
+from flowar_jax.heads.residual import ResidualHead, ResidualSampling
+from flowar_jax.heads.residual_flow import FlowResidualHead
+from flowar_jax.tokenizers.hybrid import HybridTokenizer, HybridTokens
+
+SCALES = (1, 2, 4)
+# ch_mult (1,): stride 1, so the last scale 4 is a 4 px image (one level keeps compiles short).
+TINY_TOK = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1,), num_res_blocks=1, patch_nums=SCALES)
+TINY_HEAD = dict(channels=4, cond_dim=8, width=16, depth=2, num_steps="2")
+
+
+def _randomize(module, seed: int, scale: float = 0.3):
+  """Every parameter random (the official init zeroes the head's output layers); host-side numpy, no compiles."""
+  rng = np.random.default_rng(seed)
+  state = nnx.state(module, nnx.Param)
+  nnx.update(module, jax.tree.map(lambda leaf: jnp.asarray(leaf + scale * rng.standard_normal(leaf.shape),
+                                                           leaf.dtype), state))
+  return module
+
+
+@pytest.fixture(scope="module")
+def tok():
+  model = HybridTokenizer(**TINY_TOK, rngs=nnx.Rngs(0))
+  model.quantize.embedding.embedding[...] = 0.3 * model.quantize.embedding.embedding[...]
+  return model
+
+
+@pytest.fixture(scope="module")
+def images():
+  return jax.random.uniform(jax.random.key(1), (2, 4, 4, 3), minval=-1, maxval=1)
+
+
+@pytest.fixture(scope="module")
+def tokens(tok, images):
+  return nnx.jit(lambda m, x: m.encode(x))(tok, images)
+
+
+# Sampling at the last of 3 scales, compiled once per settings (eager ops are slow on a shared CPU).
+_sample = nnx.jit(lambda h, z, zu, noise, settings: h.sample(z, zu, noise, settings, 2, 3), static_argnums=4)
+
+
+@pytest.fixture(scope="module")
+def head():
+  return _randomize(ResidualHead(**TINY_HEAD, rngs=nnx.Rngs(2)), 3)
+
+
+def test_encode_shapes(tok, tokens):
+  assert [i.shape for i in tokens.indices] == [(2, 1), (2, 4), (2, 16)]
+  assert all(i.dtype == jnp.int32 for i in tokens.indices)
+  assert tokens.rest_before_last.shape == (2, 16, 4)
+
+
+def test_hybrid_fhat_is_the_features_and_discrete_is_not(tok, images, tokens):
+  f = tok.features(images)
+  np.testing.assert_allclose(tok.tokens_fhat(tokens, continuous=True), f, atol=1e-5)
+  discrete = tok.tokens_fhat(tokens, continuous=False)
+  assert float(jnp.abs(discrete - f).max()) > 1e-2  # the codes miss something: the residual
+  np.testing.assert_allclose(discrete + tok.residual(tokens).reshape(f.shape), f, atol=1e-5)
+
+
+def test_last_scale_is_added_without_phi(tok, tokens):
+  q = tok.quantize
+  coarse = q.indices_to_fhat(tokens.indices[:-1])  # VAR's walk over scales 0 .. K-2
+  plain_last = coarse + q.embed(tokens.indices[-1], 4)
+  np.testing.assert_allclose(tok.discrete_fhat(tokens.indices), plain_last, atol=1e-6)
+  assert float(jnp.abs(tok.discrete_fhat(tokens.indices) - q.indices_to_fhat(tokens.indices)).max()) > 1e-3
+
+
+def test_encode_is_the_nearest_code_walk(tok, images, tokens):
+  f = tok.features(images)
+  var_indices, var_fhats = tok.quantize.quantize(f)
+  for ours, var in zip(tokens.indices[:-1], var_indices[:-1]):  # scales 0 .. K-2 are VAR's
+    np.testing.assert_array_equal(ours, var)
+  rest = np.asarray(tokens.rest_before_last).reshape(-1, 4)
+  np.testing.assert_allclose(rest, np.asarray(f - var_fhats[-2]).reshape(-1, 4), atol=1e-5)
+  codes = np.asarray(tok.quantize.embedding.embedding[...])
+  brute = np.argmin(((rest[:, None, :] - codes[None]) ** 2).sum(-1), axis=-1)
+  np.testing.assert_array_equal(np.asarray(tokens.indices[-1]).reshape(-1), brute)
+
+
+def test_seam_sampling_reproduces_the_tokens(tok, tokens):
+  targets, inputs = tok.teacher_forcing(tokens)
+  assert [t.shape for t in targets] == [t.shape for t in tokens.indices]
+  assert inputs.shape == (2, 4 + 16, 4)
+  state, offset = tok.empty_state(2), 0
+  for si in range(len(SCALES) - 1):
+    state, nxt = tok.next_input(si, state, tokens.indices[si])
+    n = SCALES[si + 1] ** 2
+    np.testing.assert_allclose(nxt.reshape(2, n, 4), inputs[:, offset:offset + n], atol=1e-6)
+    offset += n
+  final, _ = tok.next_input(2, state, (tokens.indices[-1], tok.residual(tokens)))
+  np.testing.assert_allclose(final, tok.tokens_fhat(tokens, continuous=True), atol=1e-5)
+  discrete, _ = tok.next_input(2, state, tokens.indices[-1])
+  np.testing.assert_allclose(discrete, tok.tokens_fhat(tokens, continuous=False), atol=1e-6)
+  images = tok.decode(final)
+  assert images.shape == (2, 4, 4, 3) and float(jnp.abs(images).max()) <= 1.0
+  np.testing.assert_allclose(images, tok.decode_tokens(tokens), atol=1e-5)
+
+
+def test_training_paths(tok, images):
+  f = tok.features(images)
+  forward = nnx.jit(lambda m, f, c: m.training_forward(f, c))
+  hybrid, loss, usage = forward(tok, f, True)
+  np.testing.assert_allclose(hybrid, f, atol=1e-5)
+  discrete, loss_d, usage_d = forward(tok, f, False)
+  indices, f_hats = tok.quantize.quantize(f)
+  np.testing.assert_allclose(discrete, f_hats[-1], atol=1e-5)
+  want = 1.25 * np.mean([np.mean((np.asarray(fh) - np.asarray(f)) ** 2) for fh in f_hats])
+  np.testing.assert_allclose([loss, loss_d], [want, want], rtol=1e-5)
+  used = np.unique(np.concatenate([np.asarray(i).reshape(-1) for i in indices]))
+  np.testing.assert_allclose([usage, usage_d], [100 * len(used) / 16] * 2, rtol=1e-6)
+  # Straight through: the output's gradient reaches f unchanged; the loss's reaches the codebook.
+  grad_f = nnx.jit(lambda m, f: jax.grad(lambda f: jnp.sum(m.training_forward(f, False)[0]))(f))(tok, f)
+  np.testing.assert_allclose(grad_f, 1.0)
+  grads = nnx.jit(nnx.grad(lambda m: m.training_forward(f, False)[1]))(tok)
+  assert float(jnp.abs(grads.quantize.embedding.embedding[...]).max()) > 0
+
+
+def test_bad_inputs_are_named(tok, tokens):
+  with pytest.raises(ValueError, match="using_znorm"):
+    HybridTokenizer(**TINY_TOK, using_znorm=True, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="last scale takes indices"):
+    tok.next_input(2, tok.empty_state(2), jnp.zeros((2, 16, 16)))
+  with pytest.raises(ValueError, match="all 3 scales"):
+    tok.discrete_fhat(tokens.indices[:2])
+  with pytest.raises(ValueError, match="expected images"):
+    tok.encode(jnp.zeros((1, 8, 8, 3)))
+
+
+def test_tokens_are_a_pytree(tokens):
+  leaves = jax.tree.leaves(tokens)
+  assert len(leaves) == 4
+  again = jax.tree.unflatten(jax.tree.structure(tokens), leaves)
+  assert isinstance(again, HybridTokens)
+
+
+def test_tokenizer_state_dict_round_trip(tok, tokens):
+  sd = hybrid_state_dict(tok)
+  assert "quantize.embedding.weight" in sd and "quantize.quant_resi.qresi_ls.0.weight" in sd
+  assert sd["encoder.conv_in.weight"].shape == (32, 3, 3, 3)
+  wrapped = {**{f"vae.{k}": v for k, v in sd.items()}, "disc.main.0.weight": np.zeros((2, 3, 4, 4)),
+             "vae.quantize.ema_vocab_hit_SV": np.zeros((3, 16))}
+  for source in (sd, wrapped):
+    again = load_hybrid(source, TINY_TOK)
+    np.testing.assert_array_equal(again.decode_tokens(tokens), tok.decode_tokens(tokens))
+
+
+def test_tokenizer_state_dict_errors(tok):
+  sd = hybrid_state_dict(tok)
+  bad = dict(sd, **{"quantize.embedding.weight": np.zeros((32, 4), np.float32)})
+  with pytest.raises(ValueError, match=r"quantize.embedding.weight' has shape \(32, 4\).*builds \(16, 4\)"):
+    load_hybrid(bad, TINY_TOK)
+  missing = {k: v for k, v in sd.items() if k != "post_quant_conv.bias"}
+  with pytest.raises(ValueError, match="missing from the checkpoint: post_quant_conv.bias"):
+    load_hybrid(missing, TINY_TOK)
+  extra = dict(sd, **{"decoder2.conv_in.bias": np.zeros(64, np.float32)})
+  with pytest.raises(ValueError, match="not in the model: decoder2.conv_in.bias"):
+    load_hybrid(extra, TINY_TOK)
+
+
+# ---------------------------------------------------------------------------------------------- residual head
+
+
+def test_schedule_respacing():
+  assert space_timesteps(1000, "8") == [0, 143, 285, 428, 571, 714, 856, 999]
+  assert space_timesteps(1000, "2,1") == [0, 499, 500]  # two from the first half, one from the second
+  full = np.cumprod(1 - cosine_betas())
+  sched = schedule("8")
+  np.testing.assert_allclose(sched.alphas_cumprod, full[sched.timestep_map], rtol=1e-8)
+  assert sched.num_steps == 8 and schedule(None).num_steps == 1000
+  assert np.all(sched.posterior_log_variance_clipped[:1] == sched.posterior_log_variance_clipped[1:2])
+  with pytest.raises(ValueError, match="cannot divide a section of 1000 diffusion steps into 1001"):
+    space_timesteps(1000, "1001")
+
+
+def test_head_network_shape_and_official_init():
+  fresh = ResidualHead(**TINY_HEAD, rngs=nnx.Rngs(0))
+  x, z = jnp.ones((5, 4)), jnp.ones((5, 8))
+  out = fresh.network(x, jnp.arange(5), z)
+  assert out.shape == (5, 8)
+  np.testing.assert_array_equal(out, 0.0)  # final layer zero-initialised, as the official init
+
+
+def test_head_loss(head):
+  z = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  target = 0.3 * jax.random.normal(jax.random.key(1), (2, 3, 4))
+  loss_and_grads = nnx.jit(nnx.value_and_grad(lambda h, key: h.loss(z, target, key)))
+  loss, grads = loss_and_grads(head, jax.random.key(2))
+  assert loss.shape == () and np.isfinite(float(loss))
+  assert float(loss_and_grads(head, jax.random.key(3))[0]) != float(loss)  # fresh steps and noise per key
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(nnx.state(grads, nnx.Param)) if g.ndim == 2)
+  terms = nnx.jit(lambda h, t, noise: h.loss_terms(z.reshape(6, 8), target.reshape(6, 4), t, noise))(
+      head, jnp.array([0, 1, 5, 500, 998, 999]), jax.random.normal(jax.random.key(4), (6, 4)))
+  assert terms.shape == (6,) and bool(jnp.all(jnp.isfinite(terms)))
+
+
+def test_head_sampling_is_a_function_of_the_draws(head):
+  keys = jax.random.split(jax.random.key(0), 2)
+  noise = head.draw(keys, 2, 3)
+  assert noise.shape == (2, 3, 3, 4)  # x_T, then one draw per step
+  assert float(jnp.abs(head.draw(keys, 1, 3) - noise).max()) > 0  # each scale its own draws
+  z = jax.random.normal(jax.random.key(1), (2, 3, 8))
+  zu = jax.random.normal(jax.random.key(2), (2, 3, 8))
+  settings = ResidualSampling(cfg=1.5)
+  out = _sample(head, z, zu, noise, settings)
+  # The last step adds no noise and returns the clipped x0 prediction, times 0.6.
+  assert out.shape == (2, 3, 4) and float(jnp.abs(out).max()) <= 0.6 + 1e-6
+  # A row depends on its own condition and draws only, not on its batch.
+  np.testing.assert_allclose(_sample(head, z[:1], zu[:1], head.draw(keys[:1], 2, 3), settings), out[:1], atol=1e-6)
+  assert float(jnp.abs(_sample(head, z, None, noise, settings) - out).max()) > 1e-4  # guidance acts
+  unit = ResidualSampling(cfg=1.0)  # g == 1 means no guidance, as the official sampler
+  np.testing.assert_array_equal(_sample(head, z, zu, noise, unit), _sample(head, z, None, noise, unit))
+  cold = ResidualSampling(cfg=1.5, temperature=0.0)
+  other = noise.at[:, 1:].set(0.0)
+  np.testing.assert_array_equal(_sample(head, z, zu, noise, cold), _sample(head, z, zu, other, cold))
+
+
+def test_head_condition(head):
+  h = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  c = head.condition(h, jnp.zeros_like(h))
+  assert c.shape == (2, 3, 8)
+  rms = ResidualHead(**TINY_HEAD, norm="rms", rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(rms.condition(h, h), 2 * h / jnp.sqrt(jnp.mean(4 * h * h, -1, keepdims=True) + 1e-6),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="norm must be 'layer' or 'rms'"):
+    ResidualHead(**TINY_HEAD, norm="batch", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_head_state_dict_round_trip(norm):
+  head = _randomize(ResidualHead(**TINY_HEAD, norm=norm, rngs=nnx.Rngs(5)), 6)
+  sd = residual_head_state_dict(head)
+  assert "diffloss.net.time_embed.mlp.2.weight" in sd and "diffloss.net.res_blocks.1.mlp.0.weight" in sd
+  assert "diffloss.net.final_layer.adaLN_modulation.1.weight" in sd and "decoder_norm.weight" in sd
+  assert ("decoder_norm.bias" in sd) == (norm == "layer")
+  assert sd["diffloss.net.input_proj.weight"].shape == (16, 4)  # [out, in]
+  transformer = {**sd, "head.weight": np.zeros((16, 8)), "blocks.0.attn.mat_qkv.weight": np.zeros((24, 8))}
+  again = load_residual_head(transformer, dict(TINY_HEAD, norm=norm))
+  x, t, z = jnp.ones((3, 4)), jnp.array([0, 10, 999]), jnp.ones((3, 8))
+  np.testing.assert_array_equal(again.network(x, t, z), head.network(x, t, z))
+
+
+def test_head_state_dict_errors(head):
+  sd = residual_head_state_dict(head)
+  with pytest.raises(ValueError, match=r"cond_embed.bias' has shape \(16,\) in the checkpoint but the config builds \(32,\)"):
+    load_residual_head(sd, dict(TINY_HEAD, width=32))
+  with pytest.raises(ValueError, match="missing from the checkpoint: diffloss.net.res_blocks.2"):
+    load_residual_head(sd, dict(TINY_HEAD, depth=3))
+  with pytest.raises(ValueError, match="not in the model: diffloss.net.res_blocks.1"):
+    load_residual_head(sd, dict(TINY_HEAD, depth=1))
+
+
+# ------------------------------------------------------------------------------------ flow-matching variant
+
+TINY_FLOW = dict(channels=4, cond_dim=8, width=16, depth=2)
+
+
+def test_flow_head_with_zero_velocity_keeps_the_noise_and_matches_eps_minus_y():
+  fresh = FlowResidualHead(**TINY_FLOW, rngs=nnx.Rngs(0))  # zero-initialised output layer: v = 0
+  noise = fresh.draw(jax.random.split(jax.random.key(0), 2), 2, 3)
+  assert noise.shape == (2, 3, 4)
+  assert float(jnp.abs(fresh.draw(jax.random.split(jax.random.key(0), 2), 1, 3) - noise).max()) > 0
+  z = jnp.ones((2, 3, 8))
+  out = fresh.sample(z, None, noise, SamplingSettings(num_steps=2), 2, 3)
+  np.testing.assert_allclose(out, 0.6 * noise, rtol=1e-6)
+  target, eps = jnp.full((2, 3, 4), 0.3), jnp.ones((2, 3, 4))
+  np.testing.assert_allclose(fresh.matching_loss(z, target, jnp.array([0.2, 0.7]), eps), (1.0 - 0.5) ** 2, rtol=1e-6)
+
+
+def test_flow_head_loss_and_sampling():
+  head = _randomize(FlowResidualHead(**TINY_FLOW, rngs=nnx.Rngs(1)), 7)
+  z = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  zu = jax.random.normal(jax.random.key(1), (2, 3, 8))
+  target = 0.3 * jax.random.normal(jax.random.key(2), (2, 3, 4))
+  loss, grads = nnx.jit(nnx.value_and_grad(lambda h: h.loss(z, target, jax.random.key(3))))(head)
+  assert loss.shape == () and np.isfinite(float(loss))
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(nnx.state(grads, nnx.Param)) if g.ndim == 2)
+  keys = jax.random.split(jax.random.key(4), 2)
+  sample = nnx.jit(lambda h, z, zu, n, s: h.sample(z, zu, n, s, 2, 3), static_argnums=4)
+  settings = SamplingSettings(cfg=2.5, num_steps=2)
+  out = sample(head, z, zu, head.draw(keys, 2, 3), settings)
+  assert out.shape == (2, 3, 4)
+  assert float(jnp.abs(sample(head, z, None, head.draw(keys, 2, 3), settings) - out).max()) > 1e-4  # guided
