@@ -24,14 +24,14 @@ def reconstruct_for_training(vqvae: MultiScaleVQVAE, images: jax.Array
 
 def vq_loss(vqvae: MultiScaleVQVAE, images: jax.Array, train_config: ml_collections.ConfigDict
             ) -> tuple[jax.Array, dict, TrainingQuantization]:
-  """Objective for images `[B, H, W, 3]` in [-1, 1] and `config.vae.train` -> (scalar loss, scalar metrics
-  `l1`, `l2`, `vq_codebook`, `vq_commitment`, the quantisation)."""
+  """Objective for images `[B, H, W, 3]` in [-1, 1] and `config.vae.train` -> (scalar loss, scalar metrics, the
+  quantisation). Metrics: `l1`, `l2`, and `vq_mse`, the codebook term's value (the commitment term has the
+  same value; the two differ only in where their gradients go)."""
   recon, quantized = reconstruct_for_training(vqvae, images)
   error = recon - images
   l1 = jnp.mean(jnp.abs(error))
   l2 = jnp.mean(jnp.square(error))
   loss = (train_config.l1_weight * l1 + train_config.l2_weight * l2 + quantized.codebook_loss
           + train_config.commitment_weight * quantized.commitment_loss)
-  metrics = {"l1": l1, "l2": l2, "vq_codebook": quantized.codebook_loss,
-             "vq_commitment": quantized.commitment_loss}
+  metrics = {"l1": l1, "l2": l2, "vq_mse": quantized.codebook_loss}
   return loss, metrics, quantized

@@ -2,8 +2,8 @@
 codebook usage tracking and dead-code restarts (`training.codebook`).
 
 It keeps the VAE stage's layout (STAGE_DIR/{checkpoints,metrics.jsonl}, e.g. STAGE_DIR = WORKDIR/vae, where
-`runs.workdir.find_vae_checkpoints` looks), resumes from its latest checkpoint, and logs `l1`, `l2`,
-`vq_codebook`, `vq_commitment`, `codebook_usage`, `codebook_perplexity`, `codebook_restarted(_total)`.
+`runs.workdir.find_vae_checkpoints` looks), resumes from its latest checkpoint, and logs `l1`, `l2`, `vq_mse`
+(see `vq_loss`), `codebook_usage`, `codebook_perplexity`, `codebook_restarted(_total)` (see `codebook`).
 """
 from __future__ import annotations
 
