@@ -6,7 +6,7 @@ learnt (docs figures come from this script):
 The tokenizer: 64 codes of width 8, ch 32, ch_mult (1, 2, 2), one res block, scales 1, 2, 3, 4 on 16 x 16
 images. Prints the training metrics at each log step (l1, l2, codebook usage and perplexity, codes restarted),
 then, on the held-out digits (never trained on), the reconstruction error of `MultiScaleVQVAE.reconstruct`
-(the inference path, loaded from the checkpoint through `VQTrainable`) and the share of codes the held-out
+(the inference path, loaded from the checkpoint through `VQTrainable.vae`) and the share of codes the held-out
 images use, for the trained and the untrained tokenizer. A rerun with the same --workdir resumes.
 """
 from __future__ import annotations
@@ -29,8 +29,7 @@ from flowar_jax.config import base_config  # noqa: E402
 from flowar_jax.runs.loaders import load_params  # noqa: E402
 from flowar_jax.runs.metrics import read_metrics  # noqa: E402
 from flowar_jax.runs.workdir import find_vae_checkpoints, vae_dir  # noqa: E402
-from flowar_jax.tokenizers.vq_trainable import VQTrainable  # noqa: E402
-from flowar_jax.training.vq_stage import train_vq  # noqa: E402
+from flowar_jax.training.vq_stage import train_vq, vq_trainable  # noqa: E402
 
 TINY_VQ = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, quant_resi=0.5,
                share_quant_resi=4, using_znorm=False, quant_conv_ks=3, patch_nums=(1, 2, 3, 4))
@@ -84,10 +83,10 @@ def main():
   for r in rows:
     print(f"{r['step']:>5} {r['l1']:7.4f} {r['l2']:7.4f} {r['codebook_usage']:6.3f} "
           f"{r['codebook_perplexity']:10.2f} {int(r['codebook_restarted']):>9}")
-  factory = functools.partial(VQTrainable, config, config.seed)
-  trained = load_params(factory, find_vae_checkpoints(config, args.workdir), use_ema=False).vqvae
+  factory = functools.partial(vq_trainable, config, config.seed)
+  trained = load_params(factory, find_vae_checkpoints(config, args.workdir), use_ema=False).vae
   result = {"steps": args.steps, "train_log": rows, "heldout_trained": heldout_figures(trained, config),
-            "heldout_untrained": heldout_figures(factory().vqvae, config)}
+            "heldout_untrained": heldout_figures(factory().vae, config)}
   for name in ("untrained", "trained"):
     f = result[f"heldout_{name}"]
     print(f"held-out, {name:>9}: l1 {f['l1']:.4f}  mse {f['mse']:.4f}  codes used {f['codes_used']:.3f}")

@@ -18,10 +18,9 @@ from flowar_jax.runs.loaders import load_params
 from flowar_jax.runs.metrics import read_metrics
 from flowar_jax.runs.workdir import find_vae_checkpoints, vae_dir
 from flowar_jax.tokenizers import MultiScaleVQVAE, phi_index
-from flowar_jax.tokenizers.vq_trainable import VQTrainable
 from flowar_jax.training import codebook
 from flowar_jax.training.vq_loss import vq_loss
-from flowar_jax.training.vq_stage import check_vq_config, train_vq, vq_stage_loss
+from flowar_jax.training.vq_stage import check_vq_config, train_vq, vq_stage_loss, vq_trainable
 
 # Stride 2 (ch_mult (1, 2)): the last scale 4 is an 8 px image. ch 32: the official GroupNorm has 32 groups.
 TINY_VQ = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, quant_resi=0.5,
@@ -132,9 +131,9 @@ def test_usage_and_perplexity_on_a_known_hit_pattern():
 
 def test_post_update_tracks_usage_and_restarts_dead_codes_when_due():
   config = vq_config(restart_every_steps=2, usage_decay=0.5, dead_code_threshold=0.5)
-  model = VQTrainable(config)
+  model = vq_trainable(config)
   update = codebook.codebook_update(config.vae.train)
-  before = np.asarray(model.vqvae.quantize.embedding.embedding[...])
+  before = np.asarray(model.vae.quantize.embedding.embedding[...])
   # Code 3 gets a quarter of the fair share (dead at threshold 0.5), codes 9-15 none, the rest more.
   hits = jnp.array([4.0] * 3 + [1.0] + [4.0] * 5 + [0.0] * 7)
   candidates = jax.random.normal(jax.random.key(0), (16, 4))
@@ -142,12 +141,12 @@ def test_post_update_tracks_usage_and_restarts_dead_codes_when_due():
   assert set(metrics) == {"l1", "codebook_usage", "codebook_perplexity", "codebook_restarted",
                           "codebook_restarted_total"}
   assert float(metrics["codebook_usage"]) == 8 / 16 and int(metrics["codebook_restarted"]) == 0
-  np.testing.assert_array_equal(np.asarray(model.vqvae.quantize.embedding.embedding[...]), before)
+  np.testing.assert_array_equal(np.asarray(model.vae.quantize.embedding.embedding[...]), before)
   metrics = update(model, {codebook.HITS: hits, codebook.CANDIDATES: candidates}, jnp.array(1))  # step 2: due
   dead = np.array([False] * 3 + [True] + [False] * 5 + [True] * 7)
   assert float(metrics["codebook_usage"]) == 8 / 16  # measured before the restart
   assert int(metrics["codebook_restarted"]) == 8 and float(metrics["codebook_restarted_total"]) == 8
-  after = np.asarray(model.vqvae.quantize.embedding.embedding[...])
+  after = np.asarray(model.vae.quantize.embedding.embedding[...])
   np.testing.assert_array_equal(after[dead], np.asarray(candidates)[dead])
   np.testing.assert_array_equal(after[~dead], before[~dead])
   assert (np.asarray(model.codebook_stats.weight[...])[dead] == 0).all()
@@ -158,8 +157,8 @@ def test_a_dead_code_is_restarted_from_the_batch_residuals():
   """A code placed far from every feature never wins; when due, the update moves it onto a residual that the
   batch quantised (the stage's loss function draws the candidates)."""
   config = vq_config(restart_every_steps=2)
-  model = VQTrainable(config)
-  embedding = model.vqvae.quantize.embedding.embedding
+  model = vq_trainable(config)
+  embedding = model.vae.quantize.embedding.embedding
   far = 1e3 * np.ones(4, np.float32)
   embedding[...] = embedding[...].at[5].set(far)
   loss_fn, update = vq_stage_loss(config.vae.train, 16), codebook.codebook_update(config.vae.train)
@@ -168,7 +167,7 @@ def test_a_dead_code_is_restarted_from_the_batch_residuals():
   @nnx.jit
   def step(model, step):
     _, metrics = loss_fn(model, {"image": images}, jax.random.key(step), None, step)
-    residuals = model.vqvae.quantize.quantize_for_training(model.vqvae.features(images)).residuals
+    residuals = model.vae.quantize.quantize_for_training(model.vae.features(images)).residuals
     return update(model, dict(metrics), step), metrics[codebook.HITS], jnp.concatenate(residuals)
 
   metrics, hits, _ = step(model, jnp.array(0))
@@ -214,15 +213,15 @@ def test_stage_trains_resumes_exactly_and_loads_as_a_vqvae(tmp_path, compilation
   shutil.rmtree(os.path.join(copy, "vae", "checkpoints", "4"))
   with persistent_compilation_cache(compilation_cache_dir):
     train_vq(config, vae_dir(config, copy))
-  factory = functools.partial(VQTrainable, config, config.seed)
+  factory = functools.partial(vq_trainable, config, config.seed)
   a = flat_params(load_params(factory, find_vae_checkpoints(config, workdir), use_ema=False))
   b = flat_params(load_params(factory, find_vae_checkpoints(config, copy), use_ema=False))
   assert float(a["codebook_stats.restarted"]) > 0
   for name in a:
     np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
-  vqvae = load_params(factory, find_vae_checkpoints(config, workdir), use_ema=False).vqvae
+  vqvae = load_params(factory, find_vae_checkpoints(config, workdir), use_ema=False).vae
   assert isinstance(vqvae, MultiScaleVQVAE)
   np.testing.assert_array_equal(np.asarray(vqvae.quantize.embedding.embedding[...]),
-                                np.asarray(a["vqvae.quantize.embedding.embedding"]))
+                                np.asarray(a["vae.quantize.embedding.embedding"]))
   images = jnp.zeros((1, 8, 8, 3))
   assert vqvae.reconstruct(images).shape == (1, 8, 8, 3)

@@ -1,8 +1,8 @@
-"""What the VQ tokenizer stage trains and checkpoints: VAR's multi-scale VQVAE and its codebook statistics.
+"""What VAR's tokenizer stage trains and checkpoints: the multi-scale VQVAE, under the attribute name the KL
+VAE's stage uses (`vae`), so both families' tokenizer checkpoints have one layout, and its codebook's usage.
 
-The trained tokenizer is `VQTrainable(config).vqvae`, a plain `MultiScaleVQVAE`; restore a checkpoint's
-params into `VQTrainable` (e.g. `runs.loaders.load_params(functools.partial(VQTrainable, config), directory,
-use_ema=False).vqvae`).
+The trained tokenizer is `.vae`, a plain `MultiScaleVQVAE`: restore a checkpoint's params into
+`VQTrainable(MultiScaleVQVAE(**vqvae_kwargs(config.vae), rngs=...))` and take `.vae`.
 """
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ from flax import nnx
 from flowar_jax.tokenizers.msvq import MultiScaleVQVAE
 
 
-def vqvae_kwargs(tokenizer_config: ml_collections.ConfigDict) -> dict:
-  """`config.vae` of a VAR config -> the `MultiScaleVQVAE` keyword arguments (all its keys but `train`)."""
-  return {k: v for k, v in tokenizer_config.to_dict().items() if k != "train"}
+def vqvae_kwargs(vae: ml_collections.ConfigDict) -> dict:
+  """`config.vae` of a VAR config -> `MultiScaleVQVAE`'s keyword arguments (its `train` subsection left out)."""
+  kwargs = {k: v for k, v in vae.to_dict().items() if k != "train"}
+  for key in ("ch_mult", "patch_nums"):
+    if key in kwargs:
+      kwargs[key] = tuple(kwargs[key])
+  return kwargs
 
 
 class CodebookStats(nnx.Module):
@@ -35,8 +39,8 @@ class CodebookStats(nnx.Module):
 
 
 class VQTrainable(nnx.Module):
-  """The multi-scale VQVAE of `config.vae` (its `MultiScaleVQVAE` keyword arguments) and its codebook's usage."""
+  """The multi-scale VQVAE (`.vae`) and its codebook's usage statistics (`.codebook_stats`)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, seed: int = 0):
-    self.vqvae = MultiScaleVQVAE(**vqvae_kwargs(config.vae), rngs=nnx.Rngs(seed))
-    self.codebook_stats = CodebookStats(self.vqvae.vocab_size)
+  def __init__(self, vqvae: MultiScaleVQVAE):
+    self.vae = vqvae
+    self.codebook_stats = CodebookStats(vqvae.vocab_size)

@@ -89,7 +89,7 @@ def codebook_update(train_config: ml_collections.ConfigDict):
     restarted = jnp.zeros((), jnp.int32)
     if every > 0:
       dead = ~live & ((step + 1) % every == 0)  # `step` counts the steps before this one
-      embedding = model.vqvae.quantize.embedding.embedding
+      embedding = model.vae.quantize.embedding.embedding
       embedding[...] = restart_dead(embedding[...], dead, candidates)
       rate, weight = jnp.where(dead, 0.0, rate), jnp.where(dead, 0.0, weight)
       restarted = jnp.sum(dead).astype(jnp.int32)

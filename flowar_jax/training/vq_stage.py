@@ -54,12 +54,17 @@ def vq_stage_loss(train_config: ml_collections.ConfigDict, vocab_size: int):
   (one random encoder residual per code) for `codebook.codebook_update`."""
 
   def loss_fn(model: VQTrainable, batch, rng, context, step):
-    loss, metrics, quantized = vq_loss(model.vqvae, batch["image"], train_config)
+    loss, metrics, quantized = vq_loss(model.vae, batch["image"], train_config)
     metrics[HITS] = code_hits(quantized.indices, vocab_size)
     metrics[CANDIDATES] = restart_candidates(quantized.residuals, vocab_size, rng)
     return loss, metrics
 
   return loss_fn
+
+
+def vq_trainable(config: ml_collections.ConfigDict, seed: int = 0) -> VQTrainable:
+  """What the stage trains: the VQVAE of `config.vae`, initialised from `seed`, and its codebook statistics."""
+  return VQTrainable(MultiScaleVQVAE(**vqvae_kwargs(config.vae), rngs=nnx.Rngs(seed)))
 
 
 def vq_optimizer(train_config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -79,7 +84,7 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str):
   tx, schedule = vq_optimizer(train_config)
   vqvae = nnx.eval_shape(lambda: MultiScaleVQVAE(**vqvae_kwargs(config.vae), rngs=nnx.Rngs(0)))
   return loop.train(
-      workdir=workdir, model_factory=functools.partial(VQTrainable, config, config.seed),
+      workdir=workdir, model_factory=functools.partial(vq_trainable, config, config.seed),
       loss_fn=vq_stage_loss(train_config, vqvae.vocab_size), tx=tx, schedule=schedule,
       ema_decay=VQ_EMA_DECAY, data_iterator=iterator, num_steps=train_config.num_train_steps, config=config,
       seed=config.seed, checkpoint_every=config.checkpoint_every_steps, keep=config.keep_checkpoints,
