@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -70,6 +71,8 @@ def vqvae_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.nda
       state_dict, abstract["vae"], to_flax=var_names.vqvae_to_flax,
       to_torch=var_names.vqvae_to_torch_for(config.vae.share_quant_resi), skipped=var_names.vqvae_skipped,
       where=where)
+  # Codebook usage is training bookkeeping the official file does not hold: it starts from zero, as training's.
+  abstract["codebook_stats"] = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract["codebook_stats"])
   return abstract
 
 

@@ -23,7 +23,7 @@ from flowar_jax.scales import ScaleSchedule
 from flowar_jax.tokenizers.base import Tokenizer
 from flowar_jax.tokenizers.kl_vae import KLTokenizer
 from flowar_jax.tokenizers.msvq import MultiScaleVQVAE
-from flowar_jax.tokenizers.vq_trainable import VQTrainable
+from flowar_jax.tokenizers.vq_trainable import VQTrainable, vqvae_kwargs
 
 # A builder: (config, seed) -> the module, its parameters initialised from `seed`.
 Builder = Callable[[ml_collections.ConfigDict, int], nnx.Module]
@@ -50,12 +50,6 @@ def _var(config: ml_collections.ConfigDict, seed: int) -> VAR:
              shared_aln=m.shared_aln, attn_l2_norm=m.attn_l2_norm, cond_drop_rate=m.cond_drop_rate,
              drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate, norm_eps=m.norm_eps,
              attention_impl=m.attention_impl, remat_policy=m.remat, rngs=nnx.Rngs(seed))
-
-
-def vqvae_kwargs(vae: ml_collections.ConfigDict) -> dict:
-  """`config.vae` of a VAR config -> `MultiScaleVQVAE`'s keyword arguments (its `train` subsection left out)."""
-  kwargs = {k: v for k, v in vae.to_dict().items() if k != "train"}
-  return dict(kwargs, ch_mult=tuple(kwargs["ch_mult"]), patch_nums=tuple(kwargs["patch_nums"]))
 
 
 def _vqvae(config: ml_collections.ConfigDict, seed: int) -> MultiScaleVQVAE:

@@ -19,7 +19,7 @@ Attribute names mirror the official state dict (`quantize.embedding`, `quantize.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,25 @@ class Phi(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x * (1 - self.ratio) + self.conv(x) * self.ratio
+
+
+class TrainingQuantization(NamedTuple):
+  """What `VectorQuantizer.quantize_for_training` returns.
+
+  f_hat: `[B, H, H, Cvae]`, straight-through: its value is `quantize`'s final f_hat, its gradient passes to f
+    unchanged (the encoder learns from the decoder's loss; the codebook does not).
+  indices: per scale `[B, pn * pn]` int32, as `quantize` picks them.
+  codebook_loss: scalar, mean over scales of mean (f_hat_k - sg(f))^2 (f_hat_k: f_hat after scale k); it
+    trains the codebook and the phi convolutions.
+  commitment_loss: scalar, mean over scales of mean (f - sg(f_hat_k))^2; it pulls the encoder to its codes.
+  residuals: per scale `[B * pn * pn, Cvae]`, gradient-stopped: the vectors scale k quantised (the residual,
+    area-downsampled), e.g. to restart unused codes from.
+  """
+  f_hat: jax.Array
+  indices: list[jax.Array]
+  codebook_loss: jax.Array
+  commitment_loss: jax.Array
+  residuals: list[jax.Array]
 
 
 class VectorQuantizer(nnx.Module):
@@ -122,6 +141,37 @@ class VectorQuantizer(nnx.Module):
       indices.append(idx)
       f_hats.append(f_hat)
     return indices, f_hats
+
+  def quantize_for_training(self, f: jax.Array) -> TrainingQuantization:
+    """Features `[B, H, H, Cvae]` -> the same walk over the scales as `quantize` (same indices, same final
+    f_hat), with a straight-through f_hat and the VQ-VAE losses (see `TrainingQuantization`).
+
+    Per scale k the losses compare the running reconstruction with the features, as the multi-scale residual
+    VQ does: ||sg(f) - f_hat_k||^2 + beta ||f - sg(f_hat_k)||^2, averaged over the scales; the caller weighs
+    the commitment term by beta.
+    """
+    b, height, width, c = f.shape
+    if (height, width) != (self.patch_nums[-1],) * 2 or c != self.channels:
+      raise ValueError(f"expected features [B, {self.patch_nums[-1]}, {self.patch_nums[-1]}, {self.channels}], "
+                       f"got {f.shape}")
+    target = jax.lax.stop_gradient(f)
+    rest, f_hat = target, jnp.zeros_like(f)
+    indices, residuals = [], []
+    codebook_loss = commitment_loss = jnp.zeros((), f.dtype)
+    for si, pn in enumerate(self.patch_nums):
+      z = (rest if si == self.num_scales - 1 else area_resize(rest, pn)).reshape(-1, c)
+      idx = self.nearest(z).reshape(b, pn * pn)
+      h = self.upsampled_residual(si, self.embed(idx, pn))
+      # The residual only picks the next codes (an argmin), so it carries no gradient.
+      f_hat, rest = f_hat + h, rest - jax.lax.stop_gradient(h)
+      codebook_loss = codebook_loss + jnp.mean(jnp.square(f_hat - target))
+      commitment_loss = commitment_loss + jnp.mean(jnp.square(f - jax.lax.stop_gradient(f_hat)))
+      indices.append(idx)
+      residuals.append(z)
+    # sg(f_hat) + (f - sg(f)): exactly f_hat's value (f - f == 0), and the identity's gradient to f.
+    straight_through = jax.lax.stop_gradient(f_hat) + (f - target)
+    return TrainingQuantization(straight_through, indices, codebook_loss / self.num_scales,
+                                commitment_loss / self.num_scales, residuals)
 
   def indices_to_fhat(self, indices: Sequence[jax.Array]) -> jax.Array:
     """Per-scale indices `[B, pn * pn]` -> f_hat `[B, H, H, Cvae]` (every scale upsampled to the last side)."""

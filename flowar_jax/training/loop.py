@@ -21,7 +21,7 @@ from flowar_jax.runs.metrics import MetricWriter
 from flowar_jax.runs.progress import Progress
 from flowar_jax.training.nonfinite import NonFiniteMonitor
 from flowar_jax.training.preemption import Preempted, PreemptionWatcher
-from flowar_jax.training.state import LossFn, TrainState, init_train_state, make_train_step
+from flowar_jax.training.state import LossFn, PostUpdate, TrainState, init_train_state, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,8 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
           batch_to_device: Callable[[dict], dict] | None = None, desc: str = "train",
           batch_size: int | None = None, tokens_per_image: int | None = None,
           periodic: Sequence[Periodic] = (), writer: MetricWriter | None = None,
-          max_consecutive_nonfinite: int = 10, plan: ShardingPlan | None = None) -> tuple[nnx.GraphDef, TrainState]:
+          max_consecutive_nonfinite: int = 10, plan: ShardingPlan | None = None,
+          post_update: PostUpdate | None = None) -> tuple[nnx.GraphDef, TrainState]:
   """Trains to `num_steps` (resuming from `workdir/checkpoints`) and returns (graphdef, final state).
 
   With `batch_size` (global), the logged metrics include throughput in images per second, measured
@@ -78,7 +79,8 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
 
   The state is sharded by `plan` (default: `config.mesh` and `config.sharding`); the iterator yields
   this process's share of each batch, which `batch_to_device` (default: `global_batch`) assembles; the
-  `context` must already be placed (e.g. `plan.place`).
+  `context` must already be placed (e.g. `plan.place`). `post_update` changes parameters after each
+  optimizer update (see `state.make_train_step`).
 
   Raises:
     Preempted: a SIGTERM arrived; the current step was checkpointed first (see `preemption`).
@@ -99,7 +101,8 @@ def train(*, workdir: str, model_factory: Callable[[], nnx.Module], loss_fn: Los
     return graphdef, state
   step_fn = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule, plan=plan,
                             state_shardings=jax.tree.map(lambda x: x.sharding, state),
-                            context_shardings=jax.tree.map(lambda x: x.sharding, context))
+                            context_shardings=jax.tree.map(lambda x: x.sharding, context),
+                            post_update=post_update)
   owns_writer = writer is None
   if owns_writer:
     writer = MetricWriter(workdir)

@@ -16,6 +16,11 @@ from flowar_jax.training import nonfinite
 # loss_fn(model, batch, rng, context, step) -> (scalar loss, metrics). `context` holds frozen arrays
 # (e.g. the VAE's params while FlowAR trains) passed as an argument so they aren't baked into the program.
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any, jax.Array], tuple[jax.Array, dict]]
+# post_update(model, metrics, step) -> metrics: a change of parameters that is not a gradient step (e.g. a
+# codebook's usage statistics and its dead-code restarts), made in place on the model holding the updated
+# parameters. It gets loss_fn's metrics, which may carry arrays meant for it, and returns the metrics to log
+# (scalars); `step` is the one loss_fn got.
+PostUpdate = Callable[[nnx.Module, dict, jax.Array], dict]
 
 
 @flax.struct.dataclass
@@ -37,7 +42,8 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
                     ema_decay: float, schedule: optax.Schedule | None = None, *, plan: ShardingPlan | None = None,
-                    state_shardings: Any = None, context_shardings: Any = None):
+                    state_shardings: Any = None, context_shardings: Any = None,
+                    post_update: PostUpdate | None = None):
   """-> jitted `step(state, batch, context) -> (state, metrics)`, donating the old state.
 
   An update whose loss, gradients or new params are not finite is dropped: params, optimizer state and
@@ -47,6 +53,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
   (`state_shardings`, e.g. `plan.shardings(abstract_state)`: parameters, EMA and moments by their logical
   axes, counters such as `step` and `skipped` replicated), the batch split by the 'batch' rule, the
   context's (`context_shardings`), and replicated metrics.
+
+  A `post_update` runs after the optimizer's update and before the EMA and the finiteness check, so a
+  dropped step drops its changes too.
   """
 
   def step(state: TrainState, batch: dict, context: Any) -> tuple[TrainState, dict]:
@@ -58,6 +67,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if post_update is not None:
+      model = nnx.merge(graphdef, params, copy=True)
+      metrics = post_update(model, metrics, state.step)
+      params = nnx.state(model, nnx.Param)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
     grad_norm = optax.tree.norm(grads)
     finite = nonfinite.all_finite(loss, grad_norm, params)
