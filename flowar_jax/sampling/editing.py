@@ -25,6 +25,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from flowar_jax import precision
@@ -130,14 +131,67 @@ def _edit_latents(model, latents, masks, labels, keys, settings, known):
   return x.reshape(b, side, side, c)
 
 
+def fit_generated_tokens(vae: AutoencoderKL, latents: jax.Array, generated: jax.Array, images: jax.Array,
+                         keep_pixels: jax.Array, latent_scale: float, steps: int, learning_rate: float = 0.05
+                         ) -> jax.Array:
+  """Edited latents `[B, S, S, C]` (model units) with only the generated tokens (`generated` bool `[B, S, S]`)
+  moved by `steps` Adam steps on the mean squared error between their decode and `images` `[B, H, W, 3]`
+  (in [-1, 1]) over the kept pixels (`keep_pixels` bool `[B, H, W]`). The kept tokens stay exactly.
+
+  The decoder mixes every latent token into every pixel (its convolutions reach across the mask's boundary;
+  its attention and group norms span the image), so new tokens move kept pixels; this picks, near the
+  model's tokens, generated tokens whose decode leaves the kept pixels as the image has them.
+  """
+  gen = generated[..., None]
+  weight = keep_pixels.astype(jnp.float32)[..., None]
+  total = jnp.maximum(jnp.sum(weight, axis=(1, 2, 3)), 1.0)
+  fixed = latents
+
+  def loss(z):
+    decoded = vae.decode(jnp.where(gen, z, fixed) / latent_scale)
+    # Per image, so that each image's step does not depend on the batch it is in.
+    return jnp.sum(jnp.sum(weight * (decoded - images) ** 2, axis=(1, 2, 3)) / total)
+
+  tx = optax.adam(learning_rate)
+
+  def step(carry, _):
+    z, opt_state = carry
+    updates, opt_state = tx.update(jax.grad(loss)(z), opt_state)
+    return (optax.apply_updates(z, updates), opt_state), None
+
+  (z, _), _ = jax.lax.scan(step, (latents, tx.init(latents)), None, steps)
+  return jnp.where(gen, z, fixed)
+
+
 def to_model_input(images: np.ndarray | jax.Array) -> jax.Array:
   """uint8 `[B, H, W, 3]` -> float32 in [-1, 1], as the data pipeline feeds the VAE."""
   return jnp.asarray(images).astype(jnp.float32) / 127.5 - 1.0
 
 
-def blend(edited: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """uint8 `[B, H, W, 3]` edits with the original's pixels outside `mask` `[B, H, W]` (True = generated)."""
-  return np.where(np.asarray(mask, bool)[..., None], edited, original).astype(np.uint8)
+def edit_weight(mask: np.ndarray, feather: int) -> np.ndarray:
+  """float `[B, H, W]`: 1 on the mask `[B, H, W]` (True = generated), 1 - d / (feather + 1) on a kept pixel d
+  <= feather pixels from it (Chebyshev distance: a square step in every direction), 0 further out."""
+  mask = np.asarray(mask, bool)
+  weight, grown = mask.astype(np.float64), mask
+  h, w = mask.shape[1:]
+  for d in range(1, feather + 1):
+    padded = np.pad(grown, ((0, 0), (1, 1), (1, 1)))
+    grown = np.zeros_like(mask)
+    for dy in range(3):
+      for dx in range(3):
+        grown |= padded[:, dy:dy + h, dx:dx + w]
+    weight = np.where(grown & (weight == 0), 1.0 - d / (feather + 1), weight)
+  return weight
+
+
+def blend(edited: np.ndarray, original: np.ndarray, mask: np.ndarray, feather: int = 0) -> np.ndarray:
+  """uint8 `[B, H, W, 3]` edits with the original's pixels outside `mask` `[B, H, W]` (True = generated);
+  `feather` > 0 ramps from the edit to the original over that many kept pixels (`edit_weight`)."""
+  if feather < 0:
+    raise ValueError(f"feather must be >= 0 pixels, got {feather}")
+  weight = edit_weight(mask, feather)[..., None]
+  out = weight * np.asarray(edited, np.float64) + (1.0 - weight) * np.asarray(original, np.float64)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +201,14 @@ class EditSettings:
 
   mask_rule: str = "hybrid"
   known: str = "path"
+  fit_steps: int = 0
+  fit_learning_rate: float = 0.05
 
   def __post_init__(self):
+    if self.fit_steps < 0:
+      raise ValueError(f"fit_steps must be >= 0, got {self.fit_steps}")
+    if not self.fit_learning_rate > 0:
+      raise ValueError(f"fit_learning_rate must be > 0, got {self.fit_learning_rate}")
     if self.mask_rule not in MASK_RULES:
       raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
     if self.known not in KNOWN_RULES:
@@ -195,10 +255,14 @@ class Editor:
 
   def _run(self, state, images, masks, labels, seed, first_index):
     model, vae = nnx.merge(self._graph, state)
-    latents = encode_to_latents(vae, to_model_input(images), self.latent_scale, None)
+    pixels = to_model_input(images)
+    latents = encode_to_latents(vae, pixels, self.latent_scale, None)
     keys = sample_keys(seed, first_index, labels.shape[0])
-    out = edit_latents(model, latents, token_masks(masks, self.schedule, self.edit.mask_rule), labels, keys,
-                       self.settings, self.edit.known)
+    tokens = token_masks(masks, self.schedule, self.edit.mask_rule)
+    out = edit_latents(model, latents, tokens, labels, keys, self.settings, self.edit.known)
+    if self.edit.fit_steps:
+      out = fit_generated_tokens(vae, out, tokens[-1], pixels, ~masks, self.latent_scale, self.edit.fit_steps,
+                                 self.edit.fit_learning_rate)
     return to_uint8(decode_from_latents(vae, out, self.latent_scale))
 
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
