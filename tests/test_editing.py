@@ -157,6 +157,12 @@ def test_edit_settings_are_checked():
     editing.EditSettings(mask_rule="half")
   with pytest.raises(ValueError, match="known"):
     editing.EditSettings(known="never")
+  with pytest.raises(ValueError, match=r"feather must be None or an integer >= 0 \(pixels\), got -1"):
+    editing.EditSettings(feather=-1)
+  with pytest.raises(ValueError, match="fit_steps must be an integer >= 0, got -2"):
+    editing.EditSettings(fit_steps=-2)
+  with pytest.raises(ValueError, match="fit_learning_rate must be > 0, got 0.0"):
+    editing.EditSettings(fit_learning_rate=0.0)
 
 
 def test_fit_generated_tokens_moves_only_them_and_brings_the_kept_pixels_back():
@@ -213,6 +219,14 @@ def test_editor_encodes_edits_and_decodes(model):
   masks = _half_masks()
   a = editor(images, masks, labels, seed=3)
   assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8
+  # The default fades the decode into the original over 2 kept pixels: beyond them the original exactly,
+  # next to the mask the decode as `feather=None` gives it, weighted.
+  assert editor.edit.feather == 2
+  decoded = editing.Editor(model, vae, 1.0, settings, editing.EditSettings(feather=None))(images, masks, labels, 3)
+  far = ~editing.edit_weight(masks, 2).astype(bool)
+  np.testing.assert_array_equal(a[far], images[far])
+  assert not np.array_equal(decoded[far], images[far])  # the decoder moved them
+  np.testing.assert_array_equal(a, editing.blend(decoded, images, masks, 2))
   assert not np.array_equal(a, editor(images, masks, labels, seed=4))
   with pytest.raises(ValueError, match="class label 11 is out of range"):
     editor(images, masks, np.array([1, 11]), seed=0)

@@ -192,6 +192,9 @@ def edit_images(editor: Editor, image: np.ndarray, mask: np.ndarray, label: int,
                 batch_size: int, blend_original: bool = False) -> np.ndarray:
   """`num_samples` edits of one image: uint8 `[N, S, S, 3]`; edit i draws its noise from (seed, i).
 
+  The editor's `EditSettings.feather` fades each edit into the original next to the mask; `blend_original`
+  pastes the original back exactly everywhere outside the mask (`--blend`).
+
   Every batch has the same size (the last one padded), so one program serves them all.
   """
   if num_samples < 1:

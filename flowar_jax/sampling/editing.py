@@ -13,6 +13,12 @@ them on the path up to float rounding; at the end of each scale they are set to 
 `known="after_scale"` is the weaker alternative measured in docs/editing.md: the ODE runs freely over all
 tokens and only its result at the kept positions is replaced by y.
 
+The decoder mixes every latent token into every pixel, so a decode with new tokens moves the kept pixels
+too (by 2-3 times a VAE round trip on the digits' half masks); by default (`EditSettings.feather`) the decode
+fades into the original over the 2 kept pixels next to the mask, and is the original beyond them.
+`fit_generated_tokens` (fitting the generated tokens to the kept pixels through the decoder) is the
+decode-side alternative measured in docs/editing.md: it keeps the pixels but undoes class edits.
+
 Masks: True = generate. With `mask_rule="hybrid"` (the default) a token of the finest scale is generated when
 its footprint in the image holds any masked pixel, so every masked pixel is regenerated, and a token of a
 coarser scale when more than half of its footprint is masked, so the coarse tokens that are mostly the
@@ -196,23 +202,31 @@ def blend(edited: np.ndarray, original: np.ndarray, mask: np.ndarray, feather: i
 
 @dataclasses.dataclass(frozen=True)
 class EditSettings:
-  """mask_rule: which tokens a pixel mask generates ('hybrid' | 'any' | 'most'); known: how kept tokens enter
-  the ODE ('path' | 'after_scale'); see the module docstring."""
+  """How an edit is made (see the module docstring and docs/editing.md for what each was measured against).
+
+  mask_rule: which tokens a pixel mask generates ('hybrid' | 'any' | 'most'); known: how kept tokens enter
+  the ODE ('path' | 'after_scale'); feather: the decoded edit fades into the original over this many kept
+  pixels next to the mask (`blend`), 0 pastes the original back exactly, None keeps the decode as it is;
+  fit_steps: Adam steps of `fit_generated_tokens` before decoding (0: none), at fit_learning_rate.
+  """
 
   mask_rule: str = "hybrid"
   known: str = "path"
+  feather: int | None = 2
   fit_steps: int = 0
   fit_learning_rate: float = 0.05
 
   def __post_init__(self):
-    if self.fit_steps < 0:
-      raise ValueError(f"fit_steps must be >= 0, got {self.fit_steps}")
-    if not self.fit_learning_rate > 0:
-      raise ValueError(f"fit_learning_rate must be > 0, got {self.fit_learning_rate}")
     if self.mask_rule not in MASK_RULES:
       raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
     if self.known not in KNOWN_RULES:
       raise ValueError(f"known must be one of {KNOWN_RULES}, got {self.known!r}")
+    if self.feather is not None and (not isinstance(self.feather, int) or self.feather < 0):
+      raise ValueError(f"feather must be None or an integer >= 0 (pixels), got {self.feather!r}")
+    if not isinstance(self.fit_steps, int) or self.fit_steps < 0:
+      raise ValueError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
+    if not self.fit_learning_rate > 0:
+      raise ValueError(f"fit_learning_rate must be > 0, got {self.fit_learning_rate}")
 
 
 class Editor:
@@ -220,7 +234,8 @@ class Editor:
 
   images uint8 `[B, H, W, 3]` at the model's resolution, masks bool `[B, H, W]` (True = generate), labels
   `[B]` in 0..num_classes (num_classes = no class). Encodes with the VAE's posterior mean, edits the latents,
-  decodes. One program per batch size (the masks are inputs, not constants); sharded like `Sampler`: each
+  decodes, then fades the decode into the original over `edit.feather` kept pixels next to the mask (on the
+  host; `feather=None` returns the decode as it is). One program per batch size (the masks are inputs, not constants); sharded like `Sampler`: each
   batch is split over `plan`'s data-parallel devices and padded when it does not divide. Sample i draws
   its noise from (seed, first_index + i), as `Sampler` does.
   """
@@ -290,5 +305,7 @@ class Editor:
     size = round_up_to_data_parallel(self.plan, real)
     pad = lambda x: np.resize(x, (size,) + x.shape[1:])
     args = replicated_batch(self.plan, (pad(images), pad(masks), pad(labels)))
-    out = self._fn(self._state, *args, np.int32(seed), np.int32(first_index))
-    return to_host(out)[:real]
+    out = to_host(self._fn(self._state, *args, np.int32(seed), np.int32(first_index)))[:real]
+    if self.edit.feather is None:
+      return out
+    return blend(out, images, masks, self.edit.feather)
