@@ -14,7 +14,7 @@ them on the path up to float rounding; at the end of each scale they are set to 
 tokens and only its result at the kept positions is replaced by y.
 
 The decoder mixes every latent token into every pixel, so a decode with new tokens moves the kept pixels
-too (by 2-3 times a VAE round trip on the digits' half masks); by default (`EditSettings.feather`) the decode
+too (by 1.9-2.7 times a VAE round trip on the digits' half masks); by default (`EditSettings.feather`) the decode
 fades into the original over the 2 kept pixels next to the mask, and is the original beyond them.
 `fit_generated_tokens` (fitting the generated tokens to the kept pixels through the decoder) is the
 decode-side alternative measured in docs/editing.md: it keeps the pixels but undoes class edits.
@@ -235,9 +235,9 @@ class Editor:
   images uint8 `[B, H, W, 3]` at the model's resolution, masks bool `[B, H, W]` (True = generate), labels
   `[B]` in 0..num_classes (num_classes = no class). Encodes with the VAE's posterior mean, edits the latents,
   decodes, then fades the decode into the original over `edit.feather` kept pixels next to the mask (on the
-  host; `feather=None` returns the decode as it is). One program per batch size (the masks are inputs, not constants); sharded like `Sampler`: each
-  batch is split over `plan`'s data-parallel devices and padded when it does not divide. Sample i draws
-  its noise from (seed, first_index + i), as `Sampler` does.
+  host; `feather=None` returns the decode as it is). One program per batch size (the masks are inputs, not
+  constants); sharded like `Sampler`: each batch is split over `plan`'s data-parallel devices and padded
+  when it does not divide. Sample i draws its noise from (seed, first_index + i), as `Sampler` does.
   """
 
   def __init__(self, model: FlowAR, vae: AutoencoderKL, latent_scale: float, settings: SamplingSettings,
