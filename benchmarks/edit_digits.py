@@ -1,6 +1,7 @@
 """Zero-shot editing measured on the held-out real digits (docs/editing.md has the figures).
 
   python benchmarks/edit_digits.py --workdir runs/digits [--num_steps 25] [--cfg 3] [--seed 0] [--json FILE]
+                                   [--mask_rule hybrid] [--fit_steps 0]
 
 For each held-out digit (the digits metric's eval split, which neither network saw), the right half and,
 separately, the bottom half are regenerated:
@@ -10,11 +11,19 @@ separately, the bottom half are regenerated:
                   for a plain VAE encode -> decode, the least any latent edit can move it; `_far` leaves out
                   the kept pixels within one latent token (the VAE's stride) of the mask
   seam            mean squared grey step across the mask boundary; `real` is the originals' own
-for three methods: `path` (kept tokens follow the real noised path inside the ODE, the default), `after_scale`
-(kept tokens reset only at each scale's end), and `paste` (a fresh sample of the label with the kept half of
-the original pasted back). `plain_samples.accuracy` is the class-conditional sampler's accuracy on the same
-labels and seeds, the target for `accuracy_true`. Every method uses the same noise: sample i draws from
-(seed, i). --mask_rule any / most compare the token rules.
+for these methods, all with the same noise (sample i draws from (seed, i)):
+  path            the default: kept tokens follow the real noised path inside the ODE, and the decode fades
+                  into the original over `EditSettings().feather` kept pixels next to the mask
+  path_decoded    the same edits as decoded, no blend
+  path_pasted     the same edits with the original pasted back outside the mask (`--blend`)
+  path_feather_F  the same edits faded into the original over F kept pixels
+  after_scale     kept tokens reset only at each scale's end, with the default blend
+  paste           a fresh sample of the label with the kept half of the original pasted back
+  path_fit        (with --fit_steps N) the generated tokens fitted to the kept pixels for N steps before
+                  decoding (`fit_generated_tokens`), no blend
+`plain_samples.accuracy` is the class-conditional sampler's accuracy on the same labels and seeds, the target
+for `accuracy_true`; `accuracy_real_readable` is `accuracy_true` over the digits whose real image the
+classifier reads correctly. --mask_rule any / most compare the token rules.
 """
 from __future__ import annotations
 
@@ -54,18 +63,20 @@ def other_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return ((labels + shift) % num_classes).astype(np.int32)
 
 
-def scores(classifier, masks, originals, true_labels, other, edits_true, edits_other, roundtrip, margin) -> dict:
+def scores(classifier, masks, originals, true_labels, other, edits_true, edits_other, roundtrip, margin,
+           readable) -> dict:
   """The figures of one method on one region (see the module docstring)."""
   keep_rt = kept_change(roundtrip, originals, masks)
   keep = kept_change(edits_true, originals, masks)
   far = kept_change(edits_true, originals, masks, margin)
   return {"accuracy_true": classifier.metrics(edits_true, true_labels)["digits_accuracy"],
+          "accuracy_real_readable": classifier.metrics(edits_true[readable], true_labels[readable])[
+              "digits_accuracy"],
           "success_other": classifier.metrics(edits_other, other)["digits_accuracy"],
           "kept_change": keep, "kept_change_other": kept_change(edits_other, originals, masks),
           "kept_vs_roundtrip": keep / keep_rt, "kept_change_far": far,
           "kept_far_vs_roundtrip": far / kept_change(roundtrip, originals, masks, margin),
-          "seam": seam_energy(edits_true, masks), "seam_other": seam_energy(edits_other, masks),
-          "seam_blended": seam_energy(blend(edits_true, originals, masks), masks)}
+          "seam": seam_energy(edits_true, masks), "seam_other": seam_energy(edits_other, masks)}
 
 
 def main() -> None:
@@ -75,6 +86,7 @@ def main() -> None:
   parser.add_argument("--cfg", type=float)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--mask_rule", choices=("hybrid", "any", "most"), default="hybrid")
+  parser.add_argument("--fit_steps", type=int, default=0, help="also measure path_fit with this many steps")
   parser.add_argument("--json", help="also write the figures to this file")
   args = parser.parse_args()
 
@@ -85,9 +97,13 @@ def main() -> None:
   n, num_classes = len(labels), config.model.num_classes
   other = other_labels(labels, num_classes)
   classifier = digit_classifier(size, fraction)
+  readable = classifier._run(originals)[0].argmax(axis=1) == labels  # pylint: disable=protected-access
+  default_feather = EditSettings().feather
   figures = {"workdir": args.workdir, "num_images": n, "settings": dataclasses.asdict(settings),
-             "mask_rule": args.mask_rule, "seed": args.seed, "device": jax.devices()[0].platform,
-             "real_heldout_accuracy": classifier.metrics(originals, labels)["digits_accuracy"]}
+             "mask_rule": args.mask_rule, "default_feather": default_feather, "seed": args.seed,
+             "device": jax.devices()[0].platform,
+             "real_heldout_accuracy": classifier.metrics(originals, labels)["digits_accuracy"],
+             "real_readable": int(readable.sum())}
 
   start = time.perf_counter()
   sampler = load_image_sampler(config, args.workdir, settings)
@@ -95,8 +111,12 @@ def main() -> None:
   fresh_other = sampler(other, args.seed)
   figures["plain_samples"] = {"accuracy": classifier.metrics(fresh_true, labels)["digits_accuracy"],
                               "accuracy_other_labels": classifier.metrics(fresh_other, other)["digits_accuracy"]}
-  editors = {known: load_editor(config, args.workdir, settings, EditSettings(args.mask_rule, known))
-             for known in ("path", "after_scale")}
+  # Edits decoded as they are; every blend is then computed from the same decodes on the host.
+  editors = {"path": EditSettings(args.mask_rule, "path", feather=None),
+             "after_scale": EditSettings(args.mask_rule, "after_scale", feather=None)}
+  if args.fit_steps:
+    editors["path_fit"] = EditSettings(args.mask_rule, "path", feather=None, fit_steps=args.fit_steps)
+  editors = {name: load_editor(config, args.workdir, settings, edit) for name, edit in editors.items()}
   roundtrip = editors["path"].round_trip(originals)
   figures["roundtrip_accuracy"] = classifier.metrics(roundtrip, labels)["digits_accuracy"]
   margin = size // editors["path"].schedule.latent_side  # one latent token: the 'far' kept pixels lie beyond
@@ -105,14 +125,22 @@ def main() -> None:
     out = {"real": {"seam": seam_energy(originals, masks)},
            "roundtrip": {"kept_change": kept_change(roundtrip, originals, masks),
                          "seam": seam_energy(roundtrip, masks)}}
-    for known, editor in editors.items():
+    measure = lambda edits_true, edits_other: scores(classifier, masks, originals, labels, other, edits_true,
+                                                     edits_other, roundtrip, margin, readable)
+    for name, editor in editors.items():
       edits_true = editor(originals, masks, labels, args.seed)
       edits_other = editor(originals, masks, other, args.seed)
-      out[known] = scores(classifier, masks, originals, labels, other, edits_true, edits_other, roundtrip,
-                          margin)
-    pasted_true, pasted_other = blend(fresh_true, originals, masks), blend(fresh_other, originals, masks)
-    out["paste"] = scores(classifier, masks, originals, labels, other, pasted_true, pasted_other,
-                          roundtrip, margin)
+      if name == "path":
+        out["path_decoded"] = measure(edits_true, edits_other)
+        out["path_pasted"] = measure(blend(edits_true, originals, masks), blend(edits_other, originals, masks))
+        for feather in (1, 2, 3):
+          out[f"path_feather_{feather}"] = measure(blend(edits_true, originals, masks, feather),
+                                                   blend(edits_other, originals, masks, feather))
+      if name != "path_fit" and default_feather is not None:
+        edits_true = blend(edits_true, originals, masks, default_feather)
+        edits_other = blend(edits_other, originals, masks, default_feather)
+      out[name] = measure(edits_true, edits_other)
+    out["paste"] = measure(blend(fresh_true, originals, masks), blend(fresh_other, originals, masks))
     figures[region] = out
     print(region, out, file=sys.stderr, flush=True)
   figures["seconds"] = time.perf_counter() - start

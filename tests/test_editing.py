@@ -157,6 +157,36 @@ def test_edit_settings_are_checked():
     editing.EditSettings(mask_rule="half")
   with pytest.raises(ValueError, match="known"):
     editing.EditSettings(known="never")
+  with pytest.raises(ValueError, match=r"feather must be None or an integer >= 0 \(pixels\), got -1"):
+    editing.EditSettings(feather=-1)
+  with pytest.raises(ValueError, match="fit_steps must be an integer >= 0, got -2"):
+    editing.EditSettings(fit_steps=-2)
+  with pytest.raises(ValueError, match="fit_learning_rate must be > 0, got 0.0"):
+    editing.EditSettings(fit_learning_rate=0.0)
+
+
+def test_fit_generated_tokens_moves_only_them_and_brings_the_kept_pixels_back():
+  from flowar_jax.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  vae = AutoencoderKL(tiny_config().vae, rngs=nnx.Rngs(1))
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1.0, maxval=1.0)
+  latents = vae.encode(images).mode()
+  generated = jnp.zeros((2, 4, 4), bool).at[:, :, 2:].set(True)
+  edited = jnp.where(generated[..., None], jax.random.normal(jax.random.key(1), latents.shape), latents)
+  keep = np.zeros((2, 16, 16), bool)
+  keep[:, :, :8] = True  # the pixels of the kept tokens (VAE stride 4)
+
+  def kept_error(z):
+    return float(jnp.mean((vae.decode(z) - images)[keep] ** 2))
+
+  fitted = editing.fit_generated_tokens(vae, edited, generated, images, jnp.asarray(keep), 1.0, steps=20,
+                                        learning_rate=0.1)
+  np.testing.assert_array_equal(np.asarray(fitted)[:, :, :2], np.asarray(edited)[:, :, :2])  # kept: exactly
+  assert not np.allclose(fitted[:, :, 2:], edited[:, :, 2:])
+  assert kept_error(fitted) < 0.9 * kept_error(edited)
+  # Each image is fitted on its own: the first image's result does not depend on the second.
+  alone = editing.fit_generated_tokens(vae, edited[:1], generated[:1], images[:1], jnp.asarray(keep[:1]), 1.0,
+                                       steps=20, learning_rate=0.1)
+  np.testing.assert_allclose(alone, fitted[:1], atol=1e-5)
 
 
 def test_blend_keeps_the_original_outside_the_mask():
@@ -166,6 +196,12 @@ def test_blend_keeps_the_original_outside_the_mask():
   mask[0, :, 2:] = True
   out = editing.blend(edited, original, mask)
   assert (out[0, :, :2] == 0).all() and (out[0, :, 2:] == 200).all()
+  # Feathered: the kept column next to the mask takes 1 - 1/2 of the edit, the next one none of it.
+  out = editing.blend(edited, original, mask, feather=1)
+  assert (out[0, :, 2:] == 200).all() and (out[0, :, 1] == 100).all() and (out[0, :, 0] == 0).all()
+  np.testing.assert_allclose(editing.edit_weight(mask, 2)[0, 0], [1 / 3, 2 / 3, 1, 1])
+  with pytest.raises(ValueError, match="feather must be >= 0 pixels, got -1"):
+    editing.blend(edited, original, mask, feather=-1)
 
 
 def test_editor_encodes_edits_and_decodes(model):
@@ -183,6 +219,14 @@ def test_editor_encodes_edits_and_decodes(model):
   masks = _half_masks()
   a = editor(images, masks, labels, seed=3)
   assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8
+  # The default fades the decode into the original over 2 kept pixels: beyond them the original exactly,
+  # next to the mask the decode as `feather=None` gives it, weighted.
+  assert editor.edit.feather == 2
+  decoded = editing.Editor(model, vae, 1.0, settings, editing.EditSettings(feather=None))(images, masks, labels, 3)
+  far = ~editing.edit_weight(masks, 2).astype(bool)
+  np.testing.assert_array_equal(a[far], images[far])
+  assert not np.array_equal(decoded[far], images[far])  # the decoder moved them
+  np.testing.assert_array_equal(a, editing.blend(decoded, images, masks, 2))
   assert not np.array_equal(a, editor(images, masks, labels, seed=4))
   with pytest.raises(ValueError, match="class label 11 is out of range"):
     editor(images, masks, np.array([1, 11]), seed=0)
@@ -258,6 +302,29 @@ def test_full_mask_notes_plain_sampling_and_other_sizes_are_resized(tmp_path, di
   assert got.image.shape == (16, 16, 3) and got.mask[:, 8:].all() and not got.mask[:, :8].any()
   assert got.notes == ["warning: the image is 32x16; resized to the model's 16x16 (not square: stretched), the "
                        "mask with it; the edits are written at that size"]
+
+
+def test_prepare_array_takes_images_in_memory(digit):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.asarray(Image.open(digit).convert("RGB"))
+  mask = np.zeros((16, 16), bool)
+  mask[4:8, 4:8] = True
+  got = edit_command.prepare_array(image, 16, mask=mask)
+  np.testing.assert_array_equal(got.mask, mask)
+  np.testing.assert_array_equal(got.image, image)
+  assert not got.notes
+  by_file = edit_command.prepare(digit, 16, outpaint="4,4,4,4")
+  by_array = edit_command.prepare_array(image, 16, outpaint="4,4,4,4")
+  np.testing.assert_array_equal(by_array.image, by_file.image)
+  np.testing.assert_array_equal(by_array.mask, by_file.mask)
+  with pytest.raises(ValueError, match=r"the mask is 8x16 \(WxH\) but the image is 16x16"):
+    edit_command.prepare_array(image, 16, mask=np.ones((16, 8), bool))
+  with pytest.raises(ValueError, match="the mask is empty"):
+    edit_command.prepare_array(image, 16, mask=np.zeros((16, 16), bool))
+  with pytest.raises(ValueError, match=r"the image must be uint8 \[H, W, 3\], got float32"):
+    edit_command.prepare_array(image.astype(np.float32), 16, box="0,0,1,1")
+  with pytest.raises(ValueError, match="give exactly one of --mask"):
+    edit_command.prepare_array(image, 16, mask=mask, box="0,0,1,1")
 
 
 def test_labels_are_checked():

@@ -80,9 +80,12 @@ def test_notebooks_run_top_to_bottom(tmp_path, monkeypatch):
   assert [r["step"] for r in records if "samples" in r] == [6]  # the grid written during training
 
   sample = _execute("sample.ipynb", {"WORKDIR": workdir, "NUM_STEPS": 2, "PER_CLASS": 1, "CFG": 3.0,
-                                     "CLASSES": ""}, str(tmp_path))
+                                     "CLASSES": "", "EDITS": 2}, str(tmp_path))
   grids = _outputs(sample, "image/png")
-  assert len(grids) == 2  # the class grid and the guidance comparison
+  assert len(grids) == 3  # the class grid, the guidance comparison and the edits
+  for row in ("row 1: the right half, own class (class 0)", "row 2: the right half, another class (class 1)",
+              "row 3: outpainting (class 0): input, mask, 2 edits"):
+    assert row in _text(sample), row
   assert "already holds a checkpoint" in _text(sample)
 
 
@@ -112,10 +115,11 @@ def test_sample_notebook_converts_official_weights_by_url(tmp_path, monkeypatch)
     parameters = {"WORKDIR": str(tmp_path / "official"), "PRESET": "digits", "OVERRIDES": OFFICIAL_TINY,
                   "OFFICIAL_CHECKPOINT": server.url + "/weights/FlowAR-T.npz",
                   "OFFICIAL_VAE": server.url + "/weights/kl16.npz", "NUM_STEPS": 2, "CFG": 3.0,
-                  "CLASSES": "1,7", "PER_CLASS": 1}
+                  "CLASSES": "1,7", "PER_CLASS": 1, "EDITS": 1}
     notebook = _execute("sample.ipynb", parameters, str(tmp_path))
     assert [server.count(path) for path in files] == [1, 1]
-  assert len(_outputs(notebook, "image/png")) == 2
+  assert len(_outputs(notebook, "image/png")) == 3
+  assert "row 2: the right half, another class (class 7)" in _text(notebook)
   assert "converted the 'state dict' weights of http://127.0.0.1:" in _text(notebook)
   assert len(os.listdir(tmp_path / "xdg" / "flowar_jax" / "downloads")) == 2
 

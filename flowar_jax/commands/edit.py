@@ -114,18 +114,40 @@ def resize_to_model(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.
 
 def prepare(image_path: str, image_size: int, *, mask_path: str | None = None, box: str | None = None,
             outpaint: str | None = None) -> EditInput:
-  """The image and exactly one of a mask file, a box or outpainting margins -> an `EditInput` at the model's
-  resolution `image_size`. Raises ValueError / FileNotFoundError naming the problem."""
-  given = [name for name, v in (("--mask", mask_path), ("--box", box), ("--outpaint", outpaint)) if v]
-  if len(given) != 1:
-    raise ValueError("give exactly one of --mask FILE, --box y0,x0,y1,x1 or --outpaint L,R,T,B (what to "
-                     f"generate), got {', '.join(given) if given else 'none'}")
+  """The image file and exactly one of a mask file, a box or outpainting margins -> an `EditInput` at the
+  model's resolution `image_size`. Raises ValueError / FileNotFoundError naming the problem."""
+  _one_region(mask_path, box, outpaint)
   image = to_rgb(read_image(image_path))
-  notes = []
+  mask = None
   if mask_path:
     mask = to_mask(read_image(mask_path, "mask"))
     if mask.shape != image.shape[:2]:
       raise ValueError(f"the mask {mask_path!r} is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "
+                       f"{image.shape[1]}x{image.shape[0]}: they must be the same size")
+  return prepare_array(image, image_size, mask=mask, box=box, outpaint=outpaint)
+
+
+def _one_region(mask, box, outpaint) -> None:
+  given = [name for name, v in (("--mask", mask), ("--box", box), ("--outpaint", outpaint)) if v is not None
+           and (not isinstance(v, str) or v)]
+  if len(given) != 1:
+    raise ValueError("give exactly one of --mask FILE, --box y0,x0,y1,x1 or --outpaint L,R,T,B (what to "
+                     f"generate), got {', '.join(given) if given else 'none'}")
+
+
+def prepare_array(image: np.ndarray, image_size: int, *, mask: np.ndarray | None = None, box: str | None = None,
+                  outpaint: str | None = None) -> EditInput:
+  """`prepare` for an image already in memory: uint8 `[H, W, 3]` and exactly one of a bool mask `[H, W]`
+  (True = generate), a box `y0,x0,y1,x1` (fractions) or outpainting margins `L,R,T,B` (pixels)."""
+  _one_region(mask, box, outpaint)
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"the image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+  notes = []
+  if mask is not None:
+    mask = np.asarray(mask, bool)
+    if mask.shape != image.shape[:2]:
+      raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "
                        f"{image.shape[1]}x{image.shape[0]}: they must be the same size")
   elif box:
     mask = box_mask(box, *image.shape[:2])
@@ -170,6 +192,9 @@ def edit_images(editor: Editor, image: np.ndarray, mask: np.ndarray, label: int,
                 batch_size: int, blend_original: bool = False) -> np.ndarray:
   """`num_samples` edits of one image: uint8 `[N, S, S, 3]`; edit i draws its noise from (seed, i).
 
+  The editor's `EditSettings.feather` fades each edit into the original next to the mask; `blend_original`
+  pastes the original back exactly everywhere outside the mask (`--blend`).
+
   Every batch has the same size (the last one padded), so one program serves them all.
   """
   if num_samples < 1:
@@ -187,7 +212,7 @@ def edit_images(editor: Editor, image: np.ndarray, mask: np.ndarray, label: int,
   return blend(edits, images[:1], masks[:1]) if blend_original else edits
 
 
-def _mask_view(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def mask_view(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """The image with the generated area tinted, for the grid."""
   view = image.astype(np.float32)
   view[mask] = 0.5 * view[mask] + 0.5 * np.array([255.0, 0.0, 255.0])
@@ -210,7 +235,7 @@ def write_edits(directory: str, original: np.ndarray, mask: np.ndarray, edits: n
 
   for i, image in enumerate(edits):
     png(fs.join(directory, f"edit_{i:03d}.png"), image)
-  row = np.concatenate([original[None], _mask_view(original, mask)[None], edits[:62]])
+  row = np.concatenate([original[None], mask_view(original, mask)[None], edits[:62]])
   png(fs.join(directory, "grid.png"), make_grid(enlarge(row), columns=min(len(row), 8)))
   return paths
 

@@ -13,6 +13,12 @@ them on the path up to float rounding; at the end of each scale they are set to 
 `known="after_scale"` is the weaker alternative measured in docs/editing.md: the ODE runs freely over all
 tokens and only its result at the kept positions is replaced by y.
 
+The decoder mixes every latent token into every pixel, so a decode with new tokens moves the kept pixels
+too (by 1.9-2.7 times a VAE round trip on the digits' half masks); by default (`EditSettings.feather`) the decode
+fades into the original over the 2 kept pixels next to the mask, and is the original beyond them.
+`fit_generated_tokens` (fitting the generated tokens to the kept pixels through the decoder) is the
+decode-side alternative measured in docs/editing.md: it keeps the pixels but undoes class edits.
+
 Masks: True = generate. With `mask_rule="hybrid"` (the default) a token of the finest scale is generated when
 its footprint in the image holds any masked pixel, so every masked pixel is regenerated, and a token of a
 coarser scale when more than half of its footprint is masked, so the coarse tokens that are mostly the
@@ -25,6 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from flowar_jax import precision
@@ -130,29 +137,96 @@ def _edit_latents(model, latents, masks, labels, keys, settings, known):
   return x.reshape(b, side, side, c)
 
 
+def fit_generated_tokens(vae: AutoencoderKL, latents: jax.Array, generated: jax.Array, images: jax.Array,
+                         keep_pixels: jax.Array, latent_scale: float, steps: int, learning_rate: float = 0.05
+                         ) -> jax.Array:
+  """Edited latents `[B, S, S, C]` (model units) with only the generated tokens (`generated` bool `[B, S, S]`)
+  moved by `steps` Adam steps on the mean squared error between their decode and `images` `[B, H, W, 3]`
+  (in [-1, 1]) over the kept pixels (`keep_pixels` bool `[B, H, W]`). The kept tokens stay exactly.
+
+  The decoder mixes every latent token into every pixel (its convolutions reach across the mask's boundary;
+  its attention and group norms span the image), so new tokens move kept pixels; this picks, near the
+  model's tokens, generated tokens whose decode leaves the kept pixels as the image has them.
+  """
+  gen = generated[..., None]
+  weight = keep_pixels.astype(jnp.float32)[..., None]
+  total = jnp.maximum(jnp.sum(weight, axis=(1, 2, 3)), 1.0)
+  fixed = latents
+
+  def loss(z):
+    decoded = vae.decode(jnp.where(gen, z, fixed) / latent_scale)
+    # Per image, so that each image's step does not depend on the batch it is in.
+    return jnp.sum(jnp.sum(weight * (decoded - images) ** 2, axis=(1, 2, 3)) / total)
+
+  tx = optax.adam(learning_rate)
+
+  def step(carry, _):
+    z, opt_state = carry
+    updates, opt_state = tx.update(jax.grad(loss)(z), opt_state)
+    return (optax.apply_updates(z, updates), opt_state), None
+
+  (z, _), _ = jax.lax.scan(step, (latents, tx.init(latents)), None, steps)
+  return jnp.where(gen, z, fixed)
+
+
 def to_model_input(images: np.ndarray | jax.Array) -> jax.Array:
   """uint8 `[B, H, W, 3]` -> float32 in [-1, 1], as the data pipeline feeds the VAE."""
   return jnp.asarray(images).astype(jnp.float32) / 127.5 - 1.0
 
 
-def blend(edited: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """uint8 `[B, H, W, 3]` edits with the original's pixels outside `mask` `[B, H, W]` (True = generated)."""
-  return np.where(np.asarray(mask, bool)[..., None], edited, original).astype(np.uint8)
+def edit_weight(mask: np.ndarray, feather: int) -> np.ndarray:
+  """float `[B, H, W]`: 1 on the mask `[B, H, W]` (True = generated), 1 - d / (feather + 1) on a kept pixel d
+  <= feather pixels from it (Chebyshev distance: a square step in every direction), 0 further out."""
+  mask = np.asarray(mask, bool)
+  weight, grown = mask.astype(np.float64), mask
+  h, w = mask.shape[1:]
+  for d in range(1, feather + 1):
+    padded = np.pad(grown, ((0, 0), (1, 1), (1, 1)))
+    grown = np.zeros_like(mask)
+    for dy in range(3):
+      for dx in range(3):
+        grown |= padded[:, dy:dy + h, dx:dx + w]
+    weight = np.where(grown & (weight == 0), 1.0 - d / (feather + 1), weight)
+  return weight
+
+
+def blend(edited: np.ndarray, original: np.ndarray, mask: np.ndarray, feather: int = 0) -> np.ndarray:
+  """uint8 `[B, H, W, 3]` edits with the original's pixels outside `mask` `[B, H, W]` (True = generated);
+  `feather` > 0 ramps from the edit to the original over that many kept pixels (`edit_weight`)."""
+  if feather < 0:
+    raise ValueError(f"feather must be >= 0 pixels, got {feather}")
+  weight = edit_weight(mask, feather)[..., None]
+  out = weight * np.asarray(edited, np.float64) + (1.0 - weight) * np.asarray(original, np.float64)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
 class EditSettings:
-  """mask_rule: which tokens a pixel mask generates ('hybrid' | 'any' | 'most'); known: how kept tokens enter
-  the ODE ('path' | 'after_scale'); see the module docstring."""
+  """How an edit is made (see the module docstring and docs/editing.md for what each was measured against).
+
+  mask_rule: which tokens a pixel mask generates ('hybrid' | 'any' | 'most'); known: how kept tokens enter
+  the ODE ('path' | 'after_scale'); feather: the decoded edit fades into the original over this many kept
+  pixels next to the mask (`blend`), 0 pastes the original back exactly, None keeps the decode as it is;
+  fit_steps: Adam steps of `fit_generated_tokens` before decoding (0: none), at fit_learning_rate.
+  """
 
   mask_rule: str = "hybrid"
   known: str = "path"
+  feather: int | None = 2
+  fit_steps: int = 0
+  fit_learning_rate: float = 0.05
 
   def __post_init__(self):
     if self.mask_rule not in MASK_RULES:
       raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
     if self.known not in KNOWN_RULES:
       raise ValueError(f"known must be one of {KNOWN_RULES}, got {self.known!r}")
+    if self.feather is not None and (not isinstance(self.feather, int) or self.feather < 0):
+      raise ValueError(f"feather must be None or an integer >= 0 (pixels), got {self.feather!r}")
+    if not isinstance(self.fit_steps, int) or self.fit_steps < 0:
+      raise ValueError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
+    if not self.fit_learning_rate > 0:
+      raise ValueError(f"fit_learning_rate must be > 0, got {self.fit_learning_rate}")
 
 
 class Editor:
@@ -160,9 +234,10 @@ class Editor:
 
   images uint8 `[B, H, W, 3]` at the model's resolution, masks bool `[B, H, W]` (True = generate), labels
   `[B]` in 0..num_classes (num_classes = no class). Encodes with the VAE's posterior mean, edits the latents,
-  decodes. One program per batch size (the masks are inputs, not constants); sharded like `Sampler`: each
-  batch is split over `plan`'s data-parallel devices and padded when it does not divide. Sample i draws
-  its noise from (seed, first_index + i), as `Sampler` does.
+  decodes, then fades the decode into the original over `edit.feather` kept pixels next to the mask (on the
+  host; `feather=None` returns the decode as it is). One program per batch size (the masks are inputs, not
+  constants); sharded like `Sampler`: each batch is split over `plan`'s data-parallel devices and padded
+  when it does not divide. Sample i draws its noise from (seed, first_index + i), as `Sampler` does.
   """
 
   def __init__(self, model: FlowAR, vae: AutoencoderKL, latent_scale: float, settings: SamplingSettings,
@@ -195,10 +270,14 @@ class Editor:
 
   def _run(self, state, images, masks, labels, seed, first_index):
     model, vae = nnx.merge(self._graph, state)
-    latents = encode_to_latents(vae, to_model_input(images), self.latent_scale, None)
+    pixels = to_model_input(images)
+    latents = encode_to_latents(vae, pixels, self.latent_scale, None)
     keys = sample_keys(seed, first_index, labels.shape[0])
-    out = edit_latents(model, latents, token_masks(masks, self.schedule, self.edit.mask_rule), labels, keys,
-                       self.settings, self.edit.known)
+    tokens = token_masks(masks, self.schedule, self.edit.mask_rule)
+    out = edit_latents(model, latents, tokens, labels, keys, self.settings, self.edit.known)
+    if self.edit.fit_steps:
+      out = fit_generated_tokens(vae, out, tokens[-1], pixels, ~masks, self.latent_scale, self.edit.fit_steps,
+                                 self.edit.fit_learning_rate)
     return to_uint8(decode_from_latents(vae, out, self.latent_scale))
 
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
@@ -226,5 +305,7 @@ class Editor:
     size = round_up_to_data_parallel(self.plan, real)
     pad = lambda x: np.resize(x, (size,) + x.shape[1:])
     args = replicated_batch(self.plan, (pad(images), pad(masks), pad(labels)))
-    out = self._fn(self._state, *args, np.int32(seed), np.int32(first_index))
-    return to_host(out)[:real]
+    out = to_host(self._fn(self._state, *args, np.int32(seed), np.int32(first_index)))[:real]
+    if self.edit.feather is None:
+      return out
+    return blend(out, images, masks, self.edit.feather)
