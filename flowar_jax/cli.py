@@ -68,6 +68,8 @@ _OUTPAINT = flags.DEFINE_string("outpaint", None, "grow the canvas by L,R,T,B pi
 _LABEL = flags.DEFINE_integer("label", None, "class to generate under (default: none, unconditional)")
 _OUT = flags.DEFINE_string("out", None, "output directory (default: WORKDIR/edits)")
 _BLEND = flags.DEFINE_boolean("blend", False, "paste the original's pixels back outside the mask")
+_FEATHER = flags.DEFINE_integer("feather", 2, "edit: fade into the original over this many kept pixels next to "
+                                "the mask (0: paste it back exactly; -1: keep the decode as it is)")
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
 
 _METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...",
@@ -299,11 +301,13 @@ def _run(command: str) -> None:
                  reference=_REFERENCE.value, inception_weights=_INCEPTION.value)
   elif command == "edit":
     from flowar_jax.commands import edit
+    from flowar_jax.sampling.editing import EditSettings
     workdir, config, settings = _stored_run()
     edit.run(config, workdir, image=_IMAGE.value, mask=_MASK.value, box=_BOX.value, outpaint=_OUTPAINT.value,
              label=_LABEL.value, out=_OUT.value, num_samples=_default(_NUM_SAMPLES.value, 8), seed=_SEED.value,
              settings=settings, batch_size=_default(_BATCH.value, config.sampling.batch_size),
-             use_ema=_default(_USE_EMA.value, True), blend_original=_BLEND.value)
+             use_ema=_default(_USE_EMA.value, True), blend_original=_BLEND.value,
+             edit=EditSettings(feather=None if _FEATHER.value < 0 else _FEATHER.value))
   else:
     from flowar_jax.commands import sample
     workdir, config, settings = _stored_run()

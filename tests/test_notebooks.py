@@ -124,6 +124,34 @@ def test_sample_notebook_converts_official_weights_by_url(tmp_path, monkeypatch)
   assert len(os.listdir(tmp_path / "xdg" / "flowar_jax" / "downloads")) == 2
 
 
+def test_sample_notebook_samples_var_from_converted_weights(tmp_path, monkeypatch):
+  """PRESET var_digits with official-format VAR and VQVAE state dicts (random weights) by URL: converted into the
+  workdir, sampled, the guidance rows compared at cfg 0; the editing cell says it edits FlowAR runs."""
+  from flowar_jax.config_files import load_config  # pylint: disable=g-import-not-at-top
+  from flowar_jax.convert.var import var_state_dict, vqvae_state_dict  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_model, build_vae  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  config = load_config(os.path.join(ROOT, "configs", "var_digits.py"))
+  files = {}
+  for name, state_dict in (("var_tiny.npz", var_state_dict(build_model(config, 1))),
+                           ("vq_tiny.npz", vqvae_state_dict(build_vae(config, 2)))):
+    np.savez(tmp_path / name, **state_dict)
+    files["/weights/" + name] = (tmp_path / name).read_bytes()
+  with FileServer().running() as server:
+    server.files.update(files)
+    parameters = {"WORKDIR": str(tmp_path / "var"), "PRESET": "var_digits", "OVERRIDES": {},
+                  "OFFICIAL_CHECKPOINT": server.url + "/weights/var_tiny.npz",
+                  "OFFICIAL_VAE": server.url + "/weights/vq_tiny.npz", "CFG": 2.0, "CLASSES": "1,7",
+                  "PER_CLASS": 2, "EDITS": 1}
+    notebook = _execute("sample.ipynb", parameters, str(tmp_path))
+    assert [server.count(path) for path in files] == [1, 1]
+  assert len(_outputs(notebook, "image/png")) == 2  # the class grid and the guidance comparison
+  text = _text(notebook)
+  assert "var, 10 classes, 16px images; sampling CategoricalSampling(cfg=2.0" in text
+  assert "editing: the edit library edits FlowAR runs; this run is var" in text
+
+
 def test_sample_notebook_prefills_the_published_files():
   notebook = nbformat.read(os.path.join(ROOT, "notebooks", "sample.ipynb"), as_version=4)
   (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

@@ -243,8 +243,11 @@ def write_edits(directory: str, original: np.ndarray, mask: np.ndarray, edits: n
 def run(config: ml_collections.ConfigDict, workdir: str, *, image: str, mask: str | None = None,
         box: str | None = None, outpaint: str | None = None, label: int | None = None, out: str | None = None,
         num_samples: int = 8, seed: int = 0, settings: SamplingSettings, batch_size: int = 64,
-        use_ema: bool = True, blend_original: bool = False) -> np.ndarray:
+        use_ema: bool = True, blend_original: bool = False, edit: EditSettings = EditSettings()) -> np.ndarray:
   """The command: checks every input, then edits and writes to `out` (default WORKDIR/edits). Returns the edits."""
+  if config.model.name != "flowar":
+    raise ValueError(f"the edit command edits FlowAR runs; this run is {config.model.name} (in Python, VAR keeps "
+                     "an image's tokens with `VAR.sample(..., known=KnownTokens(...))`)")
   prepared = prepare(image, config.data.image_size, mask_path=mask, box=box, outpaint=outpaint)
   label_id = check_label(label, config.model.num_classes)
   if label is None and settings.cfg != 1.0:
@@ -252,7 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, image: str, mask: st
     prepared.notes.append("note: no --label: generating without a class (classifier-free guidance off)")
   for line in prepared.notes:
     print(f"flowar-jax edit: {line}", file=sys.stderr, flush=True)
-  editor = load_editor(config, workdir, settings, use_ema=use_ema)
+  editor = load_editor(config, workdir, settings, edit, use_ema=use_ema)
   edits = edit_images(editor, prepared.image, prepared.mask, label_id, num_samples=num_samples, seed=seed,
                       batch_size=batch_size, blend_original=blend_original)
   if jax.process_index() == 0:

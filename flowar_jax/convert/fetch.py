@@ -31,6 +31,11 @@ PUBLISHED = {
     "flowar_l": "OliverRen/FlowAR/FlowAR-L.pth",
     "flowar_h": "OliverRen/FlowAR/FlowAR-H.pth",
     "kl16": "https://www.dropbox.com/scl/fi/hhmuvaiacrarfg28qxhwz/kl16.ckpt?rlkey=l44xipsezc8atcffdp4q7mwmh&dl=1",
+    "var_d16": "FoundationVision/var/var_d16.pth",
+    "var_d20": "FoundationVision/var/var_d20.pth",
+    "var_d24": "FoundationVision/var/var_d24.pth",
+    "var_d30": "FoundationVision/var/var_d30.pth",
+    "vae_ch160v4096z32": "FoundationVision/var/vae_ch160v4096z32.pth",
 }
 
 _RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
