@@ -195,3 +195,21 @@ def test_cli_names_a_malformed_topology():
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
   assert result.returncode == 2, result.stderr
   assert "flowar-jax compile: error: --topology must look like GENERATION:AxBxC" in result.stderr
+
+
+@needs_libtpu
+def test_var_stages_compile_and_its_sampler_lowers():
+  """VAR's two stages (the VQ tokenizer, then VAR) compile for v5e:2x2 over data 2 x fsdp 2 with their HBM
+  figures; its sampler lowers for the same mesh."""
+  from flowar_jax.config_files import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config(os.path.join(ROOT, "configs", "var_digits.py"),
+                       {"mesh.data": 2, "mesh.fsdp": 2, "batch_size": 8, "vae.train.batch_size": 8,
+                        "sampling.batch_size": 8, "vae.vocab_size": 32})
+  report = compile_command.compile_for_topology(config, TOPOLOGY, sampler=False)
+  assert [p.name for p in report.programs] == ["vq train step", "var train step"] and report.fits
+  assert all(0 < p.hbm_bytes < report.hbm_capacity_bytes and p.flops_per_step > 0 for p in report.programs)
+  assert "var train step" in compile_command.format_report(report)
+  plan = compile_command.topology_plan(config, TOPOLOGY)
+  (sampler,) = [p for p in compile_command.programs_for(config, plan) if p.name == "sampler"]
+  out = sampler.lower().out_info
+  assert (out.shape, out.dtype) == ((8, 16, 16, 3), jnp.uint8)  # the images, one batch over the data chips

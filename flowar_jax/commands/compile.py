@@ -47,7 +47,8 @@ from flowar_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.generate import settings_from
 from flowar_jax.sampling.sampler import image_sampler
-from flowar_jax.training import generator_stage, vae_stage
+from flowar_jax.training import generator_stage, vae_stage, vq_stage
+from flowar_jax.training.codebook import codebook_update
 from flowar_jax.training.optimizer import flowar_optimizer
 from flowar_jax.training.state import init_train_state, make_train_step
 
@@ -198,12 +199,12 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
             for key, (shape, dtype) in shapes.items()}
 
   def step_program(name, batch_flag, model_factory, tx, schedule, ema_decay, loss_fn, batch, context, remat=False,
-                   model_flops=None):
+                   model_flops=None, post_update=None):
     state = plan.abstract(jax.eval_shape(lambda: init_train_state(model_factory(), tx, config.seed)))
     graphdef, _ = split_params(nnx.eval_shape(model_factory))
     step = make_train_step(graphdef, loss_fn, tx, ema_decay, schedule, plan=plan,
                            state_shardings=jax.tree.map(lambda x: x.sharding, state),
-                           context_shardings=jax.tree.map(lambda x: x.sharding, context))
+                           context_shardings=jax.tree.map(lambda x: x.sharding, context), post_update=post_update)
     args = (state, batch, context)
     return Program(name, lambda: step.lower(*args), args, jax.tree.leaves(batch)[0].shape[0], batch_flag, remat,
                    model_flops)
@@ -220,6 +221,13 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
         functools.partial(VAETrainable, config, config.seed), tx, schedule, vae_stage.VAE_EMA_DECAY,
         vae_stage.vae_stage_loss(config.vae.train),
         batch_of(config.vae.train.batch_size, image=images, label=labels), None))
+  if trains_tokenizer(config) and not flowar:
+    train = config.vae.train
+    tx, schedule = vq_stage.vq_optimizer(train)
+    programs.append(step_program(
+        "vq train step", "--config.vae.train.batch_size", functools.partial(vq_stage.vq_trainable, config, config.seed),
+        tx, schedule, vq_stage.VQ_EMA_DECAY, vq_stage.vq_stage_loss(train, config.vae.vocab_size),
+        batch_of(train.batch_size, image=images, label=labels), None, post_update=codebook_update(train)))
   if trains_generator(config):
     vae_graphdef, vae_params = split_params(nnx.eval_shape(functools.partial(build_vae, config)))
     tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
