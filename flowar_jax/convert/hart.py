@@ -103,7 +103,10 @@ def head_entries(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def load_residual_head(state_dict: dict[str, np.ndarray], head_kwargs: dict) -> ResidualHead:
   """A HART transformer (or head-only) state dict -> a ResidualHead holding `diffloss.net` and `decoder_norm`."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ResidualHead(**head_kwargs, rngs=nnx.Rngs(0))))
+  # Built concretely (it is small): the head's schedule tables are numpy attributes, which a second
+  # `nnx.eval_shape` in the same process compares as pytree metadata and fails on.
+  graphdef, abstract = nnx.split(ResidualHead(**head_kwargs, rngs=nnx.Rngs(0)))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
   norm = head_kwargs.get("norm", "layer")
   params = params_from_state_dict(head_entries(state_dict), abstract,
                                   to_flax=lambda name, array: head_to_flax(name, array, norm), to_torch=head_to_torch,
