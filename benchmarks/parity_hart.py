@@ -45,7 +45,8 @@ depth-2 head on a 32-wide condition; 'published' = the published tokenizer layou
 scales 1 .. 16 on 256 px, one image) and the head at the official configs' defaults (width 1024, depth 6,
 condition width 1024); 't2i_llama' / 't2i_alt' = a width-64, depth-2 transformer (2 heads) on scales
 1, 2, 3, 4 (vocab 64, Cvae 8) with 6 context tokens of width 24, in the released models' choices and in the
-other branches.
+other branches; 't2i_hd64' = 4 blocks of width 256 in 4 heads of 64 (the released models' head size) with
+300 context tokens of width 1536 (Qwen2's output shape), in the released models' choices.
 """
 from __future__ import annotations
 
@@ -137,7 +138,10 @@ TRANSFORMER_RUNS = {
                        attn_l2_norm=False, context_norm=True),
         # The other branches: GELU MLP, no adaLN, level table, masked-mean pooling, L2-normalised attention.
         TransformerRun("t2i_alt", mlp="gpt2", adaln=False, timestep_level=False, pooling="avg", attn_l2_norm=True,
-                       context_norm=False)),
+                       context_norm=False),
+        # The released models' head size (64) and context shape (300 Qwen2 tokens of width 1536), 4 blocks.
+        TransformerRun("t2i_hd64", mlp="llama", adaln=True, timestep_level=True, pooling="max", attn_l2_norm=False,
+                       context_norm=True, depth=4, width=256, num_heads=4, context_tokens=300, context_dim=1536)),
 }
 
 
