@@ -44,9 +44,9 @@ Runs: 'reduced' = a 32-channel tokenizer (vocab 64, Cvae 8, scales 1, 2, 3, 4 on
 depth-2 head on a 32-wide condition; 'published' = the published tokenizer layout (vocab 4096, Cvae 32, ch 160,
 scales 1 .. 16 on 256 px, one image) and the head at the official configs' defaults (width 1024, depth 6,
 condition width 1024); 't2i_llama' / 't2i_alt' = a width-64, depth-2 transformer (2 heads) on scales
-1, 2, 3, 4 (vocab 64, Cvae 8) with 6 context tokens of width 24, in the released models' choices and in the
-other branches; 't2i_hd64' = 4 blocks of width 256 in 4 heads of 64 (the released models' head size) with
-300 context tokens of width 1536 (Qwen2's output shape), in the released models' choices.
+1, 2, 3, 4 (vocab 64, Cvae 8) with 6 context tokens of width 24, in the Llama branches and in the other
+ones; 't2i_hd64' = 4 blocks of width 256 in 4 heads of 64 with 300 context tokens of width 1536 (the sampling
+script's `max_token_length` and Qwen2-VL-1.5B's width), in the Llama branches.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ TRANSFORMER_RUNS = {
         # The other branches: GELU MLP, no adaLN, level table, masked-mean pooling, L2-normalised attention.
         TransformerRun("t2i_alt", mlp="gpt2", adaln=False, timestep_level=False, pooling="avg", attn_l2_norm=True,
                        context_norm=False),
-        # The released models' head size (64) and context shape (300 Qwen2 tokens of width 1536), 4 blocks.
+        # Heads of 64 and the sampling script's context shape (300 tokens, Qwen2-VL-1.5B's width 1536).
         TransformerRun("t2i_hd64", mlp="llama", adaln=True, timestep_level=True, pooling="max", attn_l2_norm=False,
                        context_norm=True, depth=4, width=256, num_heads=4, context_tokens=300, context_dim=1536)),
 }
@@ -338,9 +338,9 @@ def official_transformer_side(official: str, run: TransformerRun, seed: int, out
   rng = np.random.default_rng(seed)
   b, t, last = run.batch, run.context_tokens, run.patch_nums[-1] ** 2
   context = rng.standard_normal((b, t, run.context_dim)).astype(np.float32)
-  positions = np.stack([np.arange(t), np.arange(t) + 3]).astype(np.int64)[:b]  # the second row shifted
   context_mask = np.ones((b, t), np.int64)
-  context_mask[1:, t - 2:] = 0  # padding at the end of the second row (read by 'avg' pooling)
+  context_mask[1:, t - 2:] = 0  # padding at the end of the second row
+  positions = np.cumsum(context_mask, 1) - 1  # as the official `encode_prompts` derives them
   inputs = rng.standard_normal((b, sum(p * p for p in run.patch_nums) - 1, run.cvae)).astype(np.float32)
   last_codes = rng.integers(0, run.vocab_size, (b, last))
   last_gt = rng.standard_normal((b, last, run.cvae)).astype(np.float32)

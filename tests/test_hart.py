@@ -13,7 +13,8 @@ from flowar_jax.heads.diffusion_schedule import cosine_betas, schedule, space_ti
 from flowar_jax.heads.flow_sampling import SamplingSettings
 from flowar_jax.heads.residual import ResidualHead, ResidualSampling
 from flowar_jax.heads.residual_flow import FlowResidualHead
-from flowar_jax.models.hart import HARTTransformer, apply_rope, grid_positions, rope_1d, rope_2d
+from flowar_jax.models.hart import (HARTTransformer, apply_rope, context_positions_from_mask, grid_positions, rope_1d,
+                                   rope_2d)
 from flowar_jax.tokenizers.hybrid import HybridTokenizer, HybridTokens
 
 SCALES = (1, 2, 4)
@@ -390,6 +391,11 @@ def test_condition_dropout(class_model, context_model):
   dropped = model(context, _inputs(), context_positions=positions, rng=jax.random.key(0))
   zero = context_model(jnp.zeros_like(context), _inputs(), context_positions=positions)
   np.testing.assert_allclose(dropped, zero, rtol=1e-5, atol=1e-6)
+
+
+def test_context_positions_repeat_the_last_token_over_padding():
+  np.testing.assert_array_equal(context_positions_from_mask(jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]])),
+                                [[0, 1, 2, 3], [0, 1, 1, 1]])
 
 
 def test_avg_pooling_reads_only_unmasked_context(context_model):

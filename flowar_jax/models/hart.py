@@ -86,6 +86,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
+def context_positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Context mask `[B, T]` (1 = token, right-padded) -> position ids `[B, T]`: cumsum(mask) - 1, as the
+  official prompt encoding derives them (padding repeats the last token's position)."""
+  return jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+
+
 class LlamaMLP(nnx.Module):
   """down_proj(silu(gate_proj(x)) * up_proj(x)), no biases."""
 
