@@ -401,9 +401,9 @@ def test_context_positions_repeat_the_last_token_over_padding():
 def test_avg_pooling_reads_only_unmasked_context(context_model):
   cond = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)), jnp.float32)
   mask = jnp.asarray([[1, 1, 1], [1, 1, 0]])
-  pooled = context_model._pool(cond, mask, "avg")  # pylint: disable=protected-access
+  pooled = context_model.pool_condition(cond, mask, "avg")
   np.testing.assert_allclose(pooled, np.stack([cond[0].mean(0), cond[1, :2].mean(0)]), rtol=1e-6)
-  np.testing.assert_allclose(context_model._pool(cond, mask, "max"), cond.max(1))  # pylint: disable=protected-access
+  np.testing.assert_allclose(context_model.pool_condition(cond, mask, "max"), cond.max(1))
 
 
 def test_head_inputs_feed_the_residual_head(class_model):

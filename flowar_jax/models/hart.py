@@ -13,7 +13,7 @@ What differs from `models.var.VAR`:
 - Norms. Every norm is an RMSNorm with a learned weight, the blocks' and the head's `ln_wo_grad` included
   (HART builds them with `elementwise_affine=False`, which RMSNorm ignores).
 - Blocks. attention q / k / v from a bias-free `qkv_proj` plus q and v biases; the FFN is VAR's GELU MLP
-  (`mlp='gpt2'`) or Llama's SwiGLU (`mlp='llama'`, hidden round_up(8 C / 3 * mlp_ratio / 4, 256)). adaLN as
+  (`mlp='gpt2'`) or Llama's SwiGLU (`mlp='llama'`, hidden round_up(C * mlp_ratio * 2 / 3, 256)). adaLN as
   VAR's, or none (`adaln=False`, HART's `disable_aln`).
 - Conditioning.
   * 'context' (the official text path): context `[B, T, Dctx]` -> optional RMSNorm (`context_norm`, weight
@@ -281,7 +281,9 @@ class HARTTransformer(nnx.Module):
     cos_c, sin_c = rope_1d(context_positions, head_dim)
     return jnp.concatenate([cos_c, cos], 1), jnp.concatenate([sin_c, sin], 1)
 
-  def _pool(self, cond: jax.Array, mask: jax.Array | None, mode: str) -> jax.Array:
+  def pool_condition(self, cond: jax.Array, mask: jax.Array | None, mode: str) -> jax.Array:
+    """The adaLN condition `[B, C]`: a class embedding `[B, C]` as is; a context embedding `[B, T, C]` pooled
+    by max over the tokens ('max') or by the mean over the tokens where mask `[B, T]` is 1 ('avg')."""
     if cond.ndim == 2:
       return cond
     if mode == "max":
@@ -331,7 +333,7 @@ class HARTTransformer(nnx.Module):
       first = cond
     x = jnp.concatenate([first, self.word_embed(next_inputs)], axis=1) + self.level_embedding()
     rope = self.rope(b, context_positions)
-    block_cond = self._pool(cond, context_mask, self.pooling)
+    block_cond = self.pool_condition(cond, context_mask, self.pooling)
     for block, block_rng in zip(self.blocks, block_rngs):
       x = block(x, block_cond, rope, self.mask, rng=block_rng)
     return x, cond
@@ -339,7 +341,7 @@ class HARTTransformer(nnx.Module):
   def logits(self, hidden: jax.Array, cond: jax.Array) -> jax.Array:
     """Final hidden `[B, S, C]` and embedded condition -> logits `[B, L, V]` (the context path's first-scale
     logits come from the last context token)."""
-    out = self.head(self.head_nm(hidden, self._pool(cond, None, "max")))
+    out = self.head(self.head_nm(hidden, self.pool_condition(cond, None, "max")))
     return out[:, self.first_l - self.patch_nums[0] ** 2:]
 
   def __call__(self, cond_input: jax.Array, next_inputs: jax.Array, *, context_positions: jax.Array | None = None,
