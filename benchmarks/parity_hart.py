@@ -27,13 +27,26 @@ compares:
   head_loss       per-token training loss (MSE + variational bound) at given steps and noise
   head_sample     a full 8-step guided sample from the same normal draws (`torch.randn` / `randn_like` replaced)
 
+Transformer runs (group 'transformer'): the official `HARTForT2I` (attn_type 'llama'; its tokenizer a random
+`HARTAutoEncoder` in place of `from_pretrained`, its CUDA RMSNorm kernel replaced by the formula) runs its own
+training forward on random context embeddings, position ids and mask in place of Qwen2's outputs (see
+`TransformerRun`); `load_transformer` / `load_residual_head` convert its state dict and
+`models.hart.HARTTransformer` computes:
+
+  t_logits        the logits `[B, L, V]` (the first scale's read from the last context token)
+  t_hidden        the final hidden states the head's adaLN reads `[B, T + L - 1, C]` (all tokens)
+  t_head_cond     the residual head's condition decoder_norm(hidden + word_embed(codebook[idx])) at the last scale
+
 Errors are max|ours - official| / max|official|; the check passes when every relative error is at most --tol
 (1e-4) and no token differs.
 
 Runs: 'reduced' = a 32-channel tokenizer (vocab 64, Cvae 8, scales 1, 2, 3, 4 on 64 px) and a width-64,
 depth-2 head on a 32-wide condition; 'published' = the published tokenizer layout (vocab 4096, Cvae 32, ch 160,
 scales 1 .. 16 on 256 px, one image) and the head at the official configs' defaults (width 1024, depth 6,
-condition width 1024).
+condition width 1024); 't2i_llama' / 't2i_alt' = a width-64, depth-2 transformer (2 heads) on scales
+1, 2, 3, 4 (vocab 64, Cvae 8) with 6 context tokens of width 24, in the Llama branches and in the other
+ones; 't2i_hd64' = 4 blocks of width 256 in 4 heads of 64 with 300 context tokens of width 1536 (the sampling
+script's `max_token_length` and Qwen2-VL-1.5B's width), in the Llama branches.
 """
 from __future__ import annotations
 
@@ -84,10 +97,59 @@ RUNS = {
 }
 
 
-def _select(name: str) -> tuple[Run | None, ...]:
-  if name in RUNS:
-    return RUNS[name]
-  return tuple(r for group in RUNS.values() for r in group if r.name == name) or (None,)
+@dataclasses.dataclass(frozen=True)
+class TransformerRun:
+  """The official `HARTForT2I` (attn_type 'llama') driven with random context embeddings in place of Qwen2's.
+  The last scale must hold at most 16 tokens: the official forward then masks none of them (its MaskGIT
+  masking keeps at least 32), and a vocabulary under 600 makes its top-600 sampling of the last scale fail
+  over to the given codes, so both sides condition the head on the same codes."""
+  name: str
+  mlp: str  # the official mlp_type
+  adaln: bool  # not disable_aln
+  timestep_level: bool  # use_timestep_embed
+  pooling: str  # sep_aln_pooling_mode
+  attn_l2_norm: bool
+  context_norm: bool  # use_context_norm
+  patch_nums: tuple[int, ...] = (1, 2, 3, 4)
+  vocab_size: int = 64
+  cvae: int = 8
+  ch: int = 32
+  depth: int = 2
+  width: int = 64
+  num_heads: int = 2
+  context_tokens: int = 6
+  context_dim: int = 24
+  batch: int = 2
+
+  def model_kwargs(self) -> dict:
+    return dict(depth=self.depth, width=self.width, num_heads=self.num_heads, conditioning="context",
+                context_tokens=self.context_tokens, context_dim=self.context_dim, context_norm=self.context_norm,
+                pooling=self.pooling, vocab_size=self.vocab_size, cvae=self.cvae, patch_nums=self.patch_nums,
+                mlp=self.mlp, adaln=self.adaln, timestep_level=self.timestep_level, attn_l2_norm=self.attn_l2_norm)
+
+  def head_kwargs(self) -> dict:
+    return dict(channels=self.cvae, cond_dim=self.width, width=32, depth=1, norm="rms")
+
+
+TRANSFORMER_RUNS = {
+    "transformer": (
+        # The released HART models' choices (Llama MLP, timestep level embedding, context norm, max pooling).
+        TransformerRun("t2i_llama", mlp="llama", adaln=True, timestep_level=True, pooling="max",
+                       attn_l2_norm=False, context_norm=True),
+        # The other branches: GELU MLP, no adaLN, level table, masked-mean pooling, L2-normalised attention.
+        TransformerRun("t2i_alt", mlp="gpt2", adaln=False, timestep_level=False, pooling="avg", attn_l2_norm=True,
+                       context_norm=False),
+        # Heads of 64 and the sampling script's context shape (300 tokens, Qwen2-VL-1.5B's width 1536).
+        TransformerRun("t2i_hd64", mlp="llama", adaln=True, timestep_level=True, pooling="max", attn_l2_norm=False,
+                       context_norm=True, depth=4, width=256, num_heads=4, context_tokens=300, context_dim=1536)),
+}
+
+
+def _select(name: str) -> tuple[Run | TransformerRun | None, ...]:
+  groups = {**RUNS, **TRANSFORMER_RUNS}
+  if name in groups:
+    return groups[name]
+  return tuple(r for group in groups.values() for r in group if r.name == name) or (None,)
 
 
 def rel_err(ours, theirs) -> float:
@@ -115,12 +177,33 @@ def _import_official(path: str):
 
   registry = types.SimpleNamespace(register=lambda *a, **k: None)
   sys.modules.setdefault("transformers", types.SimpleNamespace(
-      PreTrainedModel=PreTrainedModel, PretrainedConfig=PretrainedConfig, AutoConfig=registry, AutoModel=registry))
+      PreTrainedModel=PreTrainedModel, PretrainedConfig=PretrainedConfig, AutoConfig=registry, AutoModel=registry,
+      PreTrainedTokenizer=object))  # a type annotation in hart.utils
   sys.path.insert(0, os.path.abspath(path))
   from hart.modules.diffusion.diffloss import DiffLoss  # pylint: disable=g-import-not-at-top
   from hart.modules.models.autoencoder.configuration import HARTAutoEncoderConfig  # pylint: disable=g-import-not-at-top
   from hart.modules.models.autoencoder.hart_autoencoder import HARTAutoEncoder  # pylint: disable=g-import-not-at-top
   return HARTAutoEncoderConfig, HARTAutoEncoder, DiffLoss
+
+
+def _import_official_transformer(path: str):
+  """The official `HARTForT2I` and its config. Its `huggingface_hub` mixin is stubbed, and the CUDA RMSNorm
+  kernel (`hart_backend.fused_kernels.rms_norm`) is replaced by its formula w x / sqrt(mean x^2 + eps) in
+  float32."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def rms_norm(out, x, weight, eps, use_quant):
+    assert not use_quant
+    out.copy_(weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+  kernels = types.SimpleNamespace(rms_norm=rms_norm)
+  sys.modules.setdefault("hart_backend", types.SimpleNamespace(fused_kernels=kernels))
+  sys.modules.setdefault("hart_backend.fused_kernels", kernels)
+  sys.modules.setdefault("huggingface_hub", types.SimpleNamespace(PyTorchModelHubMixin=object))
+  _import_official(path)
+  from hart.modules.models.transformer.configuration import HARTForT2IConfig  # pylint: disable=g-import-not-at-top
+  from hart.modules.models.transformer.hart_transformer_t2i import HARTForT2I  # pylint: disable=g-import-not-at-top
+  return HARTForT2IConfig, HARTForT2I
 
 
 def _official_sample(torch, diffloss, z, draws, cfg):
@@ -224,7 +307,78 @@ def official_side(official: str, run: Run, seed: int, out_path: str) -> None:
   np.savez(out_path, **out)
 
 
+def official_transformer_side(official: str, run: TransformerRun, seed: int, out_path: str) -> None:
+  """Runs in the torch interpreter: the official transformer's own training forward on random context
+  embeddings; writes its logits, the hidden states the head reads and the head's condition to an .npz."""
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from parity_var import _randomize  # pylint: disable=g-import-not-at-top
+  torch.set_grad_enabled(False)
+  config_cls, model_cls = _import_official_transformer(official)
+  ae_config_cls, autoencoder_cls, _ = _import_official(official)
+  from hart.modules.models.autoencoder import HARTAutoEncoderWithDisc  # pylint: disable=g-import-not-at-top
+  vae = autoencoder_cls(ae_config_cls(vocab_size=run.vocab_size, z_channels=run.cvae, ch=run.ch,
+                                      v_patch_nums=run.patch_nums, quantizer_type="var_hybrid"))
+  _randomize(vae, seed + 3)
+  HARTAutoEncoderWithDisc.from_pretrained = classmethod(lambda cls, *a, **k: types.SimpleNamespace(vae=vae))
+  config = config_cls(vae_path="random", context_token=run.context_tokens, context_dim=run.context_dim,
+                      depth=run.depth, embed_dim=run.width, num_heads=run.num_heads, patch_nums=run.patch_nums,
+                      attn_type="llama", mlp_type=run.mlp, disable_aln=not run.adaln,
+                      use_timestep_embed=run.timestep_level, sep_aln_pooling_mode=run.pooling,
+                      attn_l2_norm=run.attn_l2_norm, use_context_norm=run.context_norm, cond_drop_rate=-1e9,
+                      diff_width=32, diff_depth=1, fused_if_available=False, flash_if_available=False)
+  model = model_cls(config)
+  model.gradient_checkpointing = False
+  _randomize(model, seed)
+  with torch.no_grad():  # the level MLP at 1 / sqrt(fan_in) like the other matrices, not the tables' 0.5
+    for name, p in model.named_parameters():
+      if name.startswith("lvl_embed.mlp.") and p.ndim == 2:
+        p.mul_(2.0 / np.sqrt(p.shape[1]))
+  model.eval()
+  rng = np.random.default_rng(seed)
+  b, t, last = run.batch, run.context_tokens, run.patch_nums[-1] ** 2
+  context = rng.standard_normal((b, t, run.context_dim)).astype(np.float32)
+  context_mask = np.ones((b, t), np.int64)
+  context_mask[1:, t - 2:] = 0  # padding at the end of the second row
+  positions = np.cumsum(context_mask, 1) - 1  # as the official `encode_prompts` derives them
+  inputs = rng.standard_normal((b, sum(p * p for p in run.patch_nums) - 1, run.cvae)).astype(np.float32)
+  last_codes = rng.integers(0, run.vocab_size, (b, last))
+  last_gt = rng.standard_normal((b, last, run.cvae)).astype(np.float32)
+  seen = {}
+  model.head_nm.register_forward_pre_hook(lambda m, args: seen.__setitem__("hidden", args[0].clone()))
+  model.decoder_norm.register_forward_hook(lambda m, args, out: seen.__setitem__("head_cond", out.clone()))
+  model.vae_quant_proxy[0].embedding.register_forward_hook(
+      lambda m, args, out: seen.__setitem__("codes", args[0].clone()))
+  logits, _, kept = model(torch.from_numpy(context), torch.from_numpy(inputs), torch.from_numpy(positions),
+                          torch.from_numpy(context_mask), torch.from_numpy(last_gt), torch.from_numpy(last_codes))
+  assert kept[0].numel() == b * last, "the official forward masked last-scale tokens"
+  assert torch.equal(seen["codes"], torch.from_numpy(last_codes)), "the head was conditioned on sampled codes"
+  out = dict(context=context, positions=positions, context_mask=context_mask, inputs=inputs, last_codes=last_codes,
+             logits=logits.numpy(), hidden=seen["hidden"].numpy(), head_cond=seen["head_cond"].numpy(),
+             codebook=vae.quantize.embedding.weight.numpy())
+  for name, v in model.state_dict().items():
+    out[f"model/{name}"] = v.numpy()
+  np.savez(out_path, **out)
+
+
 # ------------------------------------------------------------------------------------------------ our side
+
+
+def our_transformer_side(run: TransformerRun, data) -> dict[str, float]:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flowar_jax.convert.hart import load_residual_head, load_transformer  # pylint: disable=g-import-not-at-top
+
+  state = {k[len("model/"):]: data[k] for k in data.files if k.startswith("model/")}
+  model = load_transformer(state, run.model_kwargs())
+  head = load_residual_head(state, run.head_kwargs())
+  hidden, cond = model.hidden(jnp.asarray(data["context"]), jnp.asarray(data["inputs"]),
+                              context_positions=jnp.asarray(data["positions"].astype(np.int32)),
+                              context_mask=jnp.asarray(data["context_mask"].astype(np.int32)))
+  codes = jnp.asarray(data["codebook"])[jnp.asarray(data["last_codes"].astype(np.int32))]
+  return {"t_logits": rel_err(model.logits(hidden, cond), data["logits"]),
+          "t_hidden": rel_err(hidden, data["hidden"]),
+          "t_head_cond": rel_err(head.condition(*model.head_inputs(hidden, codes)), data["head_cond"])}
+
 
 
 def our_side(run: Run, data) -> dict[str, float]:
@@ -298,7 +452,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
   parser.add_argument("--official", required=True, help="checkout of the official HART code (holds hart/)")
   parser.add_argument("--torch-python", default=sys.executable, help="a Python interpreter that has torch")
-  parser.add_argument("--runs", default="reduced", help=f"comma-separated groups {sorted(RUNS)} or runs")
+  parser.add_argument("--runs", default="reduced,transformer",
+                      help=f"comma-separated groups {sorted(RUNS) + sorted(TRANSFORMER_RUNS)} or runs")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tol", type=float, default=1e-4)
   parser.add_argument("--json", help="also write the results here")
@@ -306,11 +461,13 @@ def main() -> None:
   parser.add_argument("--out", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.official_side:
-    official_side(args.official, _select(args.official_side)[0], args.seed, args.out)
+    run = _select(args.official_side)[0]
+    side = official_transformer_side if isinstance(run, TransformerRun) else official_side
+    side(args.official, run, args.seed, args.out)
     return
   selected = [run for name in args.runs.split(",") for run in _select(name)]
   if not all(selected):
-    parser.error(f"unknown runs in {args.runs!r}; choose from {sorted(RUNS)}")
+    parser.error(f"unknown runs in {args.runs!r}; choose from {sorted(RUNS) + sorted(TRANSFORMER_RUNS)}")
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -323,7 +480,7 @@ def main() -> None:
       subprocess.run([args.torch_python, os.path.abspath(__file__), "--official", args.official,
                       "--official-side", run.name, "--seed", str(args.seed), "--out", path], check=True)
       with np.load(path) as data:
-        results[run.name] = our_side(run, data)
+        results[run.name] = (our_transformer_side if isinstance(run, TransformerRun) else our_side)(run, data)
     print(f"{run.name} ({time.time() - began:.0f} s): "
           + "  ".join(f"{k} {v:g}" if k in TOKEN_METRICS else f"{k} {v:.1e}" for k, v in results[run.name].items()),
           flush=True)

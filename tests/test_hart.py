@@ -1,18 +1,20 @@
 """HART: the hybrid tokenizer (discrete scales plus the last scale's continuous residual), the residual
-diffusion head and its schedule, its flow-matching variant, and the state-dict conversion (all on a CPU, no
-torch)."""
+diffusion head and its schedule, its flow-matching variant, the transformer (class and context paths), and
+the state-dict conversion (all on a CPU, no torch)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from flowar_jax.convert.hart import (hybrid_state_dict, load_hybrid, load_residual_head,
-                                     residual_head_state_dict)
+from flowar_jax.convert.hart import (hybrid_state_dict, load_hybrid, load_residual_head, load_transformer,
+                                     residual_head_state_dict, transformer_state_dict)
 from flowar_jax.heads.diffusion_schedule import cosine_betas, schedule, space_timesteps
 from flowar_jax.heads.flow_sampling import SamplingSettings
 from flowar_jax.heads.residual import ResidualHead, ResidualSampling
 from flowar_jax.heads.residual_flow import FlowResidualHead
+from flowar_jax.models.hart import (HARTTransformer, apply_rope, context_positions_from_mask, grid_positions, rope_1d,
+                                   rope_2d)
 from flowar_jax.tokenizers.hybrid import HybridTokenizer, HybridTokens
 
 SCALES = (1, 2, 4)
@@ -293,3 +295,165 @@ def test_flow_head_loss_and_sampling():
   out = sample(head, z, zu, head.draw(keys, 2, 3), settings)
   assert out.shape == (2, 3, 4)
   assert float(jnp.abs(sample(head, z, None, head.draw(keys, 2, 3), settings) - out).max()) > 1e-4  # guided
+
+
+# ------------------------------------------------------------------------------------------------ transformer
+
+TINY_T = dict(depth=2, width=32, num_heads=2, vocab_size=16, cvae=4, patch_nums=(1, 2, 3))
+TINY_CLASS = dict(TINY_T, conditioning="class", num_classes=5)
+TINY_CONTEXT = dict(TINY_T, conditioning="context", context_tokens=3, context_dim=6)
+T_INPUTS = 2 * 2 + 3 * 3  # next-scale inputs: L - pn_0^2
+
+
+@pytest.fixture(scope="module")
+def class_model():
+  return _randomize(HARTTransformer(**TINY_CLASS, rngs=nnx.Rngs(1)), 1, 0.2)
+
+
+@pytest.fixture(scope="module")
+def context_model():
+  return _randomize(HARTTransformer(**TINY_CONTEXT, rngs=nnx.Rngs(2)), 2, 0.2)
+
+
+def _context_batch(seed: int = 0):
+  rng = np.random.default_rng(seed)
+  context = jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32)
+  positions = jnp.asarray([[0, 1, 2], [4, 5, 6]], jnp.int32)
+  return context, positions
+
+
+def _inputs(seed: int = 0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((2, T_INPUTS, 4)), jnp.float32)
+
+
+def test_rope_tables_match_hart_layout():
+  """Channel c of a head of size 8: quarter c // 2 -> axis (x, x, y, y), frequency 10000^(-4 (c % 2) / 8);
+  rotate_half pairs c with c + 4."""
+  pos = jnp.asarray([[[3.0, 5.0], [0.5, 2.0]]])
+  cos, sin = rope_2d(pos, 8)
+  for l in range(2):
+    for c in range(8):
+      angle = float(pos[0, l, (c // 2) // 2]) * 10000.0 ** (-4 * (c % 2) / 8)
+      np.testing.assert_allclose(cos[0, l, c], np.cos(angle), rtol=1e-6)
+      np.testing.assert_allclose(sin[0, l, c], np.sin(angle), rtol=1e-6)
+  cos1, _ = rope_1d(jnp.asarray([[2]]), 8)
+  np.testing.assert_allclose(cos1[0, 0], np.cos(2 * 10000.0 ** (-(np.arange(8) % 4) * 2 / 8)), rtol=1e-6)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 1, 8)), jnp.float32)
+  out = apply_rope(x, cos, sin)
+  want = np.asarray(x) * np.asarray(cos)[:, :, None] + np.concatenate(
+      [-np.asarray(x)[..., 4:], np.asarray(x)[..., :4]], -1) * np.asarray(sin)[:, :, None]
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_grid_positions_are_on_the_last_grid():
+  pos = grid_positions((1, 2, 4), 4)
+  assert pos.shape == (1 + 4 + 16, 2)
+  np.testing.assert_array_equal(pos[1:5], [[0, 0], [0, 2], [2, 0], [2, 2]])
+  np.testing.assert_array_equal(pos[5 + 4 * 1 + 3], [1, 3])  # scale 4, row 1, column 3
+
+
+@pytest.mark.parametrize("path", ["class", "context"])
+def test_transformer_is_scale_causal(path, class_model, context_model):
+  """Changing scale s's inputs leaves the logits of earlier scales and changes scale s's."""
+  model = class_model if path == "class" else context_model
+  if path == "class":
+    run = lambda inputs: model(jnp.asarray([1, 3]), inputs)
+  else:
+    context, positions = _context_batch()
+    run = lambda inputs: model(context, inputs, context_positions=positions)
+  inputs = _inputs()
+  base = run(inputs)
+  assert base.shape == (2, 1 + 4 + 9, 16)
+  changed = run(inputs.at[:, 4:].add(1.0))  # the last scale's inputs
+  np.testing.assert_allclose(changed[:, :5], base[:, :5], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(changed[:, 5:] - base[:, 5:]).max()) > 1e-3
+
+
+def test_context_conditioning_reads_context_and_positions(context_model):
+  context, positions = _context_batch()
+  base = context_model(context, _inputs(), context_positions=positions)
+  other = context_model(context.at[:, 0].add(1.0), _inputs(), context_positions=positions)
+  assert float(jnp.abs(other[:, 0] - base[:, 0]).max()) > 1e-3  # first-scale logits: from the last context token
+  shifted = context_model(context, _inputs(), context_positions=positions + 1)
+  assert float(jnp.abs(shifted - base).max()) > 1e-4  # HART's rotary layout is not shift invariant
+
+
+def test_condition_dropout(class_model, context_model):
+  drop = lambda m: nnx.clone(m)
+  model = drop(class_model)
+  model.cond_drop_rate = 1.0
+  dropped = model(jnp.asarray([1, 3]), _inputs(), rng=jax.random.key(0))
+  null = class_model(jnp.asarray([5, 5]), _inputs())
+  np.testing.assert_allclose(dropped, null, rtol=1e-5, atol=1e-6)
+  model = drop(context_model)
+  model.cond_drop_rate = 1.0
+  context, positions = _context_batch()
+  dropped = model(context, _inputs(), context_positions=positions, rng=jax.random.key(0))
+  zero = context_model(jnp.zeros_like(context), _inputs(), context_positions=positions)
+  np.testing.assert_allclose(dropped, zero, rtol=1e-5, atol=1e-6)
+
+
+def test_context_positions_repeat_the_last_token_over_padding():
+  np.testing.assert_array_equal(context_positions_from_mask(jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]])),
+                                [[0, 1, 2, 3], [0, 1, 1, 1]])
+
+
+def test_avg_pooling_reads_only_unmasked_context(context_model):
+  cond = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1], [1, 1, 0]])
+  pooled = context_model.pool_condition(cond, mask, "avg")
+  np.testing.assert_allclose(pooled, np.stack([cond[0].mean(0), cond[1, :2].mean(0)]), rtol=1e-6)
+  np.testing.assert_allclose(context_model.pool_condition(cond, mask, "max"), cond.max(1))
+
+
+def test_head_inputs_feed_the_residual_head(class_model):
+  hidden, _ = class_model.hidden(jnp.asarray([1, 3]), _inputs())
+  codes = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 4)), jnp.float32)
+  last, discrete = class_model.head_inputs(hidden, codes)
+  np.testing.assert_array_equal(last, hidden[:, -9:])
+  np.testing.assert_allclose(discrete, class_model.word_embed(codes), rtol=1e-6)
+  head = ResidualHead(channels=4, cond_dim=32, width=16, depth=1, norm="rms", rngs=nnx.Rngs(0))
+  assert head.condition(last, discrete).shape == (2, 9, 32)
+
+
+@pytest.mark.parametrize("kwargs", [TINY_CLASS, dict(TINY_CONTEXT, mlp="gpt2", adaln=False, timestep_level=True,
+                                                      pooling="avg", attn_l2_norm=True, context_norm=False)])
+def test_transformer_state_dict_round_trip(kwargs):
+  model = _randomize(HARTTransformer(**kwargs, rngs=nnx.Rngs(3)), 3, 0.2)
+  state = transformer_state_dict(model)
+  head_entries = residual_head_state_dict(ResidualHead(channels=4, cond_dim=32, width=16, depth=1, norm="rms",
+                                                       rngs=nnx.Rngs(0)))
+  state_with_buffers = {**state, **head_entries, "lvl_1L": np.zeros((1, 14)),
+                        "blocks.0.attn.zero_k_bias": np.zeros(32)}
+  loaded = load_transformer(state_with_buffers, kwargs)
+  if kwargs["conditioning"] == "class":
+    args, extra = (jnp.asarray([1, 3]),), {}
+  else:
+    context, positions = _context_batch()
+    args, extra = (context,), dict(context_positions=positions, context_mask=jnp.ones((2, 3), jnp.int32))
+  np.testing.assert_array_equal(loaded(*args, _inputs(), **extra), model(*args, _inputs(), **extra))
+  assert "blocks.1.attn.qkv_proj.weight" in state and state["word_embed.weight"].shape == (32, 4)
+
+
+def test_transformer_state_dict_errors(class_model):
+  state = transformer_state_dict(class_model)
+  with pytest.raises(ValueError, match="missing from the checkpoint: .*pos_start"):
+    load_transformer({k: v for k, v in state.items() if k != "pos_start"}, TINY_CLASS)
+  with pytest.raises(ValueError, match="not in the model: pos_1LC"):
+    load_transformer({**state, "pos_1LC": np.zeros((1, 14, 32))}, TINY_CLASS)
+  with pytest.raises(ValueError, match=r"head\.(weight|bias)"):
+    load_transformer(state, dict(TINY_CLASS, vocab_size=17))
+
+
+def test_transformer_bad_inputs_are_named(class_model, context_model):
+  with pytest.raises(ValueError, match="conditioning must be"):
+    HARTTransformer(**dict(TINY_T, conditioning="text"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="divisible by 4"):
+    HARTTransformer(**dict(TINY_CLASS, width=40, num_heads=4), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="next-scale inputs"):
+    class_model(jnp.asarray([1, 3]), _inputs()[:, :-1])
+  with pytest.raises(ValueError, match="labels"):
+    class_model(jnp.zeros((2, 3, 6)), _inputs())
+  context, _ = _context_batch()
+  with pytest.raises(ValueError, match="context_positions"):
+    context_model(context, _inputs())

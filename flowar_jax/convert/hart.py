@@ -7,6 +7,12 @@ prefix is dropped) and its discriminator's with `disc.` (not read). `quantize.em
 bookkeeping and is not read. A `double_decoder` checkpoint's `decoder2.*` / `post_quant_conv2.*` are not part of
 the inference model and are reported as unexpected.
 
+Transformer (`models.hart.HARTTransformer`, official `HARTForT2I`): `nn.Sequential` indices drop out
+(`ada_lin.1` -> `ada_lin`, `lvl_embed.mlp.0` / `.2` -> `lvl_embed.linear_1` / `_2`), an embedding's `weight` is
+`embedding`, a Linear `weight [out, in]` is a `kernel [in, out]`, and RMSNorm weights keep their name. The
+buffers `lvl_1L`, `attn_bias_for_masking` and `blocks.N.attn.zero_k_bias` follow from the config and are not
+read; `diffloss.*` and `decoder_norm.*` belong to the residual head (`load_residual_head`).
+
 Residual head: the transformer's `diffloss.net.*` (the MLP) and `decoder_norm.*` (the norm of its condition).
 `nn.Sequential` indices become names (`time_embed.mlp.0` / `.2` -> `time_embed.linear_1` / `_2`,
 `res_blocks.N.mlp.0` / `.2` -> `res_blocks.N.fc1` / `fc2`, `adaLN_modulation.1` -> `adaLN_modulation`), a Linear
@@ -25,6 +31,7 @@ from flax import nnx
 from flowar_jax.convert.params import params_from_state_dict, state_dict_from_params
 from flowar_jax.convert.var import vqvae_skipped, vqvae_to_flax, vqvae_to_torch_for
 from flowar_jax.heads.residual import ResidualHead
+from flowar_jax.models.hart import HARTTransformer
 from flowar_jax.tokenizers.hybrid import HybridTokenizer
 
 _WRAPPER = "vae."
@@ -96,7 +103,10 @@ def head_entries(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def load_residual_head(state_dict: dict[str, np.ndarray], head_kwargs: dict) -> ResidualHead:
   """A HART transformer (or head-only) state dict -> a ResidualHead holding `diffloss.net` and `decoder_norm`."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ResidualHead(**head_kwargs, rngs=nnx.Rngs(0))))
+  # Built concretely (it is small): the head's schedule tables are numpy attributes, which a second
+  # `nnx.eval_shape` in the same process compares as pytree metadata and fails on.
+  graphdef, abstract = nnx.split(ResidualHead(**head_kwargs, rngs=nnx.Rngs(0)))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
   norm = head_kwargs.get("norm", "layer")
   params = params_from_state_dict(head_entries(state_dict), abstract,
                                   to_flax=lambda name, array: head_to_flax(name, array, norm), to_torch=head_to_torch,
@@ -107,3 +117,54 @@ def load_residual_head(state_dict: dict[str, np.ndarray], head_kwargs: dict) -> 
 def residual_head_state_dict(head: ResidualHead) -> dict[str, np.ndarray]:
   """Our residual head's parameters -> official-named entries (`diffloss.net.*`, `decoder_norm.*`)."""
   return state_dict_from_params(nnx.state(head, nnx.Param), to_torch=head_to_torch)
+
+
+_TRANSFORMER_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
+_TRANSFORMER_NAMES = ((r"ada_lin\.1\.", "ada_lin."), (r"^lvl_embed\.mlp\.0\.", "lvl_embed.linear_1."),
+                      (r"^lvl_embed\.mlp\.2\.", "lvl_embed.linear_2."))
+_TRANSFORMER_NAMES_BACK = ((r"ada_lin\.", "ada_lin.1."), (r"^lvl_embed\.linear_1\.", "lvl_embed.mlp.0."),
+                           (r"^lvl_embed\.linear_2\.", "lvl_embed.mlp.2."))
+_TRANSFORMER_EMBEDDINGS = ("class_emb", "lvl_embed")
+
+
+def transformer_skipped(name: str) -> bool:
+  """Config buffers, and the residual head's entries (read by `load_residual_head`)."""
+  return name in _TRANSFORMER_BUFFERS or name.endswith(".zero_k_bias") or name.startswith(_HEAD_PREFIXES)
+
+
+def transformer_to_flax(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+  """One official HART transformer entry -> (our dotted name, array in our layout)."""
+  for theirs, ours in _TRANSFORMER_NAMES:
+    name = re.sub(theirs, ours, name)
+  for emb in _TRANSFORMER_EMBEDDINGS:
+    if name == emb + ".weight" and array.ndim == 2:
+      return emb + ".embedding", array
+  if name.endswith(".weight") and array.ndim == 2:
+    return name[:-len("weight")] + "kernel", array.T
+  return name, array
+
+
+def transformer_to_torch(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+  """Inverse of `transformer_to_flax`."""
+  for emb in _TRANSFORMER_EMBEDDINGS:
+    if name == emb + ".embedding":
+      return emb + ".weight", array
+  if name.endswith(".kernel"):
+    name, array = name[:-len("kernel")] + "weight", array.T
+  for ours, theirs in _TRANSFORMER_NAMES_BACK:
+    name = re.sub(ours, theirs, name)
+  return name, array
+
+
+def load_transformer(state_dict: dict[str, np.ndarray], model_kwargs: dict) -> HARTTransformer:
+  """An official HART transformer state dict (or one of ours, class-conditional) -> a HARTTransformer. The
+  residual head's entries are left to `load_residual_head`."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: HARTTransformer(**model_kwargs, rngs=nnx.Rngs(0))))
+  params = params_from_state_dict(state_dict, abstract, to_flax=transformer_to_flax, to_torch=transformer_to_torch,
+                                  skipped=transformer_skipped, where="the HART transformer state dict")
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+
+
+def transformer_state_dict(model: HARTTransformer) -> dict[str, np.ndarray]:
+  """Our transformer's parameters -> official-named entries (without the config buffers and the head)."""
+  return state_dict_from_params(nnx.state(model, nnx.Param), to_torch=transformer_to_torch)
