@@ -21,6 +21,7 @@ import json
 import os
 import re
 import statistics
+import statistics
 import sys
 import tempfile
 import time
@@ -104,37 +105,40 @@ def where(chain: list[tuple[str, str, int]]) -> str:
   return " < ".join(parts) or "?"
 
 
-def op_class(name: str, instructions: dict, computations: dict) -> str:
-  """What an executed op computes, from its opcode and, for a fusion, the ops it fuses."""
-  opcode, result, rest, calls, _ = instructions.get(name, ("?", "", "", None, "?"))
+def describe(name: str, instructions: dict, computations: dict) -> tuple[str, str]:
+  """(class, model code) of an executed op: what it computes, from its opcode and, for a fusion, the ops it
+  fuses; where the model builds it. A fusion of several products (XLA:CPU fuses chains of products and their
+  elementwise neighbours into one kernel) names the code of each product."""
+  opcode, result, rest, calls, place = instructions.get(name, ("?", "", "", None, "?"))
   inner = computations.get(calls, []) if calls else [(name, opcode, result, rest)]
   types = {n: r for n, _, r, _ in inner}
-  dots = [text for _, o, _, text in inner if o in ("dot", "convolution")]
+  dots = [(n, text) for n, o, _, text in inner if o in ("dot", "convolution")]
   if dots:
-    lhs = re.match(r"\s*%?([\w.\-]+)", dots[0])
-    dtype = types.get(lhs.group(1), "?") if lhs else "?"
-    if calls is None:  # an unfused product's operands are outside the instruction
-      dtype = "?"
-    return f"product {dtype.split('[')[0]}"
+    lhs = re.match(r"\s*%?([\w.\-]+)", dots[0][1])
+    dtype = types.get(lhs.group(1), "?") if lhs and calls else "?"  # an unfused product's operands are outside
+    kind = f"product {dtype.split('[')[0]}" + (f" x{len(dots)}" if len(dots) > 1 else "")
+    if len(dots) > 1:
+      place = " + ".join(dict.fromkeys(instructions[n][4].split(" < ")[0] for n, _ in dots if n in instructions))
+    return kind, place
   opcodes = {o for _, o, _, _ in inner} - {"parameter", "constant", "bitcast", "get-tuple-element", "tuple"}
   if opcode == "custom-call" or "custom-call" in opcodes:
-    return "custom-call"
+    return "custom-call", place
   if opcodes <= {"copy", "transpose", "broadcast", "reshape", "slice", "concatenate", "pad", "convert",
                  "dynamic-slice", "dynamic-update-slice"}:
-    return "data movement"
+    return "data movement", place
   if opcodes & {"reduce", "reduce-window"}:
-    return "reduction (+elementwise)"
+    return "reduction (+elementwise)", place
   if opcodes & {"exponential", "tanh", "erf", "log", "rsqrt", "sine", "cosine", "logistic", "power"}:
-    return "elementwise (transcendental)"
-  return "elementwise"
+    return "elementwise (transcendental)", place
+  return "elementwise", place
 
 
 def op_times(call, repeats: int) -> tuple[dict, float]:
   """Runs `call` `repeats` times under the profiler: ({op name: microseconds}, wall seconds).
 
   An op's time is the median of its executions times their number: an op in a loop body runs hundreds of times
-  per call, and the median keeps a spell of preemption on a shared machine (one execution that took a
-  time slice away) from being charged to whatever op it fell in."""
+  per call, and the median keeps a spell of preemption on a shared machine (one execution that lost a time
+  slice) from being charged to whatever op it fell in."""
   with tempfile.TemporaryDirectory() as directory:
     start = time.perf_counter()
     with jax.profiler.trace(directory, create_perfetto_trace=True):
@@ -175,9 +179,9 @@ def main() -> None:
   for name, micros in times.items():
     if name not in instructions or instructions[name][0] in CONTAINERS:
       continue  # runtime and Python events, and loops whose bodies are counted op by op
-    kind = op_class(name, instructions, computations)
-    rows[kind, instructions[name][4]] += micros
-    classes[kind] += micros
+    kind, place = describe(name, instructions, computations)
+    rows[kind, place] += micros
+    classes[kind.split(" x")[0]] += micros
   total = sum(rows.values())
   print(f"{args.mode}, {args.compute_dtype}: {wall / args.repeats:.3f} s per call (wall, profiled), "
         f"summed op time {total / 1e6 / args.repeats:.3f} s per call")
