@@ -260,7 +260,7 @@ def our_side(run: Run, data) -> dict[str, float]:
   out["encode"] = int(np.sum(np.concatenate([np.asarray(i) for i in indices], 1) != data["indices"]))
   theirs_idx = split(data["indices"].astype(np.int32))
   out["tf_input"] = rel_err(vq.quantize.teacher_forcing_input(theirs_idx), data["tf_input"])
-  out["decode"] = rel_err(vq.decode(theirs_idx), nhwc(data["decode"]))
+  out["decode"] = rel_err(vq.decode_indices(theirs_idx), nhwc(data["decode"]))
   out["reconstruct"] = rel_err(vq.reconstruct(jnp.asarray(nhwc(data["images"]))), nhwc(data["reconstruct"]))
   forward = nnx.jit(lambda model, x: model(labels, x))  # weights as arguments, not baked-in constants
   out["logits"] = rel_err(forward(var, jnp.asarray(data["tf_input"])), data["logits"])
@@ -269,7 +269,7 @@ def our_side(run: Run, data) -> dict[str, float]:
     settings = CategoricalSampling(cfg=cfg, top_k=run.top_k, top_p=top_p, more_smooth=smooth)
     uniforms = [jnp.asarray(data[f"{name}_u/{i}"]) for i in range(len(run.patch_nums))]
     gumbels = [jnp.asarray(data[f"{name}_g/{i}"]) for i in range(len(run.patch_nums))] if smooth else None
-    result = sample(var, vq.quantize, labels, settings, (uniforms, gumbels))
+    result = sample(var, vq, labels, settings, (uniforms, gumbels))
     tokens = np.concatenate([np.asarray(t) for t in result.tokens], 1)
     out[name] = int(np.sum(tokens != data[f"{name}_tokens"]))
     image = (vq.decode_fhat(result.f_hat) + 1) * 0.5

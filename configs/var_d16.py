@@ -1,7 +1,7 @@
-"""VAR-d16 on ImageNet 256 over the `vae_ch160v4096z32` multi-scale VQVAE (model, tokenizer and sampling
-sections; see docs/var.md). Load with `flowar_jax.config_files.load_config("configs/var_d16.py")`."""
-from flowar_jax.models.var_presets import var_config
+"""VAR-d16 on ImageNet 256 over the `vae_ch160v4096z32` multi-scale VQVAE (310.28M + 108.95M parameters), with
+the official FID sampling settings (see docs/var.md)."""
+from flowar_jax.config_var import var_preset
 
 
 def get_config():
-  return var_config(16)
+  return var_preset(16)

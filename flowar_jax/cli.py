@@ -35,6 +35,9 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "guidance applies where t <= th
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: config.sampling.solver)")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
                                    "dtype of the matrix products (default: config.sampling.compute_dtype)")
+_TOP_K = flags.DEFINE_integer("top_k", None, "VAR: sample among the k likeliest codes, 0 = all (default: "
+                              "config.sampling.top_k)")
+_TOP_P = flags.DEFINE_float("top_p", None, "VAR: nucleus sampling threshold, 0 = off (default: config.sampling.top_p)")
 _LABELS = flags.DEFINE_list("labels", None, "class labels, repeated to num_samples (default: every class in turn)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "images per compiled batch (default: config.sampling.batch_size)")
 _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample with the EMA weights (default: yes)")
@@ -239,11 +242,11 @@ def _parse_floats(name: str, raw: list[str]) -> list[float]:
 
 
 def _check_checkpoint(workdir: str) -> None:
-  """`sample` and `evaluate` read a FlowAR checkpoint: say how to get one before anything else runs."""
+  """`sample` and `evaluate` read a generator's checkpoint: say how to get one before anything else runs."""
   from flowar_jax.runs.checkpointing import checkpoint_exists  # pylint: disable=g-import-not-at-top
   from flowar_jax.runs.workdir import checkpoint_dir  # pylint: disable=g-import-not-at-top
   if not checkpoint_exists(checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"no FlowAR checkpoint in {checkpoint_dir(workdir)!r}: train one into that workdir "
+    raise FileNotFoundError(f"no model checkpoint in {checkpoint_dir(workdir)!r}: train one into that workdir "
                             f"(`train --workdir`) or convert official weights into it (`convert --workdir`)")
 
 
@@ -256,7 +259,8 @@ def _stored_run():
   _check_checkpoint(workdir)
   config = _CONFIG.value or stored_config(workdir)
   settings = settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value, guidance=_GUIDANCE.value,
-                           solver=_SOLVER.value, compute_dtype=_COMPUTE_DTYPE.value)
+                           solver=_SOLVER.value, compute_dtype=_COMPUTE_DTYPE.value, top_k=_TOP_K.value,
+                           top_p=_TOP_P.value)
   return workdir, config, settings
 
 
@@ -302,14 +306,9 @@ def _run(command: str) -> None:
              use_ema=_default(_USE_EMA.value, True), blend_original=_BLEND.value)
   else:
     from flowar_jax.commands import sample
-    from flowar_jax.runs.stored_config import stored_config
-    workdir = _WORKDIR.value
-    _check_checkpoint(workdir)
-    config = _CONFIG.value or stored_config(workdir)
+    workdir, config, settings = _stored_run()
     sample.run(config, workdir, seed=_SEED.value, labels=_parse_labels(_LABELS.value),
-               num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value, use_ema=_USE_EMA.value,
-               cfg=_CFG.value, num_steps=_NUM_STEPS.value, guidance=_GUIDANCE.value, solver=_SOLVER.value,
-               compute_dtype=_COMPUTE_DTYPE.value)
+               num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value, use_ema=_USE_EMA.value, settings=settings)
 
 
 def _known_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:

@@ -10,8 +10,14 @@ import ml_collections
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every preset (FlowAR-S on ImageNet 256 with MAR's KL-16 VAE)."""
+MODEL_NAMES = ("flowar", "var")  # the generators of `flowar_jax.models.registry`
+
+
+def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
+  """The schema and defaults of a `model` config: FlowAR-S on ImageNet 256 with MAR's KL-16 VAE, or VAR-d16 over
+  its VQVAE (`flowar_jax.config_var`). The sections other than model, vae and sampling are shared."""
+  if model not in MODEL_NAMES:
+    raise ValueError(f"config.model.name {model!r} is not a known model; known models: {', '.join(MODEL_NAMES)}")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 2048  # global, across all devices and hosts
@@ -26,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   # A step whose loss, gradients or new params are not finite is skipped (params, optimizer state and EMA
   # unchanged, counted in the state); this many in a row stop training with an error.
   c.max_consecutive_nonfinite_steps = 10
-  # Which stages `train` runs: 'vae', 'flowar', or 'both' (VAE first, then FlowAR on its latents).
+  # Which stages `train` runs: 'vae' (the tokenizer), the generator by its model name ('flowar', 'var'), or
+  # 'both' (the tokenizer first, then the generator on its tokens).
   c.stage = "flowar"
   # Workdir (or checkpoint directory) of a trained VAE; '' means WORKDIR/vae.
   c.vae_checkpoint = ""
@@ -42,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0
   c.data.cache_latents = False  # encode the train set once and train FlowAR on cached latents
 
+  # The tokenizer. FlowAR's: a KL VAE (MAR's KL-16 layout); VAR's: see flowar_jax/config_var.py.
   c.vae = ml_collections.ConfigDict()
   c.vae.in_channels = 3
   c.vae.base_channels = 128
@@ -149,6 +157,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.inception_weights = ""  # '' = look in ~/.cache/flowar_jax (nothing is downloaded)
   c.eval.resize = "adm"  # Inception input: 'adm' (ADM's TF graph) | 'pytorch-fid'
   c.eval.inception_batch_size = 200  # images per Inception step, split over the devices
+  if model == "var":
+    from flowar_jax.config_var import add_var_sections  # pylint: disable=g-import-not-at-top  (imports this one)
+    add_var_sections(c)
   c.lock()  # existing keys can change; new (misspelt) ones raise
   return c
 
@@ -161,15 +172,26 @@ def latent_side(config: ml_collections.ConfigDict) -> int:
   return config.data.image_size // vae_stride(config)
 
 
+def trains_tokenizer(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.stage` runs the tokenizer stage ('vae' or 'both')."""
+  return config.stage in ("vae", "both")
+
+
+def trains_generator(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.stage` runs the generator stage (the model's name, or 'both')."""
+  return config.stage in (config.model.name, "both")
+
+
 _CHOICES = {
-    "stage": ("vae", "flowar", "both"),
     "data.name": ("digits", "image_folder", "imagenet"),
-    "model.head.variant": ("v1", "v2"),
     "model.attention_impl": ("xla", "pallas", "auto"),
-    "sampling.solver": ("euler", "heun"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "sampling.compute_dtype": ("float32", "bfloat16"),
     "eval.resize": ("adm", "pytorch-fid"),
+}
+_FLOWAR_CHOICES = {
+    "model.head.variant": ("v1", "v2"),
+    "sampling.solver": ("euler", "heun"),
 }
 _EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits")
 
@@ -198,7 +220,8 @@ def check_types(config: ml_collections.ConfigDict) -> None:
   Catches what a locked ConfigDict lets through: a config built by hand or from JSON, and tuple overrides
   such as `--config.model.scales=(1,2.5,4)` or `=(1,2,x)`, which parse element by element.
   """
-  schema = dict(_flatten(base_config()))
+  name = config.model.get("name", "flowar") if "model" in config else "flowar"
+  schema = dict(_flatten(base_config(name)))
   flat = dict(_flatten(config))
   unknown = sorted(set(flat) - set(schema))
   if unknown:
@@ -239,18 +262,61 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   split are not checked.
   """
   check_types(config)
-  from flowar_jax.models import registry  # pylint: disable=g-import-not-at-top  (imports jax)
-  registry.check_model_name(config.model.name)
   flat = {k: v for k, v in _flatten(config)}
-  for key, choices in _CHOICES.items():
-    if flat[key] not in choices:
-      raise ValueError(f"config.{key} must be one of {choices}, got {flat[key]!r}")
+  stages = ("vae", config.model.name, "both")
+  if config.stage not in stages:
+    raise ValueError(f"config.stage must be one of {stages} (the tokenizer, the generator, or both), got "
+                     f"{config.stage!r}")
+  choices = dict(_CHOICES, **(_FLOWAR_CHOICES if config.model.name == "flowar" else {}))
+  for key, allowed in choices.items():
+    if flat[key] not in allowed:
+      raise ValueError(f"config.{key} must be one of {allowed}, got {flat[key]!r}")
   for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "log_every_steps", "keep_checkpoints",
-              "max_consecutive_nonfinite_steps",
-              "vae.train.batch_size", "vae.train.num_train_steps", "model.width", "model.depth",
-              "model.num_heads", "model.num_classes", "model.head.width", "model.head.depth",
-              "model.head.head_dim", "data.image_size", "sampling.num_steps", "sampling.num_samples",
-              "sampling.batch_size", "vae.latent_channels", "vae.base_channels"):
+              "max_consecutive_nonfinite_steps", "vae.train.batch_size", "vae.train.num_train_steps",
+              "model.num_classes", "data.image_size", "sampling.num_samples", "sampling.batch_size"):
+    if int(flat[key]) < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {flat[key]}")
+  if config.model.name == "flowar":
+    _validate_flowar_sections(config, flat)
+  else:
+    from flowar_jax.config_var import validate_var_sections  # pylint: disable=g-import-not-at-top
+    validate_var_sections(config)
+  for key in ("data.eval_fraction", "optimizer.ema_decay"):
+    if not 0.0 <= flat[key] <= 1.0:
+      raise ValueError(f"config.{key} must lie in [0, 1], got {flat[key]}")
+  if config.sample_every_steps < 0:
+    raise ValueError(f"config.sample_every_steps must be >= 0 (0 = off), got {config.sample_every_steps}")
+  grid_labels = tuple(config.sample_grid_labels)
+  if len(grid_labels) > 64 or any(not 0 <= int(k) < config.model.num_classes for k in grid_labels):
+    raise ValueError(f"config.sample_grid_labels must hold at most 64 classes in [0, model.num_classes = "
+                     f"{config.model.num_classes}), got {grid_labels}")
+  unknown = [m for m in config.eval.metrics if m not in _EVAL_METRICS]
+  if unknown:
+    raise ValueError(f"config.eval.metrics has unknown metrics {unknown}; choose from {_EVAL_METRICS}")
+  if config.eval.every_steps < 0:
+    raise ValueError(f"config.eval.every_steps must be >= 0 (0 turns it off), got {config.eval.every_steps}")
+  if config.eval.reference_size < 4:
+    raise ValueError(f"config.eval.reference_size must be >= 4 (precision / recall use each image's 3 nearest "
+                     f"neighbours), got {config.eval.reference_size}")
+  for key in ("eval.num_samples", "eval.train_num_samples", "eval.reference_stats_size"):
+    if flat[key] < 2:
+      raise ValueError(f"config.{key} must be >= 2 (feature covariances need two samples), got {flat[key]}")
+  if config.eval.inception_batch_size < 1:
+    raise ValueError(f"config.eval.inception_batch_size must be >= 1, got {config.eval.inception_batch_size}")
+  from flowar_jax.parallel import blocks, logical, mesh, remat  # pylint: disable=g-import-not-at-top  (imports jax)
+  remat.check_remat(config.model.remat)
+  logical.parse_rules(config.sharding.rules)
+  if num_devices is None:
+    return
+  ici, dcn = mesh.resolve_mesh_shape(config.mesh, num_devices, num_slices)
+  blocks.check_scan_mesh(config.model.get("scan_blocks", False), ici[0] * dcn[0], ici[1] * dcn[1], ici[2] * dcn[2])
+  check_batch_divisible(config, ici[0] * dcn[0] * ici[1] * dcn[1])  # data x fsdp hold different examples
+
+
+def _validate_flowar_sections(config: ml_collections.ConfigDict, flat: dict) -> None:
+  """Values of FlowAR's model, vae and sampling sections, and their agreement with `data`."""
+  for key in ("model.width", "model.depth", "model.num_heads", "model.head.width", "model.head.depth",
+              "model.head.head_dim", "sampling.num_steps", "vae.latent_channels", "vae.base_channels"):
     if int(flat[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1, got {flat[key]}")
   stride = vae_stride(config)
@@ -277,41 +343,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     if (config.vae.base_channels * mult) % groups:
       raise ValueError(f"config.vae.norm_groups {groups} does not divide the VAE width "
                        f"{config.vae.base_channels * mult}")
-  for key in ("model.label_drop_prob", "model.attn_dropout", "model.proj_dropout", "data.eval_fraction",
-              "sampling.guidance", "optimizer.ema_decay"):
+  for key in ("model.label_drop_prob", "model.attn_dropout", "model.proj_dropout", "sampling.guidance"):
     if not 0.0 <= flat[key] <= 1.0:
       raise ValueError(f"config.{key} must lie in [0, 1], got {flat[key]}")
-  if config.sample_every_steps < 0:
-    raise ValueError(f"config.sample_every_steps must be >= 0 (0 = off), got {config.sample_every_steps}")
-  grid_labels = tuple(config.sample_grid_labels)
-  if len(grid_labels) > 64 or any(not 0 <= int(k) < config.model.num_classes for k in grid_labels):
-    raise ValueError(f"config.sample_grid_labels must hold at most 64 classes in [0, model.num_classes = "
-                     f"{config.model.num_classes}), got {grid_labels}")
-  unknown = [m for m in config.eval.metrics if m not in _EVAL_METRICS]
-  if unknown:
-    raise ValueError(f"config.eval.metrics has unknown metrics {unknown}; choose from {_EVAL_METRICS}")
-  if config.eval.every_steps < 0:
-    raise ValueError(f"config.eval.every_steps must be >= 0 (0 turns it off), got {config.eval.every_steps}")
-  if config.eval.reference_size < 4:
-    raise ValueError(f"config.eval.reference_size must be >= 4 (precision / recall use each image's 3 nearest "
-                     f"neighbours), got {config.eval.reference_size}")
-  for key in ("eval.num_samples", "eval.train_num_samples", "eval.reference_stats_size"):
-    if flat[key] < 2:
-      raise ValueError(f"config.{key} must be >= 2 (feature covariances need two samples), got {flat[key]}")
-  if config.eval.inception_batch_size < 1:
-    raise ValueError(f"config.eval.inception_batch_size must be >= 1, got {config.eval.inception_batch_size}")
   if config.sampling.cfg < 0:
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
   if config.vae.latent_scale < 0:
     raise ValueError(f"config.vae.latent_scale must be > 0, or 0 to measure it, got {config.vae.latent_scale}")
-  from flowar_jax.parallel import blocks, logical, mesh, remat  # pylint: disable=g-import-not-at-top  (imports jax)
-  remat.check_remat(config.model.remat)
-  logical.parse_rules(config.sharding.rules)
-  if num_devices is None:
-    return
-  ici, dcn = mesh.resolve_mesh_shape(config.mesh, num_devices, num_slices)
-  blocks.check_scan_mesh(config.model.scan_blocks, ici[0] * dcn[0], ici[1] * dcn[1], ici[2] * dcn[2])
-  check_batch_divisible(config, ici[0] * dcn[0] * ici[1] * dcn[1])  # data x fsdp hold different examples
 
 
 def flatten_config(config: ml_collections.ConfigDict) -> dict:
@@ -328,11 +366,12 @@ def _flatten(config, prefix=""):
 
 
 def config_from_dict(values: dict) -> ml_collections.ConfigDict:
-  """Rebuilds a locked config from a plain dict (e.g. the JSON stored with a checkpoint).
+  """Rebuilds a locked config from a plain dict (e.g. the JSON stored with a checkpoint), on the schema of its
+  `model.name` (FlowAR's when absent).
 
   Keys the schema doesn't know raise an error naming them; lists become tuples where the schema has tuples.
   """
-  config = base_config()
+  config = base_config(values.get("model", {}).get("name", "flowar"))
 
   def fill(target: ml_collections.ConfigDict, source: dict, prefix: str):
     for key, value in source.items():

@@ -92,7 +92,7 @@ def preemptible(workdir, reference_dir):
   from flowar_jax.models.registry import build_model, build_vae  # pylint: disable=g-import-not-at-top
   from flowar_jax.parallel.plan import ShardingPlan  # pylint: disable=g-import-not-at-top
   from flowar_jax.runs.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training.flowar_stage import flowar_loss_fn  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training.generator_stage import generator_loss_fn  # pylint: disable=g-import-not-at-top
   from flowar_jax.training.optimizer import flowar_optimizer  # pylint: disable=g-import-not-at-top
   import grain  # pylint: disable=g-import-not-at-top
   config = make_config((jax.device_count(), 1, 1))
@@ -111,7 +111,7 @@ def preemptible(workdir, reference_dir):
   report = {"process": jax.process_index(), "first_run": first_run}
   try:
     _, state = loop.train(workdir=run_dir, model_factory=functools.partial(build_model, config, config.seed),
-                          loss_fn=flowar_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
+                          loss_fn=generator_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
                           ema_decay=config.optimizer.ema_decay, data_iterator=data, num_steps=STEPS, config=config,
                           seed=config.seed, checkpoint_every=100, keep=3, log_every=1, context=plan.place(vae_params),
                           periodic=periodic, plan=plan)

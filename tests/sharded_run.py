@@ -28,7 +28,7 @@ from flowar_jax.parallel.plan import ShardingPlan  # noqa: E402
 from flowar_jax.runs.checkpointing import Checkpointer  # noqa: E402
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings  # noqa: E402
 from flowar_jax.training import loop  # noqa: E402
-from flowar_jax.training.flowar_stage import flowar_loss_fn  # noqa: E402
+from flowar_jax.training.generator_stage import generator_loss_fn  # noqa: E402
 from flowar_jax.training.optimizer import flowar_optimizer  # noqa: E402
 from flowar_jax.training.state import make_train_step  # noqa: E402
 
@@ -73,7 +73,7 @@ class Run:
     self.checkpointer = Checkpointer(checkpoint_dir)
     self.graphdef, self.state = loop.create_or_restore(functools.partial(build_model, config, config.seed),
                                                        self.tx, config.seed, self.checkpointer, plan=self.plan)
-    self.step_fn = make_train_step(self.graphdef, flowar_loss_fn(vae_graphdef, config), self.tx,
+    self.step_fn = make_train_step(self.graphdef, generator_loss_fn(vae_graphdef, config), self.tx,
                                    config.optimizer.ema_decay, schedule, plan=self.plan,
                                    state_shardings=jax.tree.map(lambda x: x.sharding, self.state),
                                    context_shardings=jax.tree.map(lambda x: x.sharding, self.context))

@@ -141,7 +141,7 @@ def test_path_errors_are_one_line_naming_the_fix(case, tmp_path, request):
   """Each stops before anything is compiled, with exit code 2 and one line naming the problem and the fix."""
   if case == "no_checkpoint":
     checkpoints = os.path.join(str(tmp_path), "checkpoints")
-    args, expected = ["sample", "--workdir", str(tmp_path)], [f"no FlowAR checkpoint in {checkpoints!r}",
+    args, expected = ["sample", "--workdir", str(tmp_path)], [f"no model checkpoint in {checkpoints!r}",
                                                               "train one", "convert"]
   elif case == "no_config_file":
     args = ["train", "--config", "configs/digit.py", "--workdir", str(tmp_path), "--config.batch_size=8"]
@@ -163,7 +163,7 @@ def test_path_errors_are_one_line_naming_the_fix(case, tmp_path, request):
 def test_verbose_adds_the_traceback(flag, tmp_path):
   proc = cli("sample", "--workdir", str(tmp_path), *flag, check_ok=False)
   assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr
-  assert proc.stderr.strip().splitlines()[-1].startswith("flowar-jax sample: error: no FlowAR checkpoint")
+  assert proc.stderr.strip().splitlines()[-1].startswith("flowar-jax sample: error: no model checkpoint")
 
 
 def test_missing_vae_checkpoint_is_named(tmp_path):

@@ -10,7 +10,7 @@ from flax import nnx
 from conftest import tiny_config
 from flowar_jax.models.flowar import FlowAR
 from flowar_jax.sampling import editing
-from flowar_jax.sampling.ode import integrate
+from flowar_jax.heads.flow_sampling import integrate
 from flowar_jax.sampling.sampler import SamplingSettings, sample_keys, sample_latents
 from flowar_jax.models.time_grid import time_grid
 from flowar_jax.scales import ScaleSchedule, scale_targets

@@ -699,13 +699,13 @@ def test_evaluate_command_stops_clearly_without_weights(trained, tmp_path):
 
 
 def test_periodic_evaluation_during_training(trained, tmp_path, monkeypatch):
-  """train_flowar hands the loop an evaluation on `eval.every_steps`; run it on two sets of trained weights (the
+  """train_generator hands the loop an evaluation on `eval.every_steps`; run it on two sets of trained weights (the
   loop itself, which runs periodic actions after checkpoints, is tested in test_training)."""
   _, workdir, _ = trained
   from flowar_jax.models.params import split_params  # pylint: disable=g-import-not-at-top
   from flowar_jax.models.registry import build_model  # pylint: disable=g-import-not-at-top
   from flowar_jax.runs.loaders import load_params  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training import flowar_stage, loop  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training import generator_stage, loop  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.stage = "flowar"
   config.vae_checkpoint = os.path.join(workdir, "vae")
@@ -715,7 +715,7 @@ def test_periodic_evaluation_during_training(trained, tmp_path, monkeypatch):
   captured = {}
   monkeypatch.setattr(loop, "train", lambda **kwargs: captured.update(kwargs))
   run = str(tmp_path / "run")
-  flowar_stage.train_flowar(config, run)
+  generator_stage.train_generator(config, run)
   (evaluation,) = captured["periodic"]
   assert evaluation.every == 2
 

@@ -108,20 +108,26 @@ def test_loss_weights_per_scale(model_and_data):
   assert np.isfinite(float(total))
 
 
+DROPOUT_KINDS = {"labels": ("label_drop_prob",), "network": ("attn_dropout", "proj_dropout")}
+
+
 @pytest.mark.parametrize("variant", ["v1", "v2"])
-def test_loss_dropout_only_in_training(variant):
-  """With the same key, train=True drops labels and activations (the loss moves); train=False is the model
-  with every dropout rate at zero."""
+@pytest.mark.parametrize("kind", sorted(DROPOUT_KINDS))
+def test_loss_dropout_only_in_training(variant, kind):
+  """Each kind of dropout on its own: with the same key, train=True drops (the loss moves) and train=False is
+  the model with that rate at zero, so dropout left on in evaluation fails whichever kind it is."""
   config = tiny_config(variant)
+  for name in ("label_drop_prob", "attn_dropout", "proj_dropout"):
+    config.model[name] = 0.5 if name in DROPOUT_KINDS[kind] else 0.0  # 0.5: 8 labels keep all with p 0.004
   model = perturbed(FlowAR(config.model, 4, rngs=nnx.Rngs(0)))
-  latents = jax.random.normal(jax.random.key(1), (3, 4, 4, 4))
-  labels = jnp.array([1, 2, 3])
+  latents = jax.random.normal(jax.random.key(1), (8, 4, 4, 4))
+  labels = jnp.arange(8) % 10
   key = jax.random.key(4)
-  assert model.label_drop_prob > 0
   trained = model.loss(latents, labels, key, train=True)[0]
   evaluated = model.loss(latents, labels, key, train=False)[0]
   assert float(trained) != float(evaluated)
-  config.model.label_drop_prob = config.model.attn_dropout = config.model.proj_dropout = 0.0
+  for name in DROPOUT_KINDS[kind]:
+    config.model[name] = 0.0
   no_dropout = perturbed(FlowAR(config.model, 4, rngs=nnx.Rngs(0)))  # the same parameters
   np.testing.assert_array_equal(no_dropout.loss(latents, labels, key, train=True)[0], evaluated)
 

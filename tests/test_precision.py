@@ -14,7 +14,7 @@ from flowar_jax.config import validate_config
 from flowar_jax.models.flowar import FlowAR
 from flowar_jax.models.layers import dropout, linear, linear_chunks
 from flowar_jax.models.rope import rope_tables
-from flowar_jax.sampling.ode import integrate
+from flowar_jax.heads.flow_sampling import integrate
 from flowar_jax.sampling.sampler import SamplingSettings, sample_keys, sample_latents
 
 # (lhs shape, rhs shape, dimension numbers): a linear layer, attention scores and values (batch dimensions

@@ -249,7 +249,7 @@ def test_measured_latent_scale_is_the_same_on_every_resume(trained, tmp_path):
   """`vae.latent_scale = 0`: a run killed before FlowAR's first checkpoint measures the scale again and gets the
   same number (from the latent cache or by encoding); once a checkpoint exists, its stored scale is used."""
   from flowar_jax.runs.loaders import load_vae  # pylint: disable=g-import-not-at-top
-  from flowar_jax.training import flowar_stage  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training import generator_stage  # pylint: disable=g-import-not-at-top
   config, reference, _ = trained
   config = config.copy_and_resolve_references()
   config.vae.latent_scale = 0.0
@@ -257,13 +257,13 @@ def test_measured_latent_scale_is_the_same_on_every_resume(trained, tmp_path):
   vae = load_vae(config, str(tmp_path))
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  first = flowar_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale  # encodes, writes the cache
+  first = generator_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale  # encodes, writes the cache
   assert first > 0 and os.path.exists(os.path.join(workdir, "latent_cache", "manifest.json"))
-  assert flowar_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale == first  # from the cache
+  assert generator_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale == first  # from the cache
   config.data.cache_latents = False
-  assert flowar_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale == first  # encoded afresh
+  assert generator_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale == first  # encoded afresh
   stored = config.copy_and_resolve_references()
   stored.vae.latent_scale = 0.5
   with Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
     checkpointer.save(3, {"w": np.zeros(2, np.float32)}, config=stored)
-  assert flowar_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale == 0.5
+  assert generator_stage.resolve_latent_scale(config, vae, workdir).vae.latent_scale == 0.5

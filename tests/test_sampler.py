@@ -8,7 +8,7 @@ from flax import nnx
 from conftest import tiny_config
 from flowar_jax.models.flowar import FlowAR
 from flowar_jax.models.time_grid import time_grid
-from flowar_jax.sampling.ode import guided_velocity, integrate
+from flowar_jax.heads.flow_sampling import guided_velocity, integrate
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings, sample_keys, sample_latents
 
 

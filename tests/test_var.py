@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flowar_jax.config import validate_config
 from flowar_jax.config_files import load_config
 from flowar_jax.convert.var import load_var, load_vqvae, var_state_dict, vqvae_state_dict
 from flowar_jax.heads import CategoricalSampling, filter_top_k_top_p, guided_logits, gumbel_softmax, sample_from_uniform
 from flowar_jax.models.params import flat_params
-from flowar_jax.models.var import VAR, sample, sampling_draws
-from flowar_jax.models.var_presets import build_tokenizer, build_var, check_config, sampling_settings
+from flowar_jax.models.var import VAR, KnownTokens, sample, sampling_draws
+from flowar_jax.models.registry import build_model, build_vae, tokenizer_seam
+from flowar_jax.sampling.generate import settings_from
 from flowar_jax.scales.resize import area_resize, bicubic_resize
 from flowar_jax.tokenizers import MultiScaleVQVAE, phi_index
 
@@ -32,8 +34,9 @@ def _count(build) -> float:
 def test_published_var_sizes(depth, millions):
   """The preset files build the published sizes (as the official code counts them)."""
   config = load_config(os.path.join(_REPO, "configs", f"var_d{depth}.py"))
-  check_config(config)
-  assert round(_count(lambda: build_var(config, nnx.Rngs(0))), 2) == millions
+  validate_config(config)
+  assert round(_count(lambda: build_model(config)), 2) == millions
+  assert round(_count(lambda: build_vae(config)), 2) == 108.95
 
 
 def test_published_vqvae_size():
@@ -104,7 +107,7 @@ def test_cached_sampling_equals_full_forward(shared_aln, l2):
   vq = MultiScaleVQVAE(**TINY_VQ, rngs=nnx.Rngs(4))
   labels = jnp.asarray([1, 3], jnp.int32)
   settings = CategoricalSampling(cfg=0.0, top_k=0, top_p=0.0)  # cfg 0: guided logits are the conditional ones
-  result = sample(var, vq.quantize, labels, settings, sampling_draws(jax.random.key(6), 2, TINY_SCALES, 16, False))
+  result = sample(var, vq, labels, settings, sampling_draws(jax.random.key(6), 2, TINY_SCALES, 16, False))
   cached = jnp.concatenate([l[:2] for l in result.logits], axis=1)
   full = var(labels, vq.quantize.teacher_forcing_input(result.tokens))
   np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)
@@ -120,18 +123,18 @@ def test_sampling_is_a_function_of_the_draws(tiny):
   labels = jnp.asarray([0, 4], jnp.int32)
   settings = CategoricalSampling(cfg=2.0, top_k=8, top_p=0.9)
   run = lambda key: np.concatenate([np.asarray(t) for t in sample(
-      var, vq.quantize, labels, settings, sampling_draws(jax.random.key(key), 2, TINY_SCALES, 16, False)).tokens], 1)
+      var, vq, labels, settings, sampling_draws(jax.random.key(key), 2, TINY_SCALES, 16, False)).tokens], 1)
   np.testing.assert_array_equal(run(0), run(0))
   assert (run(0) != run(1)).any()
   smooth = CategoricalSampling(cfg=2.0, top_k=8, top_p=0.9, more_smooth=True)
   draws = sampling_draws(jax.random.key(0), 2, TINY_SCALES, 16, True)
-  eager = sample(var, vq.quantize, labels, smooth, draws)
-  jitted = nnx.jit(lambda v, q, d: sample(v, q, labels, smooth, d))(var, vq.quantize, draws)
+  eager = sample(var, vq, labels, smooth, draws)
+  jitted = nnx.jit(lambda v, q, d: sample(v, q, labels, smooth, d))(var, vq, draws)
   for a, b in zip(eager.tokens, jitted.tokens):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(eager.f_hat, jitted.f_hat, atol=1e-5)
   with pytest.raises(ValueError, match="gumbel"):
-    sample(var, vq.quantize, labels, smooth, (draws[0], None))
+    sample(var, vq, labels, smooth, (draws[0], None))
 
 
 def test_phi_index_rule():
@@ -159,14 +162,14 @@ def test_vq_round_trip(tiny):
   idx2, f_hats = vq.quantize.quantize(f)
   # decoding the indices rebuilds the quantiser's own final f_hat, and the images
   np.testing.assert_allclose(vq.quantize.indices_to_fhat(indices), f_hats[-1], atol=1e-5)
-  np.testing.assert_allclose(vq.decode(indices), vq.reconstruct(images), atol=1e-5)
-  assert float(jnp.abs(vq.decode(indices)).max()) <= 1.0
+  np.testing.assert_allclose(vq.decode_indices(indices), vq.reconstruct(images), atol=1e-5)
+  assert float(jnp.abs(vq.decode_indices(indices)).max()) <= 1.0
   # scale 0's code is the nearest code to the features' mean
   np.testing.assert_array_equal(indices[0][:, 0], vq.quantize.nearest(area_resize(f, 1).reshape(2, 4)))
   with pytest.raises(ValueError, match="images"):
     vq.encode(images[:, :4])
   with pytest.raises(ValueError, match="lengths"):
-    vq.decode(indices[::-1])
+    vq.decode_indices(indices[::-1])
 
 
 def test_teacher_forcing_input_is_the_next_scale_input(tiny):
@@ -279,18 +282,51 @@ def test_vqvae_state_dict_round_trip(tiny):
     load_vqvae(sd, TINY_VQ)
 
 
-@pytest.mark.parametrize("name,depth", [("var_d16", 16), ("var_digits", 2)])
-def test_configs_build(name, depth):
+@pytest.mark.parametrize("name,depth,width", [("var_d16", 16, 1024), ("var_digits", 2, 128)])
+def test_configs_build(name, depth, width):
   config = load_config(os.path.join(_REPO, "configs", f"{name}.py"))
-  check_config(config)
-  var = nnx.eval_shape(lambda: build_var(config, nnx.Rngs(0)))
-  vq = nnx.eval_shape(lambda: build_tokenizer(config, nnx.Rngs(0)))
-  assert (var.depth, var.width, var.num_heads) == (depth, 64 * depth, depth)
-  assert vq.patch_nums == var.schedule.sides and sampling_settings(config).top_k <= var.vocab_size
+  validate_config(config)
+  var = nnx.eval_shape(lambda: build_model(config))
+  vq = nnx.eval_shape(lambda: build_vae(config))
+  assert (var.depth, var.width) == (depth, width) and tokenizer_seam(config, vq) is vq
+  assert vq.patch_nums == var.schedule.sides and settings_from(config).top_k <= var.vocab_size
   assert vq.patch_nums[-1] * vq.downsample == config.data.image_size
 
 
-def test_config_mismatch_is_named():
-  config = load_config(os.path.join(_REPO, "configs", "var_digits.py"), {"model.cvae": 16, "sampling.top_k": 100})
-  with pytest.raises(ValueError, match=r"z_channels 8 != model.cvae 16.*top_k 100 exceeds"):
-    check_config(config)
+@pytest.mark.parametrize("overrides,message", [
+    ({"sampling.top_k": 100}, r"top_k must lie in \[0, vae.vocab_size = 64\]"),
+    ({"data.image_size": 32}, r"data.image_size 32 must equal the last scale x the VQVAE's stride = 4 x 4"),
+    ({"model.width": 100, "model.num_heads": 3}, "width 100 .* not divisible by the number of heads 3"),
+    ({"data.cache_latents": True}, "cache_latents caches a KL VAE's posterior"),
+    ({"stage": "flowar"}, r"config.stage must be one of \('vae', 'var', 'both'\)"),
+])
+def test_config_errors_are_named(overrides, message):
+  config = load_config(os.path.join(_REPO, "configs", "var_digits.py"), overrides)
+  with pytest.raises(ValueError, match=message):
+    validate_config(config)
+
+
+def test_flowar_keys_are_unknown_to_var():
+  with pytest.raises(Exception, match="head"):
+    load_config(os.path.join(_REPO, "configs", "var_digits.py"), {"model.head.depth": 2})
+
+
+def test_known_tokens_are_kept_and_condition_the_rest(tiny):
+  """Zero-shot editing: tokens outside the mask are the image's own at every scale; the masked ones are
+  generated, and differ from a plain sample's only through what they are conditioned on."""
+  var, vq = tiny
+  labels = jnp.asarray([1, 3], jnp.int32)
+  settings = CategoricalSampling(cfg=1.5, top_k=8, top_p=0.0)
+  images = jax.random.uniform(jax.random.key(5), (2, 8, 8, 3), minval=-1, maxval=1)
+  own = vq.encode(images)
+  # generate the right half of every scale's token map
+  masks = [jnp.broadcast_to((jnp.arange(pn * pn) % pn) >= pn // 2, (2, pn * pn)) for pn in TINY_SCALES]
+  draws = sampling_draws(jax.random.key(9), 2, TINY_SCALES, 16, False)
+  edited = sample(var, vq, labels, settings, draws, KnownTokens(own, masks))
+  for got, keep_from, mask in zip(edited.tokens, own, masks):
+    np.testing.assert_array_equal(np.where(mask, -1, got), np.where(mask, -1, keep_from))
+  plain = sample(var, vq, labels, settings, draws)
+  generated = np.concatenate([np.asarray(t)[np.asarray(m)] for t, m in zip(edited.tokens, masks)])
+  plain_generated = np.concatenate([np.asarray(t)[np.asarray(m)] for t, m in zip(plain.tokens, masks)])
+  assert (generated != plain_generated).any()  # the kept tokens changed what was generated
+  np.testing.assert_allclose(edited.f_hat, vq.quantize.indices_to_fhat(edited.tokens), atol=1e-5)

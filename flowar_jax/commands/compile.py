@@ -36,19 +36,18 @@ import ml_collections
 from flax import nnx
 from jax.experimental import topologies
 
-from flowar_jax.config import latent_side, validate_config
+from flowar_jax.config import latent_side, trains_generator, trains_tokenizer, validate_config
 from flowar_jax.models import flops
 from flowar_jax.models.params import split_params
 from flowar_jax.models.registry import build_model, build_vae
-from flowar_jax.models.vae import decode_from_latents
 from flowar_jax.models.vae_trainable import VAETrainable
 from flowar_jax.parallel import logical
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.generate import settings_from
-from flowar_jax.sampling.sampler import Sampler
-from flowar_jax.training import flowar_stage, vae_stage
+from flowar_jax.sampling.sampler import image_sampler
+from flowar_jax.training import generator_stage, vae_stage
 from flowar_jax.training.optimizer import flowar_optimizer
 from flowar_jax.training.state import init_train_state, make_train_step
 
@@ -209,39 +208,40 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
     return Program(name, lambda: step.lower(*args), args, jax.tree.leaves(batch)[0].shape[0], batch_flag, remat,
                    model_flops)
 
-  size, channels = config.data.image_size, config.vae.in_channels
+  size, channels = config.data.image_size, config.vae.get("in_channels", 3)
   images = ((size, size, channels), jnp.float32)
   labels = ((), jnp.int32)
   programs = []
-  if config.stage in ("vae", "both"):
+  flowar = config.model.name == "flowar"
+  if trains_tokenizer(config) and flowar:
     tx, schedule = vae_stage.vae_optimizer(config.vae.train)
     programs.append(step_program(
         "vae train step", "--config.vae.train.batch_size",
         functools.partial(VAETrainable, config, config.seed), tx, schedule, vae_stage.VAE_EMA_DECAY,
         vae_stage.vae_stage_loss(config.vae.train),
         batch_of(config.vae.train.batch_size, image=images, label=labels), None))
-  if config.stage in ("flowar", "both"):
+  if trains_generator(config):
     vae_graphdef, vae_params = split_params(nnx.eval_shape(functools.partial(build_vae, config)))
     tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
-    if config.data.cache_latents:
+    if flowar and config.data.cache_latents:
       side = latent_side(config)
       batch = batch_of(config.batch_size, moments=((side, side, 2 * config.vae.latent_channels), jnp.float32),
                        label=labels)
     else:
       batch = batch_of(config.batch_size, image=images, label=labels)
     programs.append(step_program(
-        "flowar train step", "--config.batch_size", functools.partial(build_model, config, config.seed), tx,
-        schedule, config.optimizer.ema_decay, flowar_stage.flowar_loss_fn(vae_graphdef, config), batch,
-        plan.abstract(vae_params), remat=True, model_flops=float(flops.training_flops_per_step(config))))
+        f"{config.model.name} train step", "--config.batch_size", functools.partial(build_model, config, config.seed),
+        tx, schedule, config.optimizer.ema_decay, generator_stage.generator_loss_fn(vae_graphdef, config), batch,
+        plan.abstract(vae_params), remat=True,
+        model_flops=float(flops.training_flops_per_step(config)) if flowar else None))
   return programs
 
 
 def _sampler_program(config: ml_collections.ConfigDict, plan: ShardingPlan) -> Program:
   model = nnx.eval_shape(functools.partial(build_model, config))
   vae = nnx.eval_shape(functools.partial(build_vae, config))
-  scale = config.vae.latent_scale or 1.0
-  sampler = Sampler(model, settings_from(config), decode=lambda v, z: decode_from_latents(v, z, scale),
-                    decoder_module=vae, plan=plan)
+  scale = (config.vae.latent_scale or 1.0) if config.model.name == "flowar" else 1.0
+  sampler = image_sampler(model, vae, settings_from(config), scale, plan)
   batch = round_up_to_data_parallel(plan, config.sampling.batch_size)
   return Program("sampler", lambda: sampler.lower(batch), sampler.lower_args(batch), batch,
                  "--config.sampling.batch_size")
@@ -268,7 +268,7 @@ def topology_plan(config: ml_collections.ConfigDict, topology: str) -> ShardingP
 def programs_for(config: ml_collections.ConfigDict, plan: ShardingPlan, *, sampler: bool = True) -> list[Program]:
   """The training step(s) of `config.stage` and, for a FlowAR stage, the sampler, over `plan`."""
   programs = _train_programs(config, plan)
-  if sampler and config.stage in ("flowar", "both"):
+  if sampler and trains_generator(config):
     programs.append(_sampler_program(config, plan))
   return programs
 
@@ -289,7 +289,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, sa
   lowered = [_lower(p, log) for p in programs]  # all first: a tracing error surfaces before any long compile
   reports = [_compile(p, *lowered_p, chips, log) for p, lowered_p in zip(programs, lowered)]
   return CompileReport(topology, chips, dict(plan.mesh.shape), config.model.remat,
-                       HBM_GIB[generation] * _GIB, reports, scanned=bool(config.model.scan_blocks))
+                       HBM_GIB[generation] * _GIB, reports, scanned=bool(config.model.get("scan_blocks", False)))
 
 
 def format_report(report: CompileReport) -> str:

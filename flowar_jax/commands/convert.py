@@ -1,7 +1,8 @@
-"""`convert`: official PyTorch FlowAR (S, L, H) and MAR KL-16 VAE checkpoints -> a flowar_jax workdir.
+"""`convert`: official PyTorch FlowAR (S, L, H) and MAR KL-16 VAE checkpoints, or VAR (d16 .. d30) and its VQVAE,
+-> a flowar_jax workdir.
 
 `python -m flowar_jax convert --from_torch FlowAR-S.pth --vae_torch kl16.ckpt --config configs/flowar_s.py
---workdir OUT`, then `python -m flowar_jax sample --workdir OUT` samples with the published settings
+--workdir OUT` (or `--from_torch var_d16.pth --vae_torch vae_ch160v4096z32.pth --config configs/var_d16.py`), then `python -m flowar_jax sample --workdir OUT` samples with the published settings
 stored in the config. Files: torch pickles (.pth, .ckpt, .pt), .safetensors, or .npz state dicts, each given
 as a local path, an http(s) URL or a Hugging Face OWNER/REPO/FILE (downloaded once, `flowar_jax.convert.fetch`).
 """

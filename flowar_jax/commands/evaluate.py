@@ -27,14 +27,14 @@ def eval_dir(workdir: str, name: str) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int, seed: int,
         settings: SamplingSettings, batch_size: int, use_ema: bool = True, metrics=None,
         reference: str | None = None, inception_weights: str | None = None) -> dict:
-  """Evaluates WORKDIR's latest FlowAR checkpoint; returns the report (also in WORKDIR/eval/<name>/report.json)."""
+  """Evaluates WORKDIR's latest generator checkpoint (FlowAR or VAR); returns the report (also in WORKDIR/eval/<name>/report.json)."""
   validate_config(config, jax.device_count())
   setup = suite.prepare(config, metrics=metrics or config.eval.metrics, reference=reference,
                         inception_weights=inception_weights, cache_dir=suite.default_cache_dir(workdir))
   with Checkpointer(checkpoint_dir(workdir)) as checkpointer:
     step = checkpointer.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no FlowAR checkpoint in {checkpoint_dir(workdir)!r}: train one first")
+    raise FileNotFoundError(f"no model checkpoint in {checkpoint_dir(workdir)!r}: train one first")
   plan = runner.SamplingPlan(num_samples=num_samples, num_classes=config.model.num_classes, seed=seed,
                              settings=settings, use_ema=use_ema, checkpoint_step=step)
   directory = eval_dir(workdir, plan.name)

@@ -1,4 +1,4 @@
-"""`train`: the VAE stage, the FlowAR stage, or both, then samples from the result."""
+"""`train`: the tokenizer stage, the generator stage, or both, then samples from the result."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,12 @@ import json
 import jax
 import ml_collections
 
-from flowar_jax.config import validate_config
+from flowar_jax.config import trains_generator, trains_tokenizer, validate_config
 from flowar_jax.parallel.mesh import job_slices
 from flowar_jax.runs import fs
 from flowar_jax.runs.workdir import REPORT_FILE, vae_dir
 from flowar_jax.sampling.generate import sample_to_workdir, settings_from
-from flowar_jax.training.flowar_stage import train_flowar
+from flowar_jax.training.generator_stage import train_generator
 from flowar_jax.training.resume_check import check_config_matches_checkpoints
 from flowar_jax.training.vae_stage import train_vae
 
@@ -22,10 +22,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config, jax.device_count(), job_slices(config.mesh, jax.devices()))
   check_config_matches_checkpoints(config, workdir)
   report = {}
-  if config.stage in ("vae", "both"):
-    train_vae(config, vae_dir(config, workdir))
-  if config.stage in ("flowar", "both"):
-    train_flowar(config, workdir)
+  if trains_tokenizer(config):
+    if config.model.name == "flowar":
+      train_vae(config, vae_dir(config, workdir))
+    else:
+      from flowar_jax.training.vq_stage import train_vq  # pylint: disable=g-import-not-at-top
+      train_vq(config, vae_dir(config, workdir))
+  if trains_generator(config):
+    train_generator(config, workdir)
     images, labels = sample_to_workdir(config, workdir, num_samples=config.sampling.num_samples,
                                        seed=config.seed, settings=settings_from(config),
                                        batch_size=config.sampling.batch_size, use_ema=config.sampling.use_ema)

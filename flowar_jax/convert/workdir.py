@@ -1,7 +1,10 @@
 """Writing converted official weights as a workdir that `sample` and `evaluate` read like a trained run.
 
-WORKDIR/checkpoints/0/       {'step', 'params', 'ema_params'} of FlowAR (both the chosen weights) + the config
-WORKDIR/vae/checkpoints/0/   {'step', 'params', 'ema_params'} of the VAE stage's module + the config
+WORKDIR/checkpoints/0/       {'step', 'params', 'ema_params'} of the generator (both the chosen weights) + the config
+WORKDIR/vae/checkpoints/0/   {'step', 'params', 'ema_params'} of the tokenizer stage's module + the config
+
+`config.model.name` says which official code the files come from: FlowAR with MAR's KL-16 VAE, or VAR with its
+multi-scale VQVAE.
 """
 from __future__ import annotations
 
@@ -14,10 +17,10 @@ from flax import nnx
 
 from flowar_jax.convert import names
 from flowar_jax.convert.params import params_from_state_dict
+from flowar_jax.convert import var as var_names
 from flowar_jax.convert.sizes import check_published_heads, describe_flowar
 from flowar_jax.models.params import split_params
-from flowar_jax.models.registry import build_model
-from flowar_jax.models.vae_trainable import VAETrainable
+from flowar_jax.models.registry import build_model, build_tokenizer_trainable
 from flowar_jax.runs.checkpointing import Checkpointer, checkpoint_exists
 from flowar_jax.runs.workdir import checkpoint_dir
 
@@ -43,13 +46,30 @@ def vae_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarr
 
   A discriminator (only when config.vae.train.disc_weight > 0) is not in the official file and keeps its init.
   """
-  factory = functools.partial(VAETrainable, config)
+  factory = functools.partial(build_tokenizer_trainable, config)
   _, abstract = split_params(nnx.eval_shape(factory))
   vae = params_from_state_dict(state_dict, abstract["vae"], to_flax=names.vae_to_flax, to_torch=names.vae_to_torch,
                                skipped=names.vae_skipped, where=where)
   if "disc" in abstract:
     _, abstract = split_params(factory())
   abstract["vae"] = vae
+  return abstract
+
+
+def var_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray], where: str = "the checkpoint"):
+  """Official VAR state dict -> our VAR's params for `config`."""
+  _, abstract = split_params(nnx.eval_shape(functools.partial(build_model, config)))
+  return params_from_state_dict(state_dict, abstract, to_flax=var_names.var_to_flax, to_torch=var_names.var_to_torch,
+                                skipped=var_names.var_skipped, where=where)
+
+
+def vqvae_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray], where: str = "the checkpoint"):
+  """Official VQVAE state dict -> the params of VAR's tokenizer stage module for `config`."""
+  _, abstract = split_params(nnx.eval_shape(functools.partial(build_tokenizer_trainable, config)))
+  abstract["vae"] = params_from_state_dict(
+      state_dict, abstract["vae"], to_flax=var_names.vqvae_to_flax,
+      to_torch=var_names.vqvae_to_torch_for(config.vae.share_quant_resi), skipped=var_names.vqvae_skipped,
+      where=where)
   return abstract
 
 
@@ -62,9 +82,11 @@ def _save(directory: str, params, config: ml_collections.ConfigDict) -> None:
 
 
 def converted_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config stored with converted weights: `config` with MAR's latent scale and the VAE in WORKDIR/vae."""
+  """The config stored with converted weights: `config` with the tokenizer in WORKDIR/vae (and for FlowAR,
+  MAR's latent scale)."""
   config = config.copy_and_resolve_references()
-  config.vae.latent_scale = MAR_LATENT_SCALE
+  if config.model.name == "flowar":
+    config.vae.latent_scale = MAR_LATENT_SCALE
   config.vae_checkpoint = ""
   return config
 
@@ -76,12 +98,14 @@ def write_workdir(config: ml_collections.ConfigDict, workdir: str, flowar_state_
   Every state dict is converted (and checked) before anything is written.
   """
   config = converted_config(config)
+  flowar = config.model.name == "flowar"
+  model, tokenizer = (flowar_params, vae_params) if flowar else (var_params, vqvae_params)
   todo = []
   if flowar_state_dict is not None:
-    todo.append((checkpoint_dir(workdir), flowar_params(config, flowar_state_dict, "the FlowAR checkpoint")))
+    todo.append((checkpoint_dir(workdir), model(config, flowar_state_dict, f"the {config.model.name} checkpoint")))
   if vae_state_dict is not None:
     todo.append((checkpoint_dir(os.path.join(workdir, "vae")),
-                 vae_params(config, vae_state_dict, "the VAE checkpoint")))
+                 tokenizer(config, vae_state_dict, "the VAE checkpoint")))
   for directory, params in todo:
     _save(directory, params, config)
   return [directory for directory, _ in todo]

@@ -24,6 +24,7 @@ from flowar_jax.evaluation.sample_store import SampleStore, adm_npz_name, export
 from flowar_jax.evaluation.suite import EvalSetup, compute_metrics
 from flowar_jax.runs import fs
 from flowar_jax.runs.progress import Progress
+from flowar_jax.heads.categorical import CategoricalSampling
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
 
 
@@ -34,7 +35,7 @@ class SamplingPlan:
   num_samples: int
   num_classes: int
   seed: int
-  settings: SamplingSettings
+  settings: SamplingSettings | CategoricalSampling
   use_ema: bool
   checkpoint_step: int
 
@@ -44,17 +45,27 @@ class SamplingPlan:
 
   @property
   def name(self) -> str:
+    return (f"step{self.checkpoint_step}-n{self.num_samples}-seed{self.seed}-{self._settings_tag()}"
+            f"-{'ema' if self.use_ema else 'raw'}")
+
+  def _settings_tag(self) -> str:
     s = self.settings
-    return (f"step{self.checkpoint_step}-n{self.num_samples}-seed{self.seed}-cfg{s.cfg:g}-guidance{s.guidance:g}"
-            f"-steps{s.num_steps}-{s.solver}-{'ema' if self.use_ema else 'raw'}")
+    if isinstance(s, CategoricalSampling):
+      return f"cfg{s.cfg:g}-topk{s.top_k}-topp{s.top_p:g}" + ("-smooth" if s.more_smooth else "")
+    return f"cfg{s.cfg:g}-guidance{s.guidance:g}-steps{s.num_steps}-{s.solver}"
+
+  def _settings_record(self) -> dict:
+    s = self.settings
+    if isinstance(s, CategoricalSampling):
+      return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p, "more_smooth": s.more_smooth}
+    return {"cfg": s.cfg, "guidance": s.guidance, "num_steps": s.num_steps, "solver": s.solver}
 
   def labels(self) -> np.ndarray:
     return (np.arange(self.num_samples) % self.num_classes).astype(np.int32)
 
   def record(self) -> dict:
     return {"num_samples": self.num_samples, "num_classes": self.num_classes, "seed": self.seed,
-            "cfg": self.settings.cfg, "guidance": self.settings.guidance, "num_steps": self.settings.num_steps,
-            "solver": self.settings.solver, "use_ema": self.use_ema, "checkpoint_step": self.checkpoint_step,
+            **self._settings_record(), "use_ema": self.use_ema, "checkpoint_step": self.checkpoint_step,
             "labels": "sample i has class i % num_classes", "noise": "sample i draws from fold_in(key(seed), i)"}
 
 

@@ -21,13 +21,17 @@ import jax.numpy as jnp
 class CategoricalSampling:
   """VAR's sampling settings. `cfg`: guidance at the last scale (ramped linearly from 0 at the first);
   `top_k` 0 and `top_p` 0 switch the filters off; `more_smooth`: feed the VQ a Gumbel-softmax mixture of
-  codes instead of the sampled code (VAR uses it for visualisation only, not for FID)."""
+  codes instead of the sampled code (VAR uses it for visualisation only, not for FID); `compute_dtype`: of the
+  transformer's matrix products while sampling (`flowar_jax.precision`)."""
   cfg: float = 1.5
   top_k: int = 900
   top_p: float = 0.96
   more_smooth: bool = False
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
+    if not self.cfg >= 0 or self.cfg == float("inf"):
+      raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
     if not 0.0 <= self.top_p < 1.0:
@@ -98,3 +102,43 @@ def sample_scale(logits: jax.Array, settings: CategoricalSampling, ratio: float,
   if gumbel_u is None:
     raise ValueError("more_smooth sampling needs gumbel draws [B, l, V]")
   return tokens, gumbel_softmax(filtered * (1 + ratio), gumbel_u, smoothing_temperature(ratio))
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoricalHead:
+  """The head seam over a backbone's logits (VAR's output layer makes them; this head holds no parameters).
+
+  The condition of a scale is its logits `[B, l, V]`; its tokens are code indices `[B, l]`.
+  """
+  vocab_size: int
+  more_smooth: bool = False
+
+  def loss(self, cond: jax.Array, target: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of logits `[B, l, V]` against indices `[B, l]` (`rng` unused: nothing is drawn)."""
+    del rng
+    logp = jax.nn.log_softmax(cond.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), axis=-1))
+
+  def draw(self, keys: jax.Array, scale: int, length: int) -> tuple[jax.Array, jax.Array | None]:
+    """Keys `[B]` -> uniform draws `[B, length]` (one per token), and with `more_smooth` `[B, length, V]`."""
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+
+    def one(key):
+      r_tok, r_gumbel = jax.random.split(jax.random.fold_in(key, scale))
+      u = jax.random.uniform(r_tok, (length,))
+      if not self.more_smooth:
+        return u, None
+      return u, jax.random.uniform(r_gumbel, (length, self.vocab_size), minval=tiny)
+
+    return jax.vmap(one)(keys)
+
+  def sample(self, cond: jax.Array, uncond: jax.Array | None, noise: tuple[jax.Array, jax.Array | None],
+             settings: CategoricalSampling, scale: int, num_scales: int) -> tuple[jax.Array, jax.Array | None]:
+    """Logits `[B, l, V]` (and the unconditional ones, or None) -> (indices `[B, l]`, soft code weights
+    `[B, l, V]` with `more_smooth`, else None), guided at cfg x scale / (num_scales - 1)."""
+    if uncond is None:  # no guidance: at cfg 0 the ramp gives the conditional logits exactly
+      logits, settings = jnp.concatenate([cond, cond]), dataclasses.replace(settings, cfg=0.0)
+    else:
+      logits = jnp.concatenate([cond, uncond])
+    u, gumbel_u = noise
+    return sample_scale(logits, settings, scale / max(num_scales - 1, 1), u, gumbel_u)

@@ -1,5 +1,6 @@
 """The flow-matching head: a small transformer over one scale's tokens that predicts the velocity
-v = eps - y at time t from x_t and the backbone's z. One set of weights serves every scale.
+v = eps - y at time t from x_t and the backbone's z. One set of weights serves every scale. It implements
+the head seam (`flowar_jax.heads.base.Head`): `loss` is flow matching, `sample` integrates the ODE from noise.
 
 Variant 'v1' (FlowAR-S): per-token adaLN from SiLU(t_emb + c). Variant 'v2' (FlowAR-L/H): self-attention
 modulated by t_emb only, cross-attention to the raw z, MLP modulated per token by SiLU(c + t_emb).
@@ -15,9 +16,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from flowar_jax import precision
+from flowar_jax.heads.flow_sampling import SamplingSettings, integrate
 from flowar_jax.models.attention import CrossAttention, SelfAttention
 from flowar_jax.models.layers import TOKENS, GatedMLP, RMSNorm, linear, linear_chunks, mlp_hidden, modulate, rms_norm
 from flowar_jax.models.rope import rope_tables
+from flowar_jax.models.time_grid import time_grid
 from flowar_jax.parallel.logical import constrain
 from flowar_jax.parallel.blocks import run_blocks
 
@@ -148,3 +152,35 @@ class FlowHead(nnx.Module):
     x = run_blocks(self.res_blocks, x, t_emb, c, z, cos, sin, remat_policy=self.remat_policy if remat else "none",
                    scan=self.scan_blocks, names=TOKENS)
     return self.final_layer(x, c + t_emb)
+
+  def matching_loss(self, z: jax.Array, target: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """Flow matching of one scale for given times and noise: z `[B, l, D]`, target `[B, s, s, C]`, t `[B]`,
+    eps `[B, l, C]` -> the mean squared error of the velocity (x_t = (1 - t) y + t eps, target eps - y)."""
+    y = target.reshape(target.shape[0], -1, target.shape[-1])
+    x_t = (1 - t[:, None, None]) * y + t[:, None, None] * eps
+    pred = self(x_t, t, z)
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - y).astype(jnp.float32)))
+
+  def loss(self, cond: jax.Array, target: jax.Array, rng: jax.Array) -> jax.Array:
+    """The seam's loss: times uniform in [0, 1) and Gaussian noise from `rng`, then `matching_loss`."""
+    r_t, r_eps = jax.random.split(rng)
+    b, l, c = target.shape[0], target.shape[1] * target.shape[2], target.shape[3]
+    t = jax.random.uniform(r_t, (b,), jnp.float32)
+    eps = jax.random.normal(r_eps, (b, l, c), target.dtype)
+    return self.matching_loss(cond, target, t, eps)
+
+  def draw(self, keys: jax.Array, scale: int, length: int) -> jax.Array:
+    """Keys `[B]` -> starting noise `[B, length, C]`, from fold_in(key, scale) of each sample."""
+    channels = self.final_layer.linear.kernel.shape[-1]
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, scale), (length, channels)))(keys)
+
+  def sample(self, cond: jax.Array, uncond: jax.Array | None, noise: jax.Array, settings: SamplingSettings,
+             scale: int, num_scales: int) -> jax.Array:
+    """z `[B, l, D]` (and the unconditional z, or None) and noise `[B, l, C]` -> the scale's tokens
+    `[B, l, C]`: the ODE from t = 1 to 0 on the official grid, CFG at `settings.cfg_at(scale, num_scales)`."""
+    cfg = settings.cfg_at(scale, num_scales)
+    z_uncond = self.conditioning(uncond) if uncond is not None and cfg != 1.0 else None
+    velocity = functools.partial(self.velocity, remat=False)  # nothing here is differentiated
+    with precision.compute_dtype(settings.compute_dtype):
+      return integrate(velocity, noise, self.conditioning(cond), z_uncond, cfg, time_grid(settings.num_steps),
+                       settings.guidance, settings.solver)

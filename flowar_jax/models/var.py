@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowar_jax.heads.categorical import CategoricalSampling, sample_scale
+from flowar_jax.heads.categorical import CategoricalHead, CategoricalSampling
 from flowar_jax.kernels import api as attention_api
 from flowar_jax.kernels.mask import ScaleCausalMask
-from flowar_jax.models.layers import linear, split_rng
-from flowar_jax.parallel.logical import param_axes
+from flowar_jax.models.layers import TOKENS, linear, split_rng
+from flowar_jax.parallel.logical import constrain, param_axes
+from flowar_jax.parallel.remat import remat
 from flowar_jax.scales import ScaleSchedule
-from flowar_jax.tokenizers.msvq import PATCH_NUMS, VectorQuantizer
+from flowar_jax.tokenizers.msvq import PATCH_NUMS, MultiScaleVQVAE
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values [B, N, H, Dh]
 MAX_SCALE_MUL = math.log(100.0)
@@ -74,7 +75,8 @@ class SelfAttention(nnx.Module):
     self.v_bias = nnx.Param(jnp.zeros((dim,)), **param_axes("qkv"))
     self.attn_l2_norm = attn_l2_norm
     if attn_l2_norm:
-      self.scale_mul_1H11 = nnx.Param(jnp.full((1, num_heads, 1, 1), math.log(4.0)))
+      self.scale_mul_1H11 = nnx.Param(jnp.full((1, num_heads, 1, 1), math.log(4.0)),
+                                      **param_axes(None, "heads", None, None))
     self.proj = linear(dim, dim, kernel_init=_normal(out_std), rngs=rngs, axes=("qkv", "embed"))
     self.impl = impl
 
@@ -134,7 +136,8 @@ class AdaLNSelfAttn(nnx.Module):
     self.shared_aln = shared_aln
     if shared_aln:
       gss = jax.random.normal(rngs.params(), (1, 1, 6, dim)) / math.sqrt(dim)
-      self.ada_gss = nnx.Param(gss * jnp.asarray([init_adaln_gamma] * 2 + [init_adaln] * 4)[:, None])
+      self.ada_gss = nnx.Param(gss * jnp.asarray([init_adaln_gamma] * 2 + [init_adaln] * 4)[:, None],
+                               **param_axes(None, None, None, "embed"))
     else:
       self.ada_lin = linear(cond_dim, 6 * dim, rngs=rngs, axes=("embed", "modulation"),
                             kernel_init=_ada_lin_init(dim, init_std, init_adaln, init_adaln_gamma))
@@ -177,7 +180,7 @@ class VAR(nnx.Module):
                attn_l2_norm: bool = True, cond_drop_rate: float = 0.1, drop_path_rate: float | None = None,
                norm_eps: float = 1e-6, width: int | None = None, num_heads: int | None = None,
                init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
-               attention_impl: str = "auto", rngs: nnx.Rngs):
+               attention_impl: str = "auto", remat_policy: str = "none", rngs: nnx.Rngs):
     width = 64 * depth if width is None else width
     num_heads = depth if num_heads is None else num_heads
     drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
@@ -185,16 +188,21 @@ class VAR(nnx.Module):
     self.depth, self.width, self.num_heads = depth, width, num_heads
     self.num_classes, self.vocab_size, self.cvae = num_classes, vocab_size, cvae
     self.cond_drop_rate = cond_drop_rate
+    self.remat_policy = remat_policy
     self.mask = ScaleCausalMask.from_schedule(self.schedule)
     init_std = math.sqrt(1 / width / 3)
     out_std = init_std / math.sqrt(2 * depth)
     first_l = self.schedule.lengths[0]
 
     self.word_embed = linear(cvae, width, kernel_init=_normal(init_std), rngs=rngs, axes=("latent", "embed"))
-    self.class_emb = nnx.Embed(num_classes + 1, width, embedding_init=_normal(init_std), rngs=rngs)
-    self.pos_start = nnx.Param(jax.random.normal(rngs.params(), (1, first_l, width)) * init_std)
-    self.pos_1LC = nnx.Param(jax.random.normal(rngs.params(), (1, self.schedule.num_tokens, width)) * init_std)
-    self.lvl_embed = nnx.Embed(self.schedule.num_scales, width, embedding_init=_normal(init_std), rngs=rngs)
+    self.class_emb = nnx.Embed(num_classes + 1, width, embedding_init=_normal(init_std), rngs=rngs,
+                               embedding_metadata=param_axes("vocab", "embed"))
+    self.pos_start = nnx.Param(jax.random.normal(rngs.params(), (1, first_l, width)) * init_std,
+                               **param_axes(None, "length", "embed"))
+    self.pos_1LC = nnx.Param(jax.random.normal(rngs.params(), (1, self.schedule.num_tokens, width)) * init_std,
+                             **param_axes(None, "length", "embed"))
+    self.lvl_embed = nnx.Embed(self.schedule.num_scales, width, embedding_init=_normal(init_std), rngs=rngs,
+                               embedding_metadata=param_axes(None, "embed"))  # one row per scale
     self.shared_aln = shared_aln
     if shared_aln:
       self.shared_ada_lin = linear(width, 6 * width, kernel_init=_normal(init_std), rngs=rngs,
@@ -244,10 +252,50 @@ class VAR(nnx.Module):
     first_l = self.schedule.lengths[0]
     sos = jnp.broadcast_to(cond[:, None], (b, first_l, self.width)) + self.pos_start[...]
     x = jnp.concatenate([sos, self.word_embed(next_inputs)], axis=1) + self.level_position
-    block_cond = self.block_condition(cond)
+    block_cond, mask = self.block_condition(cond), self.mask
+    # Rematerialised per block as FlowAR's are (the blocks differ in drop-path rate, so they are not scanned).
+    run = remat(lambda block, x, r: block(x, block_cond, mask, rng=r)[0], self.remat_policy)
+    x = constrain(x, TOKENS)
     for block, block_rng in zip(self.blocks, block_rngs):
-      x, _ = block(x, block_cond, self.mask, rng=block_rng)
+      x = constrain(run(block, x, block_rng), TOKENS)
     return self.logits(x, cond)
+
+  def head_seam(self, more_smooth: bool = False) -> CategoricalHead:
+    """The categorical head over this model's logits."""
+    return CategoricalHead(self.vocab_size, more_smooth)
+
+  def loss(self, indices: list[jax.Array], labels: jax.Array, rng: jax.Array, *, tokenizer: MultiScaleVQVAE,
+           train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy over every token of every scale (each token weighs the same, as VAR trains).
+
+    indices: per scale `[B, pn^2]` (the VQ's `encode`); labels `[B]`; `tokenizer` builds the teacher-forced
+    inputs. Condition dropout and stochastic depth act only when `train`. Metrics: the loss per scale side,
+    and the top-1 token accuracy.
+    """
+    targets, inputs = tokenizer.teacher_forcing(indices)
+    logits = self(labels, inputs, rng=rng if train else None)
+    head, total_tokens = self.head_seam(), self.schedule.num_tokens
+    metrics, total = {}, jnp.zeros((), jnp.float32)
+    for side, length, logits_k, target in zip(self.schedule.sides, self.schedule.lengths,
+                                              self.schedule.split(logits), targets):
+      loss_k = head.loss(logits_k, target)
+      metrics[f"loss_scale_{side}"] = loss_k
+      total = total + loss_k * (length / total_tokens)
+    flat_targets = jnp.concatenate([t.reshape(t.shape[0], -1) for t in targets], axis=1)
+    metrics["token_accuracy"] = jnp.mean((jnp.argmax(logits, axis=-1) == flat_targets).astype(jnp.float32))
+    metrics["loss"] = total
+    return total, metrics
+
+  def sample(self, tokenizer: MultiScaleVQVAE, labels: jax.Array, keys: jax.Array,
+             settings: CategoricalSampling, known: KnownTokens | None = None) -> jax.Array:
+    """labels `[B]`, per-sample keys `[B]` -> f_hat `[B, H, H, Cvae]` after the last scale (the tokenizer's state,
+    for its `decode`). Each sample's draws come from its own key, so it does not depend on its batch. With
+    `known`, only the masked tokens are generated (zero-shot editing, see `sample`)."""
+    head = self.head_seam(settings.more_smooth)
+    draws = [head.draw(keys, k, length) for k, length in enumerate(self.schedule.lengths)]
+    uniforms = [u for u, _ in draws]
+    gumbels = [g for _, g in draws] if settings.more_smooth else None
+    return sample(self, tokenizer, labels, settings, (uniforms, gumbels), known).f_hat
 
   def cached_step(self, scale: int, tokens: jax.Array, cond: jax.Array, caches: list[KVCache] | None
                   ) -> tuple[jax.Array, list[KVCache]]:
@@ -263,6 +311,13 @@ class VAR(nnx.Module):
       x, cache = block(x, block_cond, None, cache)
       new.append(cache)
     return self.logits(x, cond), new
+
+
+class KnownTokens(typing.NamedTuple):
+  """Tokens to keep while sampling (zero-shot editing): per scale, the image's own indices `[B, pn^2]` and a mask
+  `[B, pn^2]`, True where the token is generated."""
+  indices: list[jax.Array]
+  generate: list[jax.Array]
 
 
 class VARSample(typing.NamedTuple):
@@ -284,34 +339,40 @@ def sampling_draws(rng: jax.Array, batch: int, patch_nums: Sequence[int], vocab_
   return tokens, gumbel
 
 
-def sample(model: VAR, quantizer: VectorQuantizer, labels: jax.Array, settings: CategoricalSampling,
-           draws: tuple[list[jax.Array], list[jax.Array] | None]) -> VARSample:
+def sample(model: VAR, tokenizer: MultiScaleVQVAE, labels: jax.Array, settings: CategoricalSampling,
+           draws: tuple[list[jax.Array], list[jax.Array] | None], known: KnownTokens | None = None) -> VARSample:
   """VAR's KV-cached class-conditional sampler over all scales with classifier-free guidance.
 
   labels `[B]` (the null class `num_classes` gives unconditional samples); `draws` from `sampling_draws` (or
   any uniform draws of those shapes). The conditional and unconditional batches run together (2B rows).
+  With `known`, each scale's tokens outside its mask are the given ones (as sampled tokens would be: they
+  feed f_hat and every later scale), so the model generates only the masked tokens, conditioned on them.
   """
-  if tuple(quantizer.patch_nums) != model.schedule.sides:
-    raise ValueError(f"VQ scales {quantizer.patch_nums} differ from the transformer's {model.schedule.sides}")
+  if tuple(tokenizer.patch_nums) != model.schedule.sides:
+    raise ValueError(f"VQ scales {tokenizer.patch_nums} differ from the transformer's {model.schedule.sides}")
   uniforms, gumbels = draws
+  if settings.more_smooth and gumbels is None:
+    raise ValueError("more_smooth sampling needs gumbel draws [B, l, V]")
+  head = model.head_seam(settings.more_smooth)
   b, sides = labels.shape[0], model.schedule.sides
   cond = model.class_emb(jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)]))
   lvl_pos = model.level_position
   offsets = model.schedule.offsets
   tokens_in = (jnp.broadcast_to(cond[:, None], (2 * b, sides[0] ** 2, model.width)) + model.pos_start[...]
                + lvl_pos[:, :offsets[1]])
-  f_hat = jnp.zeros((b, sides[-1], sides[-1], model.cvae), jnp.float32)
+  f_hat = tokenizer.empty_state(b)
   caches, tokens, all_logits = None, [], []
   last = len(sides) - 1
-  for si, pn in enumerate(sides):
-    ratio = si / last
+  for si in range(len(sides)):
     logits, caches = model.cached_step(si, tokens_in, cond, caches)
-    idx, soft = sample_scale(logits, settings, ratio, uniforms[si], None if gumbels is None else gumbels[si])
-    if soft is None:
-      h = quantizer.embed(idx, pn)
-    else:
-      h = jnp.matmul(soft, quantizer.embedding.embedding[...], precision="highest").reshape(b, pn, pn, -1)
-    f_hat, nxt = quantizer.next_input(si, f_hat, h)
+    noise = (uniforms[si], None if gumbels is None else gumbels[si])
+    idx, soft = head.sample(logits[:b], logits[b:], noise, settings, si, len(sides))
+    if known is not None:
+      keep = jnp.logical_not(known.generate[si])
+      idx = jnp.where(keep, known.indices[si].astype(idx.dtype), idx)
+      if soft is not None:
+        soft = jnp.where(keep[..., None], jax.nn.one_hot(known.indices[si], soft.shape[-1], dtype=soft.dtype), soft)
+    f_hat, nxt = tokenizer.next_input(si, f_hat, idx if soft is None else soft)
     tokens.append(idx)
     all_logits.append(logits)
     if si != last:

@@ -7,8 +7,7 @@ import ml_collections
 from flax import nnx
 
 from flowar_jax.models.params import split_params
-from flowar_jax.models.vae import AutoencoderKL
-from flowar_jax.models.vae_trainable import VAETrainable
+from flowar_jax.models.registry import build_tokenizer_trainable
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs.checkpointing import restore_params_only
 from flowar_jax.runs.workdir import find_vae_checkpoints
@@ -28,7 +27,8 @@ def load_params(model_factory, directory: str, *, use_ema: bool, step: int | Non
   return nnx.merge(graphdef, params)
 
 
-def load_vae(config: ml_collections.ConfigDict, workdir: str, plan: ShardingPlan | None = None) -> AutoencoderKL:
-  """The trained VAE (its latest raw parameters) for a FlowAR run in WORKDIR, sharded by `plan` if given."""
+def load_vae(config: ml_collections.ConfigDict, workdir: str, plan: ShardingPlan | None = None) -> nnx.Module:
+  """The trained tokenizer (its latest raw parameters) for a run in WORKDIR, sharded by `plan` if given: FlowAR's
+  KL VAE or VAR's VQVAE."""
   directory = find_vae_checkpoints(config, workdir)
-  return load_params(functools.partial(VAETrainable, config), directory, use_ema=False, plan=plan).vae
+  return load_params(functools.partial(build_tokenizer_trainable, config), directory, use_ema=False, plan=plan).vae

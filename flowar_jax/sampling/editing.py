@@ -32,7 +32,7 @@ from flowar_jax.models.flowar import FlowAR
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents, encode_to_latents
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
 from flowar_jax.parallel.plan import ShardingPlan
-from flowar_jax.sampling.ode import integrate
+from flowar_jax.heads.flow_sampling import integrate
 from flowar_jax.sampling.sampler import SamplingSettings, sample_keys, to_uint8
 from flowar_jax.models.time_grid import time_grid
 from flowar_jax.scales import ScaleSchedule, next_scale_input, scale_targets

@@ -2,6 +2,7 @@
 `sample`, `train` and `evaluate` commands."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -11,8 +12,8 @@ from absl import logging
 from flax import nnx
 
 from flowar_jax.config import validate_config
+from flowar_jax.heads.categorical import CategoricalSampling
 from flowar_jax.models.registry import build_model
-from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs import fs
@@ -48,14 +49,17 @@ def sampling_plan(config: ml_collections.ConfigDict) -> ShardingPlan:
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, use_ema: bool = True,
-                 plan: ShardingPlan | None = None) -> tuple[nnx.Module, AutoencoderKL, float]:
-  """(model, VAE, latent scale) of the latest checkpoint in WORKDIR, placed by `plan` (default
-  `sampling_plan(config)`); the latent scale is the config's, or the one measured in training."""
+                 plan: ShardingPlan | None = None) -> tuple[nnx.Module, nnx.Module, float]:
+  """(model, tokenizer module, latent scale) of the latest checkpoint in WORKDIR, placed by `plan` (default
+  `sampling_plan(config)`); the latent scale is the config's, or the one measured in training (FlowAR's KL
+  VAE; 1 for VAR's VQVAE)."""
   validate_config(config)
   fs.use_storage_emulator()
   plan = plan or sampling_plan(config)
   model = load_params(functools.partial(build_model, config), checkpoint_dir(workdir), use_ema=use_ema, plan=plan)
   vae = load_vae(config, workdir, plan)
+  if config.model.name != "flowar":
+    return model, vae, 1.0
   latent_scale = config.vae.latent_scale
   if latent_scale <= 0:  # measured during training and stored with the checkpoint
     latent_scale = stored_latent_scale(workdir)
@@ -112,5 +116,23 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str, *, num_sa
   return images, label_array
 
 
-def settings_from(config: ml_collections.ConfigDict, **overrides) -> SamplingSettings:
-  return SamplingSettings.from_config(config.sampling, **overrides)
+# The sampling overrides (command-line flags) each family's head understands.
+_VAR_SETTINGS = ("cfg", "top_k", "top_p", "more_smooth", "compute_dtype")
+
+
+def settings_from(config: ml_collections.ConfigDict, **overrides):
+  """The sampling settings of `config.sampling` with `overrides` that are not None: FlowAR's ODE settings
+  (`SamplingSettings`) or VAR's categorical ones (`CategoricalSampling`). An override the model's head has no
+  use for is an error naming it."""
+  given = {k: v for k, v in overrides.items() if v is not None}
+  flowar = config.model.name == "flowar"
+  known = [f.name for f in dataclasses.fields(SamplingSettings)] if flowar else _VAR_SETTINGS
+  unused = sorted(set(given) - set(known))
+  if unused:
+    head = "the flow head" if flowar else "a categorical head"
+    raise ValueError(f"{', '.join('--' + k for k in unused)} does not apply to {config.model.name} ({head}); its "
+                     f"sampling settings are {', '.join(known)}")
+  if flowar:
+    return SamplingSettings.from_config(config.sampling, **given)
+  values = {k: config.sampling[k] for k in _VAR_SETTINGS}
+  return CategoricalSampling(**dict(values, **given))

@@ -5,7 +5,6 @@ fold_in(seed, sample index), so a sample does not depend on the batch it was dra
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -15,52 +14,11 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax import precision
+from flowar_jax.heads.flow_sampling import SamplingSettings
 from flowar_jax.models.flowar import FlowAR
-from flowar_jax.models.time_grid import time_grid
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
 from flowar_jax.parallel.plan import ShardingPlan
-from flowar_jax.sampling.ode import integrate
-from flowar_jax.scales import next_scale_input
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-  """cfg: guidance scale at the finest scale (ramped linearly from 1 at the coarsest; 1 disables CFG);
-  guidance: CFG applies only where t <= guidance; num_steps: ODE steps per scale (official grid);
-  compute_dtype: of the FlowAR's matrix products ('float32' | 'bfloat16', `flowar_jax.precision`;
-  the ODE state stays float32)."""
-
-  cfg: float = 1.0
-  guidance: float = 1.0
-  num_steps: int = 25
-  solver: str = "euler"
-  compute_dtype: str = "float32"
-
-  def __post_init__(self):
-    if not np.isfinite(self.cfg) or self.cfg < 0:
-      raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
-    if not 0.0 <= self.guidance <= 1.0:
-      raise ValueError(f"guidance must lie in [0, 1] (the time below which CFG applies), got {self.guidance}")
-    time_grid(self.num_steps)  # validates num_steps
-    if self.solver not in ("euler", "heun"):
-      raise ValueError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
-    if self.compute_dtype not in precision.COMPUTE_DTYPES:
-      raise ValueError(f"compute_dtype must be one of {sorted(precision.COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-
-  @classmethod
-  def from_config(cls, sampling: ml_collections.ConfigDict, **overrides) -> "SamplingSettings":
-    """The settings of a config's `sampling` section, with `overrides` that are not None."""
-    values = dict(cfg=sampling.cfg, guidance=sampling.guidance, num_steps=sampling.num_steps,
-                  solver=sampling.solver, compute_dtype=sampling.compute_dtype)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
-
-  def cfg_at(self, k: int, num_scales: int) -> float:
-    """Per-scale CFG ramp: 1 + (cfg - 1) * k / (num_scales - 1)."""
-    if num_scales == 1:
-      return self.cfg
-    return 1.0 + (self.cfg - 1.0) * k / (num_scales - 1)
 
 
 def sample_keys(seed: int | jax.Array, first_index: int | jax.Array, batch: int) -> jax.Array:
@@ -76,42 +34,7 @@ def sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: 
   `noise`, when given, replaces the drawn starting noise: one `[B, s*s, C]` array per scale.
   """
   with precision.compute_dtype(settings.compute_dtype):
-    return _sample_latents(model, labels, keys, settings, noise)
-
-
-def _sample_latents(model: FlowAR, labels: jax.Array, keys: jax.Array, settings: SamplingSettings,
-                    noise: list[jax.Array] | None) -> jax.Array:
-  schedule = model.schedule
-  b, c = labels.shape[0], model.latent_channels
-  use_cfg = settings.cfg != 1.0
-  class_emb = model.class_embedding(labels)
-  if use_cfg:
-    class_emb = jnp.concatenate([class_emb, model.class_embedding(jnp.full_like(labels, model.num_classes))])
-  grid = time_grid(settings.num_steps)
-  tokens = class_emb[:, None]
-  caches = None
-  x = None
-  for k in range(schedule.num_scales):
-    z, caches = model.backbone.cached_step(k, tokens, class_emb, caches)
-    n = schedule.lengths[k]
-    if noise is None:
-      x0 = jax.vmap(lambda key, k=k, n=n: jax.random.normal(jax.random.fold_in(key, k), (n, c)))(keys)
-    else:
-      x0 = noise[k]
-    cfg_k = settings.cfg_at(k, schedule.num_scales)
-    head = model.flownet
-    z_uncond = head.conditioning(z[b:]) if use_cfg and cfg_k != 1.0 else None
-    velocity = functools.partial(head.velocity, remat=False)  # nothing here is differentiated
-    x = integrate(velocity, x0, head.conditioning(z[:b]), z_uncond, cfg_k, grid, settings.guidance, settings.solver)
-    if k == schedule.num_scales - 1:
-      break
-    side = schedule.sides[k]
-    nxt = next_scale_input(x.reshape(b, side, side, c), schedule, k)
-    tokens = model.backbone.z_proj(nxt.reshape(b, -1, c))
-    if use_cfg:  # the conditional sample feeds both branches
-      tokens = jnp.concatenate([tokens, tokens])
-  side = schedule.latent_side
-  return x.reshape(b, side, side, c)
+    return model.sample(model.pyramid(), labels, keys, settings, noise)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -122,16 +45,19 @@ def to_uint8(images: jax.Array) -> jax.Array:
 class Sampler:
   """Compiled sampler: `sampler(labels, seed)` -> uint8 images `[B, H, W, 3]`.
 
-  `decode(latents)` is any function from `[B, S, S, C]` latents to `[B, H, W, 3]` images in [-1, 1]
-  (usually the VAE's `decode_from_latents`); pass None to get latents instead of images. With a `plan`,
+  Any generator with `sample(tokenizer, labels, keys, settings)` (FlowAR, VAR). `tokenizer(decoder_module)`
+  gives the tokenizer seam it samples through (default: FlowAR's scale pyramid, `model.pyramid()`).
+  `decode(decoder_module, state)` maps the state after the last scale (FlowAR: latents `[B, S, S, C]`) to
+  `[B, H, W, 3]` images in [-1, 1]; pass None to get that state instead of images. With a `plan`,
   parameters are sharded by its rules and each batch is split over its data-parallel devices (a batch
   that does not divide is padded); every process passes the same labels and gets every image back.
   The model and decoder may be abstract (`nnx.eval_shape`) for `lower` only.
   """
 
-  def __init__(self, model: FlowAR, settings: SamplingSettings, decode=None, decoder_module: nnx.Module | None = None,
-               plan: ShardingPlan | None = None):
+  def __init__(self, model: nnx.Module, settings, decode=None, decoder_module: nnx.Module | None = None,
+               plan: ShardingPlan | None = None, tokenizer=None):
     self.settings = settings
+    self._tokenizer = tokenizer
     self.num_classes = model.num_classes
     self.plan = plan or ShardingPlan.single_device()
     self._graph, state = nnx.split((model, decoder_module))
@@ -144,10 +70,12 @@ class Sampler:
   def _run(self, state, labels, seed, first_index):
     model, decoder_module = nnx.merge(self._graph, state)
     keys = sample_keys(seed, first_index, labels.shape[0])
-    latents = sample_latents(model, labels, keys, self.settings)
+    tokenizer = model.pyramid() if self._tokenizer is None else self._tokenizer(decoder_module)
+    with precision.compute_dtype(self.settings.compute_dtype):
+      state = model.sample(tokenizer, labels, keys, self.settings)
     if self._decode is None:
-      return latents
-    return to_uint8(self._decode(decoder_module, latents))
+      return state
+    return to_uint8(self._decode(decoder_module, state))
 
   def set_weights(self, model: FlowAR, decoder_module: nnx.Module | None = None) -> None:
     """Swaps in other weights of the same structure (e.g. each evaluation during training) without recompiling."""
@@ -184,9 +112,12 @@ class Sampler:
     return self._fn.lower(*self.lower_args(batch_size))
 
 
-def image_sampler(flowar: FlowAR, vae: AutoencoderKL, settings: SamplingSettings, latent_scale: float,
+def image_sampler(model: nnx.Module, tokenizer_module: nnx.Module, settings, latent_scale: float,
                   plan: ShardingPlan | None = None) -> Sampler:
-  """A compiled sampler from class labels to uint8 images, decoding with `vae` at `latent_scale` (sharded by
-  `plan`, see `Sampler`)."""
-  decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
-  return Sampler(flowar, settings, decode=decode, decoder_module=vae, plan=plan)
+  """A compiled sampler from class labels to uint8 images for a FlowAR (over its KL VAE at `latent_scale`) or a
+  VAR (over its VQVAE; `latent_scale` unused), sharded by `plan` (see `Sampler`)."""
+  if isinstance(tokenizer_module, AutoencoderKL):
+    decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
+    return Sampler(model, settings, decode=decode, decoder_module=tokenizer_module, plan=plan)
+  return Sampler(model, settings, decode=lambda vq, f_hat: vq.decode(f_hat), decoder_module=tokenizer_module,
+                 plan=plan, tokenizer=lambda vq: vq)

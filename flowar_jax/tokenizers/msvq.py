@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from flowar_jax.models.vae_blocks import conv
+from flowar_jax.parallel.logical import param_axes
 from flowar_jax.scales.resize import area_resize, bicubic_resize
 from flowar_jax.tokenizers.msvq_blocks import Decoder, Encoder
 
@@ -70,7 +71,7 @@ class VectorQuantizer(nnx.Module):
     self.patch_nums = tuple(int(p) for p in patch_nums)
     # share_quant_resi: 0 = one phi per scale, 1 = one phi for all, K > 1 = K phis shared by tick.
     self.num_phi = len(self.patch_nums) if share_quant_resi == 0 else share_quant_resi
-    self.embedding = nnx.Embed(vocab_size, channels, rngs=rngs)
+    self.embedding = nnx.Embed(vocab_size, channels, rngs=rngs, embedding_metadata=param_axes("vocab", "latent"))
     self.quant_resi = nnx.List([Phi(channels, quant_resi, rngs=rngs) for _ in range(self.num_phi)])
     self.vocab_size, self.channels, self.using_znorm = vocab_size, channels, using_znorm
 
@@ -187,15 +188,43 @@ class MultiScaleVQVAE(nnx.Module):
                        f"{self.downsample}), got {images.shape}")
     return self.quant_conv(self.encoder(images))
 
-  def encode(self, images: jax.Array) -> list[jax.Array]:
-    """Images `[B, H, W, 3]` in [-1, 1] -> per-scale indices `[B, pn * pn]` int32, coarse to fine."""
+  def encode(self, images: jax.Array, rng: jax.Array | None = None) -> list[jax.Array]:
+    """Images `[B, H, W, 3]` in [-1, 1] -> per-scale indices `[B, pn * pn]` int32, coarse to fine (`rng` unused:
+    quantisation is deterministic)."""
+    del rng
     return self.quantize.quantize(self.features(images))[0]
+
+  # The tokenizer seam (`flowar_jax.tokenizers.base.Tokenizer`): targets are indices, the state is f_hat.
+
+  def teacher_forcing(self, indices: Sequence[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+    """Per-scale indices -> (themselves, the transformer's inputs of scales 1.. `[B, L - pn_0^2, Cvae]`)."""
+    return list(indices), self.quantize.teacher_forcing_input(indices)
+
+  def empty_state(self, batch: int) -> jax.Array:
+    """f_hat before any scale: zeros `[B, H, H, Cvae]`."""
+    side = self.patch_nums[-1]
+    return jnp.zeros((batch, side, side, self.z_channels), jnp.float32)
+
+  def next_input(self, scale: int, f_hat: jax.Array, sampled: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Adds scale `scale`'s codes to f_hat: `sampled` is indices `[B, pn^2]`, or soft code weights
+    `[B, pn^2, V]` (a mixture of codes). -> (f_hat, the next scale's input `[B, pn', pn', Cvae]`)."""
+    pn = self.patch_nums[scale]
+    if jnp.issubdtype(sampled.dtype, jnp.integer):
+      h = self.quantize.embed(sampled, pn)
+    else:
+      h = jnp.matmul(sampled, self.quantize.embedding.embedding[...], precision="highest")
+      h = h.reshape(sampled.shape[0], pn, pn, -1)
+    return self.quantize.next_input(scale, f_hat, h)
 
   def decode_fhat(self, f_hat: jax.Array) -> jax.Array:
     """f_hat `[B, h, h, Cvae]` -> images `[B, h s, h s, 3]` clipped to [-1, 1]."""
     return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1.0, 1.0)
 
-  def decode(self, indices: Sequence[jax.Array]) -> jax.Array:
+  def decode(self, f_hat: jax.Array) -> jax.Array:
+    """The seam's decode: f_hat after the last scale `[B, h, h, Cvae]` -> images `[B, H, W, 3]` in [-1, 1]."""
+    return self.decode_fhat(f_hat)
+
+  def decode_indices(self, indices: Sequence[jax.Array]) -> jax.Array:
     """Per-scale indices -> images `[B, H, W, 3]` in [-1, 1]."""
     return self.decode_fhat(self.quantize.indices_to_fhat(indices))
 

@@ -14,27 +14,28 @@ import ml_collections
 from flax import nnx
 
 from flowar_jax.evaluation import runner, suite
-from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs import fs
 from flowar_jax.runs.metrics import MetricWriter
-from flowar_jax.sampling.sampler import SamplingSettings, image_sampler
+from flowar_jax.sampling.generate import settings_from
+from flowar_jax.sampling.sampler import image_sampler
 from flowar_jax.training.state import TrainState
 
 
 def periodic_evaluation(config: ml_collections.ConfigDict, workdir: str, graphdef: nnx.GraphDef,
-                        vae: AutoencoderKL, plan: ShardingPlan | None = None) -> Callable[[int, TrainState], None]:
+                        vae: nnx.Module, plan: ShardingPlan | None = None) -> Callable[[int, TrainState], None]:
   """-> `action(step, state)` for `loop.Periodic`. Weights and reference are checked now, before training.
   Samples are drawn sharded by `plan` (the training run's; default one device)."""
   setup = suite.prepare(config, metrics=config.eval.metrics, cache_dir=suite.default_cache_dir(workdir))
-  settings = SamplingSettings.from_config(config.sampling)
+  settings = settings_from(config)
+  latent_scale = config.vae.latent_scale if config.model.name == "flowar" else 1.0
   use_ema = config.sampling.use_ema
   samplers = []  # built at the first evaluation, then reused with new weights (compiled once)
 
   def action(step: int, state: TrainState) -> None:
     flowar = nnx.merge(graphdef, state.ema_params if use_ema else state.params)
     if not samplers:
-      samplers.append(image_sampler(flowar, vae, settings, config.vae.latent_scale, plan))
+      samplers.append(image_sampler(flowar, vae, settings, latent_scale, plan))
     sampler = samplers[0]
     sampler.set_weights(flowar, vae)
     sampling_plan = runner.SamplingPlan(num_samples=config.eval.train_num_samples, num_classes=config.model.num_classes,

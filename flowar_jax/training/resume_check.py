@@ -13,6 +13,7 @@ from typing import Any, Callable
 import ml_collections
 from absl import logging
 
+from flowar_jax.config import trains_generator, trains_tokenizer
 from flowar_jax.runs import fs
 from flowar_jax.runs.checkpointing import Checkpointer, checkpoint_exists
 from flowar_jax.runs.workdir import checkpoint_dir, vae_dir
@@ -20,7 +21,7 @@ from flowar_jax.runs.workdir import checkpoint_dir, vae_dir
 _Key = str | tuple[str, Callable[[dict], Any]]  # a dotted key, or a name and how to derive it
 
 FLOWAR_ARCHITECTURE: tuple[_Key, ...] = (
-    "model.scales", "model.width", "model.depth", "model.num_heads", "model.mlp_ratio", "model.num_classes",
+    "model.name", "model.scales", "model.width", "model.depth", "model.num_heads", "model.mlp_ratio", "model.num_classes",
     "model.head.variant", "model.head.depth", "model.head.width", "model.head.head_dim", "model.head.mlp_ratio",
     "vae.latent_channels",
     ("optimizer.grad_clip > 0", lambda flat: flat["optimizer.grad_clip"] > 0),  # adds a clipping stage
@@ -29,6 +30,15 @@ VAE_ARCHITECTURE: tuple[_Key, ...] = (
     "vae.in_channels", "vae.base_channels", "vae.channel_multipliers", "vae.encoder_blocks", "vae.decoder_blocks",
     "vae.latent_channels", "vae.norm_groups",
     ("vae.train.disc_weight > 0", lambda flat: flat["vae.train.disc_weight"] > 0),  # adds the discriminator
+)
+VAR_ARCHITECTURE: tuple[_Key, ...] = (
+    "model.name", "model.depth", "model.width", "model.num_heads", "model.mlp_ratio", "model.num_classes",
+    "model.shared_aln", "model.attn_l2_norm", "vae.vocab_size", "vae.z_channels", "vae.patch_nums",
+    ("optimizer.grad_clip > 0", lambda flat: flat["optimizer.grad_clip"] > 0),
+)
+VQVAE_ARCHITECTURE: tuple[_Key, ...] = (
+    "model.name", "vae.vocab_size", "vae.z_channels", "vae.ch", "vae.ch_mult", "vae.num_res_blocks",
+    "vae.share_quant_resi", "vae.quant_conv_ks", "vae.patch_nums",
 )
 _DATA = ("data.name", "data.data_dir", "data.image_size", "data.resize_size", "data.random_crop", "data.random_flip",
          "data.eval_fraction")
@@ -44,6 +54,18 @@ VAE_TRAJECTORY: tuple[_Key, ...] = (
     "seed", *_DATA, "vae.dropout", "vae.train.batch_size", "vae.train.num_train_steps", "vae.train.learning_rate",
     "vae.train.warmup_steps", "vae.train.kl_weight", "vae.train.l1_weight", "vae.train.l2_weight",
     "vae.train.disc_weight", "vae.train.disc_start_step", "vae.train.disc_channels", "vae.train.disc_layers",
+)
+
+VAR_TRAJECTORY: tuple[_Key, ...] = (
+    "seed", "batch_size", "num_train_steps", *_DATA, "model.cond_drop_rate", "model.drop_path_rate",
+    "optimizer.base_lr", "optimizer.min_lr", "optimizer.warmup_steps", "optimizer.b1", "optimizer.b2",
+    "optimizer.weight_decay", "optimizer.grad_clip", "optimizer.ema_decay",
+)
+VQVAE_TRAJECTORY: tuple[_Key, ...] = (
+    "seed", *_DATA, "vae.quant_resi", "vae.using_znorm", "vae.train.batch_size", "vae.train.num_train_steps",
+    "vae.train.learning_rate", "vae.train.warmup_steps", "vae.train.l1_weight", "vae.train.l2_weight",
+    "vae.train.commitment_weight", "vae.train.usage_decay", "vae.train.restart_every_steps",
+    "vae.train.dead_code_threshold",
 )
 
 
@@ -97,10 +119,14 @@ def _vae_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> str:
 def check_config_matches_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError naming each architecture key that differs from the stored config of a stage that
   this run resumes or uses (the VAE under `vae_dir`, FlowAR in WORKDIR); warns about changed settings."""
-  checks = [("VAE", _vae_checkpoints(config, workdir), VAE_ARCHITECTURE,
-             VAE_TRAJECTORY if config.stage in ("vae", "both") else ())]
-  if config.stage in ("flowar", "both"):
-    checks.append(("FlowAR", checkpoint_dir(workdir), FLOWAR_ARCHITECTURE, FLOWAR_TRAJECTORY))
+  flowar = config.model.name == "flowar"
+  tokenizer_keys = (VAE_ARCHITECTURE, VAE_TRAJECTORY) if flowar else (VQVAE_ARCHITECTURE, VQVAE_TRAJECTORY)
+  checks = [("VAE", _vae_checkpoints(config, workdir), tokenizer_keys[0],
+             tokenizer_keys[1] if trains_tokenizer(config) else ())]
+  if trains_generator(config):
+    checks.append((config.model.name, checkpoint_dir(workdir),
+                   FLOWAR_ARCHITECTURE if flowar else VAR_ARCHITECTURE,
+                   FLOWAR_TRAJECTORY if flowar else VAR_TRAJECTORY))
   for stage, directory, architecture, trajectory in checks:
     stored = _stored(directory)
     if stored is None:

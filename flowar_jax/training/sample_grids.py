@@ -1,4 +1,4 @@
-"""Sample grids while FlowAR trains: a periodic action that draws a fixed set of classes from fixed noise with
+"""Sample grids while a generator trains: a periodic action that draws a fixed set of classes from fixed noise with
 the EMA weights and writes the grid through the run's MetricWriter (TensorBoard image, PNG, JSONL path).
 
 The sampler is compiled once, at the first grid; later grids load the new EMA weights into that program.
@@ -9,11 +9,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from flowar_jax.models.vae import AutoencoderKL, decode_from_latents
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs.images import enlarge
 from flowar_jax.runs.metrics import MetricWriter
-from flowar_jax.sampling.sampler import Sampler, SamplingSettings
+from flowar_jax.sampling.generate import settings_from
+from flowar_jax.sampling.sampler import Sampler, image_sampler
 from flowar_jax.training.state import TrainState
 
 GRID_ROWS = 2
@@ -33,30 +33,27 @@ def grid_labels(config: ml_collections.ConfigDict) -> np.ndarray:
 class SampleGrids:
   """`action(step, state)` for `loop.Periodic`: writes the image `samples` at `step` through `writer`."""
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, vae: AutoencoderKL,
+  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, vae: nnx.Module,
                writer: MetricWriter, plan: ShardingPlan | None = None):
-    """`config.vae.latent_scale` must be concrete (measured before training starts, if it was 0). The sampler
-    runs sharded by `plan` (the training run's; default one device)."""
-    if config.vae.latent_scale <= 0:
+    """`vae` is the tokenizer module; for FlowAR, `config.vae.latent_scale` must be concrete (measured before
+    training starts, if it was 0). The sampler runs sharded by `plan` (the training run's; default one device)."""
+    flowar = config.model.name == "flowar"
+    if flowar and config.vae.latent_scale <= 0:
       raise ValueError("sample grids need a concrete vae.latent_scale: measure it before training")
     self._graphdef = graphdef
     self._vae = vae
-    self._latent_scale = float(config.vae.latent_scale)
+    self._latent_scale = float(config.vae.latent_scale) if flowar else 1.0
     self._writer = writer
     self._labels = grid_labels(config)
     self._seed = config.seed
-    self._settings = SamplingSettings.from_config(config.sampling)
+    self._settings = settings_from(config)
     self._sampler: Sampler | None = None
     self._plan = plan
-
-  def _decode(self, vae: AutoencoderKL, latents):
-    return decode_from_latents(vae, latents, self._latent_scale)
 
   def __call__(self, step: int, state: TrainState) -> None:
     model = nnx.merge(self._graphdef, state.ema_params)
     if self._sampler is None:
-      self._sampler = Sampler(model, self._settings, decode=self._decode, decoder_module=self._vae,
-                              plan=self._plan)
+      self._sampler = image_sampler(model, self._vae, self._settings, self._latent_scale, self._plan)
     else:
       self._sampler.set_weights(model, self._vae)
     images = enlarge(self._sampler(self._labels, self._seed))

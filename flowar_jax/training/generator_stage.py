@@ -1,4 +1,5 @@
-"""Stage 2: FlowAR on the latents of a trained, frozen VAE."""
+"""Stage 2: the generator (`config.model.name`) on the tokens of a trained, frozen tokenizer: FlowAR on a KL
+VAE's latents (encoded on the fly or from the latent cache), VAR on a multi-scale VQVAE's code indices."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,7 @@ from flax import nnx
 from flowar_jax import data
 from flowar_jax import precision
 from flowar_jax.models.params import split_params
-from flowar_jax.models.registry import build_model
+from flowar_jax.models.registry import build_model, tokenizer_seam
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs.loaders import load_vae
@@ -25,18 +26,18 @@ from flowar_jax.training.sample_grids import SampleGrids
 _SCALE_EXAMPLES = 2048
 
 
-def _latents_from_batch(vae: AutoencoderKL, batch: dict, latent_scale: float, sample_posterior: bool,
-                        rng: jax.Array) -> jax.Array:
-  """Images `[B, H, W, 3]` or cached moments `[B, h, w, 2C]` -> latents `[B, h, w, C]` times the latent scale."""
+def tokens_from_batch(config: ml_collections.ConfigDict, tokenizer_module: nnx.Module, batch: dict,
+                      rng: jax.Array):
+  """A batch of images `[B, H, W, 3]`, or of cached posterior moments `[B, h, w, 2C]` (FlowAR's latent cache)
+  -> the generator's training tokens, with no gradient (the tokenizer is frozen)."""
+  flowar = config.model.name == "flowar"
+  tokenizer = tokenizer_seam(config, tokenizer_module, config.vae.latent_scale if flowar else 1.0)
   if "moments" in batch:
     mean, logvar = jnp.split(batch["moments"], 2, axis=-1)
+    tokens = tokenizer.latents_from_moments(mean, logvar, rng)
   else:
-    posterior = vae.encode(batch["image"])
-    mean, logvar = posterior.mean, posterior.logvar
-  latents = mean
-  if sample_posterior:
-    latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-  return jax.lax.stop_gradient(latents * latent_scale)
+    tokens = tokenizer.encode(batch["image"], rng)
+  return jax.lax.stop_gradient(tokens), tokenizer
 
 
 def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, workdir: str
@@ -63,26 +64,34 @@ def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, 
   return resolved
 
 
-def flowar_loss_fn(vae_graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
-  def loss_fn(model, batch, rng, vae_params, step):  # pylint: disable=unused-argument
-    r_post, r_model = jax.random.split(rng)
-    vae = nnx.merge(vae_graphdef, vae_params)
-    latents = _latents_from_batch(vae, batch, config.vae.latent_scale, config.vae.sample_posterior, r_post)
+def generator_loss_fn(tokenizer_graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
+  """The loop's loss function: tokens from the frozen tokenizer (its params are the step's context), then the
+  generator's own loss on them, its matrix products in `config.model.compute_dtype`."""
+  def loss_fn(model, batch, rng, tokenizer_params, step):  # pylint: disable=unused-argument
+    r_tokens, r_model = jax.random.split(rng)
+    tokenizer_module = nnx.merge(tokenizer_graphdef, tokenizer_params)
+    tokens, tokenizer = tokens_from_batch(config, tokenizer_module, batch, r_tokens)
     with precision.compute_dtype(config.model.compute_dtype):
-      return model.loss(latents, batch["label"], r_model)
+      return model.loss(tokens, batch["label"], r_model, tokenizer=tokenizer)
 
   return loss_fn
 
 
-def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.GraphDef, object]:
-  """Trains FlowAR in WORKDIR (resuming if a checkpoint is there); returns (graphdef, state).
+def tokens_per_image(config: ml_collections.ConfigDict) -> int:
+  sides = config.model.scales if config.model.name == "flowar" else config.vae.patch_nums
+  return sum(side * side for side in sides)
 
-  With `vae.latent_scale == 0` the scale is measured first and stored in the checkpoint's config.
+
+def train_generator(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.GraphDef, object]:
+  """Trains the generator in WORKDIR (resuming if a checkpoint is there); returns (graphdef, state).
+
+  FlowAR with `vae.latent_scale == 0`: the scale is measured first and stored in the checkpoint's config.
   """
+  flowar = config.model.name == "flowar"
   plan = ShardingPlan.from_config(config)
   vae = load_vae(config, workdir, plan)
   vae_graphdef, vae_params = split_params(vae)
-  if config.vae.latent_scale <= 0:
+  if flowar and config.vae.latent_scale <= 0:
     config = resolve_latent_scale(config, vae, workdir)
   if config.data.cache_latents:
     iterator = latent_cache.make_latent_iterator(vae, config, workdir)
@@ -96,17 +105,17 @@ def train_flowar(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.G
   if config.eval.every_steps > 0:
     from flowar_jax.training.periodic_evaluation import periodic_evaluation  # pylint: disable=g-import-not-at-top
     periodic.append(loop.Periodic(config.eval.every_steps, periodic_evaluation(config, workdir, graphdef, vae, plan)))
-  logging.info("FlowAR: %d steps at batch %d, peak lr %.2e", config.num_train_steps, config.batch_size,
+  logging.info("%s: %d steps at batch %d, peak lr %.2e", config.model.name, config.num_train_steps, config.batch_size,
                config.optimizer.base_lr * config.batch_size / 256)
   with MetricWriter(workdir) as writer:
     if config.sample_every_steps:
       periodic.append(loop.Periodic(config.sample_every_steps, SampleGrids(config, graphdef, vae, writer, plan)))
     return loop.train(
         workdir=workdir, model_factory=model_factory,
-        loss_fn=flowar_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
+        loss_fn=generator_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
         ema_decay=config.optimizer.ema_decay, data_iterator=iterator, num_steps=config.num_train_steps,
         config=config, seed=config.seed, checkpoint_every=config.checkpoint_every_steps,
-        keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params, desc="flowar",
-        batch_size=config.batch_size, tokens_per_image=sum(side * side for side in config.model.scales),
+        keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params,
+        desc=config.model.name, batch_size=config.batch_size, tokens_per_image=tokens_per_image(config),
         periodic=periodic, writer=writer,
         max_consecutive_nonfinite=config.max_consecutive_nonfinite_steps, plan=plan)

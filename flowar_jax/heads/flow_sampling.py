@@ -1,4 +1,4 @@
-"""Per-scale ODE integration of the flow head with classifier-free guidance.
+"""The flow head's sampling: its settings and the per-scale ODE integration with classifier-free guidance.
 
 The time grid is static, so which steps are guided (t <= guidance) is known at trace time: the grid is cut
 into runs of guided and unguided steps, each a `lax.scan`. Unguided steps evaluate the conditional branch
@@ -6,16 +6,60 @@ only; guided steps evaluate both branches in one batch of 2B, on the conditional
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from flowar_jax import precision
+from flowar_jax.models.time_grid import time_grid
 
 # (x [B,N,C], t [B], z) -> [B,N,C]; z is the condition: an array [B,N,D] or a pytree of them (e.g. the
 # head's `conditioning`, computed once per scale).
 Velocity = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """cfg: guidance scale at the finest scale (ramped linearly from 1 at the coarsest; 1 disables CFG);
+  guidance: CFG applies only where t <= guidance; num_steps: ODE steps per scale (official grid);
+  compute_dtype: of the FlowAR's matrix products ('float32' | 'bfloat16', `flowar_jax.precision`;
+  the ODE state stays float32)."""
+
+  cfg: float = 1.0
+  guidance: float = 1.0
+  num_steps: int = 25
+  solver: str = "euler"
+  compute_dtype: str = "float32"
+
+  def __post_init__(self):
+    if not np.isfinite(self.cfg) or self.cfg < 0:
+      raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
+    if not 0.0 <= self.guidance <= 1.0:
+      raise ValueError(f"guidance must lie in [0, 1] (the time below which CFG applies), got {self.guidance}")
+    time_grid(self.num_steps)  # validates num_steps
+    if self.solver not in ("euler", "heun"):
+      raise ValueError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
+    if self.compute_dtype not in precision.COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype must be one of {sorted(precision.COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+
+  @classmethod
+  def from_config(cls, sampling: ml_collections.ConfigDict, **overrides) -> "SamplingSettings":
+    """The settings of a config's `sampling` section, with `overrides` that are not None."""
+    values = dict(cfg=sampling.cfg, guidance=sampling.guidance, num_steps=sampling.num_steps,
+                  solver=sampling.solver, compute_dtype=sampling.compute_dtype)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+  def cfg_at(self, k: int, num_scales: int) -> float:
+    """Per-scale CFG ramp: 1 + (cfg - 1) * k / (num_scales - 1)."""
+    if num_scales == 1:
+      return self.cfg
+    return 1.0 + (self.cfg - 1.0) * k / (num_scales - 1)
 
 
 def _concatenate(a: Any, b: Any) -> Any:
