@@ -33,6 +33,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--cfg", type=float, default=4.0)
   parser.add_argument("--guidance", type=float, default=0.9)
   parser.add_argument("--solver", choices=("euler", "heun"), default="euler")
+  parser.add_argument("--scale_steps", default="", help="ODE steps per scale, coarsest first (e.g. 4,4,8,8,16)")
   parser.add_argument("--latent_channels", type=int, default=16)
 
 
@@ -42,7 +43,8 @@ def compiled_sampler(args: argparse.Namespace):
   config.vae.latent_channels = args.latent_channels
   validate_config(config)
   settings = SamplingSettings(cfg=args.cfg, guidance=args.guidance, num_steps=args.num_steps, solver=args.solver,
-                              compute_dtype=args.compute_dtype)
+                              compute_dtype=args.compute_dtype,
+                              scale_steps=tuple(int(n) for n in args.scale_steps.split(",") if n))
   sampler = Sampler(build_model(config), settings)
   labels = sampler.check_labels(np.arange(args.batch) % config.model.num_classes)
   compiled = sampler.lower(args.batch).compile()
@@ -64,6 +66,7 @@ def main() -> None:
   out = {
       "device": jax.devices()[0].device_kind, "preset": args.preset, "batch": args.batch,
       "num_steps": args.num_steps, "cfg": args.cfg, "guidance": args.guidance, "solver": args.solver,
+      "scale_steps": args.scale_steps,
       "compute_dtype": args.compute_dtype, "call_s": round(seconds, 4), "call_s_all": [round(t, 4) for t in times],
       "s_per_img": round(seconds / args.batch, 5), "imgs_per_s": round(args.batch / seconds, 2),
       "model_gflop_per_img": round(flops / args.batch / 1e9, 2), "model_gflops": round(flops / seconds / 1e9, 1),
