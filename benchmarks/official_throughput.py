@@ -2,18 +2,24 @@
 benchmarks/train_throughput.py and benchmarks/sample_throughput.py at the same sizes.
 
   python benchmarks/official_throughput.py --official /path/to/FlowAR [--preset reduced] [--batch 16]
-      [--mode train|sample|both] [--sample_batch 16 --num_steps 25 --cfg 4.0]
+      [--mode train|sample|both] [--sample_batch 16 --num_steps 25 --cfg 4.0] [--autocast bfloat16]
 
 Needs torch (`pip install flowar_jax[torch]`) and a checkout of the official repository (the directory that
-holds `models/flowar.py`). Training runs the official step: forward in float32 (as its engine does), backward,
-AdamW with gradient clipping at 3.0, EMA update; sampling runs `sample_tokens` (its float64 Euler ODE). Model
-sizes follow `benchmarks/throughput_common.py` and timing `benchmarks/timing.py`, without importing JAX.
+holds `models/flowar.py`). Training runs the official step: forward, backward, AdamW with gradient clipping at
+3.0, EMA update; sampling runs `sample_tokens` (its float64 Euler ODE). `--autocast float32` (the default) runs
+both in float32, as the official engine trains; `--autocast bfloat16` runs the training forward and
+`sample_tokens` under `torch.autocast("cpu", dtype=torch.bfloat16)`, the CPU counterpart of the CUDA autocast
+its engine samples under (products in bf16, the rest in float32). Model sizes follow
+`benchmarks/throughput_common.py` and timing `benchmarks/timing.py`, without importing JAX. The process's peak
+resident memory is reported as `peak_rss_mb`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import contextlib
 import os
+import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,12 +60,20 @@ def main() -> None:
   parser.add_argument("--cfg", type=float, default=4.0)
   parser.add_argument("--guidance", type=float, default=0.9)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--autocast", choices=("float32", "bfloat16"), default="float32",
+                      help="bfloat16: training forward and sampler under torch.autocast on the CPU")
   args = parser.parse_args()
 
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   model = official_model(args.official, args.preset)
-  out = {"implementation": "official-pytorch", "device": "cpu", "preset": args.preset,
+
+  def autocast():
+    if args.autocast == "float32":
+      return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+  out = {"implementation": "official-pytorch", "device": "cpu", "preset": args.preset, "autocast": args.autocast,
          "torch_threads": torch.get_num_threads(), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
   if args.mode in ("train", "both"):
     model.train()
@@ -70,7 +84,8 @@ def main() -> None:
     labels = torch.randint(0, 1000, (args.batch,))
 
     def train_step():
-      loss = model(images, labels)
+      with autocast():  # the forward only; backward runs outside autocast, as torch recommends
+        loss = model(images, labels)
       optimizer.zero_grad()
       loss.backward()
       torch.nn.utils.clip_grad_norm_(params, 3.0)
@@ -88,13 +103,14 @@ def main() -> None:
     labels = torch.randint(0, 1000, (args.sample_batch,))
 
     def sample():
-      with torch.no_grad():
+      with torch.no_grad(), autocast():
         model.sample_tokens(num_steps=args.num_steps, guidance=args.guidance, cfg=args.cfg, labels=labels)
 
     seconds, times = median_seconds(sample, max(2, args.repeats // 2))
     out.update(sample_batch=args.sample_batch, num_steps=args.num_steps, cfg=args.cfg,
                sample_s_per_img=round(seconds / args.sample_batch, 4),
                sample_imgs_per_s=round(args.sample_batch / seconds, 2))
+  out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
   report(out)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,36 +28,50 @@ from flowar_jax.models.registry import build_model  # noqa: E402
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings  # noqa: E402
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_model_flags(parser, default_batch=16)
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--num_steps", type=int, default=25)
   parser.add_argument("--cfg", type=float, default=4.0)
   parser.add_argument("--guidance", type=float, default=0.9)
   parser.add_argument("--solver", choices=("euler", "heun"), default="euler")
+  parser.add_argument("--scale_steps", default="", help="ODE steps per scale, coarsest first (e.g. 4,4,8,8,16)")
   parser.add_argument("--latent_channels", type=int, default=16)
-  parser.add_argument("--json", help="also write the figures to this file")
-  args = parser.parse_args()
 
+
+def compiled_sampler(args: argparse.Namespace):
+  """(compiled sampling program, a call that runs it once and blocks on it, model FLOPs per call) for the flags."""
   config = model_config(args)
   config.vae.latent_channels = args.latent_channels
   validate_config(config)
   settings = SamplingSettings(cfg=args.cfg, guidance=args.guidance, num_steps=args.num_steps, solver=args.solver,
-                              compute_dtype=args.compute_dtype)
+                              compute_dtype=args.compute_dtype,
+                              scale_steps=tuple(int(n) for n in args.scale_steps.split(",") if n))
   sampler = Sampler(build_model(config), settings)
   labels = sampler.check_labels(np.arange(args.batch) % config.model.num_classes)
   compiled = sampler.lower(args.batch).compile()
   flops = sampling_flops_per_image(config, settings) * args.batch  # XLA's count sees each loop body once
   state = sampler.lower_args(args.batch)[0]
   seed, first = np.int32(0), np.int32(0)
-  seconds, times = median_seconds(lambda: jax.block_until_ready(compiled(state, labels, seed, first)), args.repeats)
+  return compiled, lambda: jax.block_until_ready(compiled(state, labels, seed, first)), flops
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_flags(parser, default_batch=16)
+  add_sampling_flags(parser)
+  parser.add_argument("--json", help="also write the figures to this file")
+  args = parser.parse_args()
+
+  _, call, flops = compiled_sampler(args)
+  seconds, times = median_seconds(call, args.repeats)
   out = {
       "device": jax.devices()[0].device_kind, "preset": args.preset, "batch": args.batch,
       "num_steps": args.num_steps, "cfg": args.cfg, "guidance": args.guidance, "solver": args.solver,
+      "scale_steps": args.scale_steps,
       "compute_dtype": args.compute_dtype, "call_s": round(seconds, 4), "call_s_all": [round(t, 4) for t in times],
       "s_per_img": round(seconds / args.batch, 5), "imgs_per_s": round(args.batch / seconds, 2),
       "model_gflop_per_img": round(flops / args.batch / 1e9, 2), "model_gflops": round(flops / seconds / 1e9, 1),
   }
+  out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
   peak = peak_flops()
   if peak is not None:
     out.update(peak_tflops=peak / 1e12, mfu=round(flops / seconds / peak, 3))

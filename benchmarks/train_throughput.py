@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,14 +39,14 @@ def latent_loss_fn(compute_dtype: str):
   return loss_fn
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_model_flags(parser, default_batch=16)
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--remat", default="none", help="remat policy (flowar_jax.parallel.remat)")
   parser.add_argument("--latent_channels", type=int, default=16)
-  parser.add_argument("--json", help="also write the figures to this file")
-  args = parser.parse_args()
 
+
+def compiled_train_step(args: argparse.Namespace):
+  """(compiled train step, a call that runs one step and blocks on it, model FLOPs per step, config, number of
+  parameters) for the flags."""
   config = model_config(args)
   if args.remat != "none":
     config.model.remat = args.remat
@@ -64,15 +65,25 @@ def main() -> None:
   }
   compiled = step.lower(state, batch, None).compile()
   flops = training_flops_per_step(config)  # model FLOPs: what the step must compute, as for MFU
-
   holder = {"state": state}
 
   def one_step():
     holder["state"], metrics = compiled(holder["state"], batch, None)
     jax.block_until_ready(metrics["loss"])
 
+  return compiled, one_step, flops, config, sum(x.size for x in jax.tree.leaves(params))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_flags(parser, default_batch=16)
+  add_train_flags(parser)
+  parser.add_argument("--no_matmul_rate", action="store_true", help="skip measuring the CPU's matrix-product rate")
+  parser.add_argument("--json", help="also write the figures to this file")
+  args = parser.parse_args()
+
+  compiled, one_step, flops, config, num_params = compiled_train_step(args)
   seconds, times = median_seconds(one_step, args.repeats)
-  num_params = sum(x.size for x in jax.tree.leaves(params))
   out = {
       "device": jax.devices()[0].device_kind, "preset": args.preset, "params_m": round(num_params / 1e6, 2),
       "batch": args.batch, "tokens": sum(s * s for s in config.model.scales), "compute_dtype": args.compute_dtype,
@@ -80,14 +91,15 @@ def main() -> None:
       "imgs_per_s": round(args.batch / seconds, 2), "model_gflop_per_step": round(flops / 1e9, 1),
       "xla_gflop_per_step": round(compiled_flops(compiled) / 1e9, 1),
   }
+  out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
   peak = peak_flops()
-  if peak is None:  # a CPU: the measured rate of a large product, in float32 and in the step's dtype
+  if peak is None and not args.no_matmul_rate:  # a CPU: the rate of a large product, in float32 and the step's dtype
     for dtype in dict.fromkeys(("float32", args.compute_dtype)):
       rate = matmul_rate(jnp.dtype(dtype))
       out.update({f"matmul_gflops_{dtype}": round(rate / 1e9, 1),
                   f"matmul_limit_step_s_{dtype}": round(flops / rate, 4),
                   f"matmul_limit_fraction_{dtype}": round(flops / rate / seconds, 3)})
-  else:
+  elif peak is not None:
     out.update(peak_tflops=peak / 1e12, mfu=round(flops / seconds / peak, 3))
   report(out, args.json)
 

@@ -33,6 +33,8 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "ODE steps per scale (defau
 _GUIDANCE = flags.DEFINE_float("guidance", None, "guidance applies where t <= this (default: "
                                "config.sampling.guidance)")
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: config.sampling.solver)")
+_SCALE_STEPS = flags.DEFINE_list("scale_steps", None, "ODE steps at each scale, coarsest first, in place of "
+                                  "--num_steps (default: config.sampling.scale_steps)")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
                                    "dtype of the matrix products (default: config.sampling.compute_dtype)")
 _TOP_K = flags.DEFINE_integer("top_k", None, "VAR: sample among the k likeliest codes, 0 = all (default: "
@@ -72,12 +74,12 @@ _FEATHER = flags.DEFINE_integer("feather", 2, "edit: fade into the original over
                                 "the mask (0: paste it back exactly; -1: keep the decode as it is)")
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
 
-_METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...",
+_METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...", "scale_steps": "N1,N2,...",
              "metrics": "M1,M2,...", "from_torch": "FILE|URL|HF_ID", "vae_torch": "FILE|URL|HF_ID",
              "inception_weights": "FILE", "topology": "GEN:AxB[xC]", "reference": "REF", "cfg_choices": "C1,C2,...",
              "host": "ADDR", "port": "PORT", "max_samples": "N", "image": "FILE", "mask": "FILE",
              "box": "Y0,X0,Y1,X1", "outpaint": "L,R,T,B", "label": "L", "out": "DIR"}
-_SAMPLING = ("cfg", "num_steps", "guidance", "solver", "compute_dtype", "batch_size", "use_ema")
+_SAMPLING = ("cfg", "num_steps", "scale_steps", "guidance", "solver", "compute_dtype", "batch_size", "use_ema")
 _STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpoint)"
 
 COMMANDS = {
@@ -262,7 +264,7 @@ def _stored_run():
   config = _CONFIG.value or stored_config(workdir)
   settings = settings_from(config, cfg=_CFG.value, num_steps=_NUM_STEPS.value, guidance=_GUIDANCE.value,
                            solver=_SOLVER.value, compute_dtype=_COMPUTE_DTYPE.value, top_k=_TOP_K.value,
-                           top_p=_TOP_P.value)
+                           top_p=_TOP_P.value, scale_steps=_parse_scale_steps(_SCALE_STEPS.value))
   return workdir, config, settings
 
 
@@ -313,6 +315,15 @@ def _run(command: str) -> None:
     workdir, config, settings = _stored_run()
     sample.run(config, workdir, seed=_SEED.value, labels=_parse_labels(_LABELS.value),
                num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value, use_ema=_USE_EMA.value, settings=settings)
+
+
+def _parse_scale_steps(values: list[str] | None) -> tuple[int, ...] | None:
+  if values is None:
+    return None
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise ValueError(f"--scale_steps takes whole step counts, one per scale (e.g. 4,4,8), got {','.join(values)}") from None
 
 
 def _known_errors() -> list[tuple[tuple[type[BaseException], ...], int, str]]:

@@ -120,6 +120,7 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   c.sampling.num_steps = 25
   c.sampling.solver = "euler"  # 'euler' | 'heun'
   c.sampling.compute_dtype = "float32"  # matrix products while sampling, as model.compute_dtype
+  c.sampling.scale_steps = ()  # ODE steps per scale, coarsest first, in place of num_steps (docs/performance.md)
   c.sampling.num_samples = 64
   c.sampling.batch_size = 64
   c.sampling.use_ema = True
@@ -197,7 +198,7 @@ _EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits")
 
 
 # The element type of schema tuples whose default is empty.
-_EMPTY_TUPLE_ELEMENTS = {"sample_grid_labels": int}
+_EMPTY_TUPLE_ELEMENTS = {"sample_grid_labels": int, "sampling.scale_steps": int}
 _TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", str: "a string"}
 
 
@@ -348,6 +349,10 @@ def _validate_flowar_sections(config: ml_collections.ConfigDict, flat: dict) -> 
       raise ValueError(f"config.{key} must lie in [0, 1], got {flat[key]}")
   if config.sampling.cfg < 0:
     raise ValueError(f"config.sampling.cfg must be >= 0, got {config.sampling.cfg}")
+  scale_steps = tuple(config.sampling.get("scale_steps", ()))
+  if scale_steps and (len(scale_steps) != len(scales) or min(scale_steps) < 1):
+    raise ValueError(f"config.sampling.scale_steps must be empty or one positive step count per scale "
+                     f"({len(scales)} scales, coarsest first), got {scale_steps}")
   if config.vae.latent_scale < 0:
     raise ValueError(f"config.vae.latent_scale must be > 0, or 0 to measure it, got {config.vae.latent_scale}")
 

@@ -29,3 +29,11 @@ def test_throughput_benchmarks_report_figures(script, extra):
     assert 0 < figures["matmul_limit_fraction_float32"]
   else:
     assert len(figures["call_s_all"]) == 2 and figures["model_gflop_per_img"] > 0
+
+
+def test_profile_ops_attributes_op_time_to_model_code():
+  figures = run_benchmark("profile_ops.py", "--mode", "sample", "--num_steps", "2", "--repeats", "1", "--top", "40")
+  assert abs(sum(figures["classes"].values()) - 1) < 1e-3 and figures["op_s_per_call"] > 0
+  assert any(kind.startswith("product bf16") for kind in figures["classes"])
+  places = " ".join(place for _, place, _ in figures["top"])
+  assert "FlowHead.velocity" in places and "HeadBlockV1.__call__" in places

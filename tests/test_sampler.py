@@ -115,3 +115,21 @@ def test_out_of_range_label_is_rejected(model):
     sampler(np.array([1, 10]), 0)
   with pytest.raises(ValueError, match="class label -1"):
     sampler(np.array([-1]), 0)
+
+
+def test_scale_steps_schedule(model):
+  """A per-scale schedule of equal counts is num_steps exactly; fewer steps at the coarse scales changes the
+  sample; a schedule of the wrong length is refused."""
+  model = _randomize(model)
+  labels, keys = jnp.array([0, 3]), sample_keys(0, 0, 2)
+  num_scales = model.schedule.num_scales
+  plain = sample_latents(model, labels, keys, SamplingSettings(cfg=2.0, num_steps=4))
+  same = sample_latents(model, labels, keys, SamplingSettings(cfg=2.0, num_steps=9, scale_steps=(4,) * num_scales))
+  np.testing.assert_array_equal(plain, same)
+  fewer = sample_latents(model, labels, keys,
+                         SamplingSettings(cfg=2.0, num_steps=4, scale_steps=(1,) * (num_scales - 1) + (4,)))
+  assert not np.allclose(plain, fewer)
+  with pytest.raises(ValueError, match="one per scale"):
+    sample_latents(model, labels, keys, SamplingSettings(num_steps=4, scale_steps=(4,) * (num_scales + 1)))
+  with pytest.raises(ValueError, match="positive whole"):
+    SamplingSettings(scale_steps=(0, 4))

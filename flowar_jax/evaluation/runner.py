@@ -52,13 +52,15 @@ class SamplingPlan:
     s = self.settings
     if isinstance(s, CategoricalSampling):
       return f"cfg{s.cfg:g}-topk{s.top_k}-topp{s.top_p:g}" + ("-smooth" if s.more_smooth else "")
-    return f"cfg{s.cfg:g}-guidance{s.guidance:g}-steps{s.num_steps}-{s.solver}"
+    steps = ".".join(str(n) for n in s.scale_steps) if s.scale_steps else s.num_steps
+    return f"cfg{s.cfg:g}-guidance{s.guidance:g}-steps{steps}-{s.solver}"
 
   def _settings_record(self) -> dict:
     s = self.settings
     if isinstance(s, CategoricalSampling):
       return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p, "more_smooth": s.more_smooth}
-    return {"cfg": s.cfg, "guidance": s.guidance, "num_steps": s.num_steps, "solver": s.solver}
+    record = {"cfg": s.cfg, "guidance": s.guidance, "num_steps": s.num_steps, "solver": s.solver}
+    return dict(record, scale_steps=list(s.scale_steps)) if s.scale_steps else record
 
   def labels(self) -> np.ndarray:
     return (np.arange(self.num_samples) % self.num_classes).astype(np.int32)

@@ -28,13 +28,16 @@ class SamplingSettings:
   """cfg: guidance scale at the finest scale (ramped linearly from 1 at the coarsest; 1 disables CFG);
   guidance: CFG applies only where t <= guidance; num_steps: ODE steps per scale (official grid);
   compute_dtype: of the FlowAR's matrix products ('float32' | 'bfloat16', `flowar_jax.precision`;
-  the ODE state stays float32)."""
+  the ODE state stays float32); scale_steps: ODE steps at each scale, coarsest first, in place of num_steps
+  (empty: num_steps at every scale). Coarse scales hold few tokens, so fewer steps there save little work;
+  the finest holds most of it."""
 
   cfg: float = 1.0
   guidance: float = 1.0
   num_steps: int = 25
   solver: str = "euler"
   compute_dtype: str = "float32"
+  scale_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
     if not np.isfinite(self.cfg) or self.cfg < 0:
@@ -42,6 +45,9 @@ class SamplingSettings:
     if not 0.0 <= self.guidance <= 1.0:
       raise ValueError(f"guidance must lie in [0, 1] (the time below which CFG applies), got {self.guidance}")
     time_grid(self.num_steps)  # validates num_steps
+    object.__setattr__(self, "scale_steps", tuple(self.scale_steps))  # a list from a config or a flag
+    if not all(isinstance(n, (int, np.integer)) and n >= 1 for n in self.scale_steps):
+      raise ValueError(f"scale_steps must be positive whole step counts, one per scale, got {self.scale_steps}")
     if self.solver not in ("euler", "heun"):
       raise ValueError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
     if self.compute_dtype not in precision.COMPUTE_DTYPES:
@@ -51,9 +57,19 @@ class SamplingSettings:
   def from_config(cls, sampling: ml_collections.ConfigDict, **overrides) -> "SamplingSettings":
     """The settings of a config's `sampling` section, with `overrides` that are not None."""
     values = dict(cfg=sampling.cfg, guidance=sampling.guidance, num_steps=sampling.num_steps,
-                  solver=sampling.solver, compute_dtype=sampling.compute_dtype)
+                  solver=sampling.solver, compute_dtype=sampling.compute_dtype,
+                  scale_steps=tuple(sampling.get("scale_steps", ())))  # configs stored before it lack the key
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
+
+  def steps_at(self, k: int, num_scales: int) -> int:
+    """ODE steps at scale k of num_scales: scale_steps[k], or num_steps when scale_steps is empty."""
+    if not self.scale_steps:
+      return self.num_steps
+    if len(self.scale_steps) != num_scales:
+      raise ValueError(f"scale_steps {self.scale_steps} gives {len(self.scale_steps)} step counts for a model of "
+                       f"{num_scales} scales: give one per scale, coarsest first")
+    return self.scale_steps[k]
 
   def cfg_at(self, k: int, num_scales: int) -> float:
     """Per-scale CFG ramp: 1 + (cfg - 1) * k / (num_scales - 1)."""

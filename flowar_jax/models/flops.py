@@ -66,12 +66,12 @@ def sampling_flops_per_image(config: ml_collections.ConfigDict, settings) -> int
   evaluation per branch per ODE stage (two stages per Heun step, except a step that ends at t = 0)."""
   model, c = config.model, config.vae.latent_channels
   guided_run = settings.cfg != 1.0
-  grid = time_grid(settings.num_steps)
   total = _backbone_forward(model, c) * (2 if guided_run else 1)
   for k, side in enumerate(model.scales):
     cfg_k = settings.cfg_at(k, len(model.scales))
     branches_at = lambda t_cur: 2 if guided_run and cfg_k != 1.0 and t_cur <= settings.guidance else 1
     total += _head_condition(model, side) * (2 if guided_run and cfg_k != 1.0 else 1)
+    grid = time_grid(settings.steps_at(k, len(model.scales)))
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
       stages = 2 if settings.solver == "heun" and t_next > 0 else 1
       total += stages * branches_at(t_cur) * _head_velocity(model, c, side)

@@ -182,5 +182,5 @@ class FlowHead(nnx.Module):
     z_uncond = self.conditioning(uncond) if uncond is not None and cfg != 1.0 else None
     velocity = functools.partial(self.velocity, remat=False)  # nothing here is differentiated
     with precision.compute_dtype(settings.compute_dtype):
-      return integrate(velocity, noise, self.conditioning(cond), z_uncond, cfg, time_grid(settings.num_steps),
+      return integrate(velocity, noise, self.conditioning(cond), z_uncond, cfg, time_grid(settings.steps_at(scale, num_scales)),
                        settings.guidance, settings.solver)
