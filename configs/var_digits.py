@@ -38,7 +38,7 @@ def get_config():
   c.optimizer.warmup_steps = 200
   c.optimizer.ema_decay = 0.995
 
-  c.sampling.update(cfg=1.5, top_k=0, top_p=0.0, num_samples=100, batch_size=100)
+  c.sampling.update(cfg=3.0, top_k=0, top_p=0.0, num_samples=100, batch_size=100)
 
   c.eval.metrics = ("digits",)
   c.eval.num_samples = 1000

@@ -79,13 +79,14 @@ _METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "la
              "inception_weights": "FILE", "topology": "GEN:AxB[xC]", "reference": "REF", "cfg_choices": "C1,C2,...",
              "host": "ADDR", "port": "PORT", "max_samples": "N", "image": "FILE", "mask": "FILE",
              "box": "Y0,X0,Y1,X1", "outpaint": "L,R,T,B", "label": "L", "out": "DIR"}
-_SAMPLING = ("cfg", "num_steps", "scale_steps", "guidance", "solver", "compute_dtype", "batch_size", "use_ema")
+_SAMPLING = ("cfg", "num_steps", "scale_steps", "guidance", "solver", "top_k", "top_p", "compute_dtype", "batch_size",
+             "use_ema")
 _STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpoint)"
 
 COMMANDS = {
     "train": Command(
-        "train the stages config.stage names (vae, flowar or both) in WORKDIR; rerunning resumes",
-        "Trains the VAE, FlowAR or both (config.stage) and samples from the result. Rerunning the same "
+        "train the stages config.stage names (vae, the model, or both) in WORKDIR; rerunning resumes",
+        "Trains the tokenizer (vae), the generator (flowar or var) or both (config.stage) and samples from the result. Rerunning the same "
         "command resumes from the newest complete checkpoint in WORKDIR, data position included.",
         required=("config", "workdir"),
         notes={"workdir": "run directory (local or gs://): checkpoints/, vae/, metrics.jsonl, samples/"}),
@@ -108,7 +109,7 @@ COMMANDS = {
         "Keeps the image's tokens outside the mask at every scale and generates the rest (docs/editing.md). "
         "Give exactly one of --mask, --box or --outpaint; writes edits.npz, edit_###.png and grid.png.",
         required=("workdir", "image"),
-        optional=("mask", "box", "outpaint", "label", "out", "blend", "config", "num_samples", "seed") + _SAMPLING,
+        optional=("mask", "box", "outpaint", "label", "out", "blend", "feather", "config", "num_samples", "seed") + _SAMPLING,
         notes={"config": _STORED_CONFIG, "num_samples": "number of edits (default: 8)",
                "workdir": "run directory holding the FlowAR checkpoint (trained or converted)"}),
     "summary": Command(
