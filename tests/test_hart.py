@@ -562,3 +562,14 @@ def test_loss_is_ce_plus_the_residual_head_loss(hart_model, tok, tokens):
   assert float(jnp.abs(grads.residual_head.net.input_proj.kernel[...]).max()) > 0
   assert float(jnp.abs(grads.blocks[0].attn.qkv_proj.kernel[...]).max()) > 0
   assert float(jnp.abs(grads.word_embed.kernel[...]).max()) > 0
+
+
+def test_transformer_with_residual_head_state_dict_round_trip(hart_model):
+  sd = transformer_state_dict(hart_model)
+  assert "diffloss.net.input_proj.weight" in sd and "decoder_norm.weight" in sd
+  assert not any(k.startswith("residual_head") for k in sd)
+  back = load_transformer(sd, HART_CLASS)
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(hart_model, nnx.Param)),
+                               jax.tree_util.tree_leaves_with_path(nnx.state(back, nnx.Param))):
+    np.testing.assert_array_equal(a, b, err_msg=str(path))
+  assert len(jax.tree.leaves(nnx.state(back, nnx.Param))) == len(jax.tree.leaves(nnx.state(hart_model, nnx.Param)))
