@@ -413,8 +413,8 @@ class HARTTransformer(nnx.Module):
     `HybridTokenizer` (teacher-forced inputs, codebook). As the official forward: the head's condition is
     decoder_norm(h + word_embed(embed(idx))), h the last scale's final hidden states and idx codes drawn from
     the model's own last-scale logits (`head_codes`); its target is rest_before_last - embed(idx). The
-    official forward also drops a random subset of the last scale's tokens when it has more than 32; that
-    masking is not implemented (with 32 tokens or fewer the official forward drops none). Loss = CE +
+    official forward also drops a random subset of the last scale's tokens; that masking is not implemented
+    (with 16 last-scale tokens or fewer the official forward drops none, see docs/hart.md). Loss = CE +
     residual loss (the official repository has no trainer; weight 1 here). Condition dropout and stochastic
     depth act only when `train`. Metrics: `loss_scale_{pn}`, `ce`, `residual_loss`, `token_accuracy`, `loss`.
     """

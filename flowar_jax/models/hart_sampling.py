@@ -111,7 +111,8 @@ def sample(model, tokenizer, labels: jax.Array, settings: HARTSampling, token_dr
   offsets = [0]
   for length in model.lengths:
     offsets.append(offsets[-1] + length)
-  x = jnp.broadcast_to(cond[:, None], (2 * b, model.first_l, model.width)) + model.pos_start[...] + level[:, :offsets[1]]
+  x = jnp.broadcast_to(cond[:, None], (2 * b, model.first_l, model.width)) + model.pos_start[...]
+  x = x + level[:, :offsets[1]]
   empty = jnp.zeros((2 * b, 0, model.num_heads, model.width // model.num_heads), x.dtype)
   caches = [(empty, empty)] * model.depth
   f_hat = tokenizer.empty_state(b)
