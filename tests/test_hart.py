@@ -517,6 +517,10 @@ def test_samples_do_not_depend_on_the_batch(hart_model, tok):
   np.testing.assert_allclose(first[1], second[1], atol=1e-5)  # same key and label, other neighbour
   assert float(jnp.abs(first[0] - second[0]).max()) > 1e-3
   assert float(jnp.abs(first[0] - first[1]).max()) > 1e-3
+  # residual_steps resamples with 2 steps from the same parameters; the head keeps its own 3
+  assert hart_sampling.residual_head_for(hart_model.residual_head, 2).sample_schedule.num_steps == 2
+  assert hart_model.residual_head.sample_schedule.num_steps == 3
+  assert hart_sampling.draws(hart_model, k[:2], settings)[1].shape == (2, 3, 16, 4)
 
 
 def test_sampling_settings_errors_name_the_value(hart_model, tok):
