@@ -9,10 +9,13 @@ from flax import nnx
 
 from flowar_jax.convert.hart import (hybrid_state_dict, load_hybrid, load_residual_head, load_transformer,
                                      residual_head_state_dict, transformer_state_dict)
+from flowar_jax.heads.categorical import CategoricalSampling
 from flowar_jax.heads.diffusion_schedule import cosine_betas, schedule, space_timesteps
 from flowar_jax.heads.flow_sampling import SamplingSettings
 from flowar_jax.heads.residual import ResidualHead, ResidualSampling
 from flowar_jax.heads.residual_flow import FlowResidualHead
+from flowar_jax.models import hart_sampling
+from flowar_jax.models.hart_sampling import HARTSampling
 from flowar_jax.models.hart import (HARTTransformer, apply_rope, context_positions_from_mask, grid_positions, rope_1d,
                                    rope_2d)
 from flowar_jax.tokenizers.hybrid import HybridTokenizer, HybridTokens
@@ -457,3 +460,120 @@ def test_transformer_bad_inputs_are_named(class_model, context_model):
   context, _ = _context_batch()
   with pytest.raises(ValueError, match="context_positions"):
     context_model(context, _inputs())
+
+
+# ------------------------------------------------------------------------------------------ training, sampling
+
+HART_CLASS = dict(depth=2, width=32, num_heads=2, vocab_size=16, cvae=4, patch_nums=SCALES, conditioning="class",
+                  num_classes=5, residual_head=dict(width=16, depth=1, num_steps="3", batch_mul=2))
+
+
+@pytest.fixture(scope="module")
+def hart_model():
+  return _randomize(HARTTransformer(**HART_CLASS, rngs=nnx.Rngs(7)), 7, 0.2)
+
+
+def test_sampler_matches_the_teacher_forced_forward_and_adds_the_residual(hart_model, tok):
+  """The KV-cached per-scale logits equal the teacher-forced forward fed the sampled codes (both row halves),
+  the residual is the head's guided sample on the teacher-forced condition at the official last-scale ratio
+  (K - 2) / (K - 1), and f_hat is the hybrid walk with that residual added at the last scale."""
+  labels, keys = jnp.asarray([1, 3], jnp.int32), jax.random.split(jax.random.key(0), 2)
+  settings = HARTSampling(CategoricalSampling(cfg=2.0, top_k=0, top_p=0.0), residual_cfg=3.0)
+
+  @nnx.jit
+  def run(model, tok):
+    token_draws, noise = hart_sampling.draws(model, keys, settings)
+    out = hart_sampling.sample(model, tok, labels, settings, token_draws, noise)
+    inputs = tok.quantize.teacher_forcing_input(out.tokens)
+    cond_h, cond_c = model.hidden(labels, inputs)
+    null_h, null_c = model.hidden(jnp.full_like(labels, 5), inputs)
+    head, codes = model.residual_head, tok.quantize.embedding(out.tokens[-1])
+    z, zu = (head.condition(*model.head_inputs(h, codes)) for h in (cond_h, null_h))
+    return dict(out=out, cond=model.logits(cond_h, cond_c), null=model.logits(null_h, null_c),
+                want=head.sample(z, zu, noise, ResidualSampling(cfg=3.0), 1, 3),
+                at_last=head.sample(z, zu, noise, ResidualSampling(cfg=3.0), 2, 3),
+                hybrid=tok.tokens_fhat(HybridTokens(out.tokens, codes + out.residual)),
+                discrete=tok.discrete_fhat(out.tokens))
+
+  r = run(hart_model, tok)
+  out = r["out"]
+  np.testing.assert_allclose(jnp.concatenate([l[:2] for l in out.logits], 1), r["cond"], atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate([l[2:] for l in out.logits], 1), r["null"], atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(out.residual, r["want"], atol=2e-5, rtol=1e-4)
+  assert float(jnp.abs(r["want"] - r["at_last"]).max()) > 1e-4  # the ratio matters
+  assert float(jnp.abs(out.residual).max()) > 1e-3
+  np.testing.assert_allclose(out.f_hat, r["hybrid"], atol=1e-5)
+  np.testing.assert_allclose(out.f_hat - r["discrete"], out.residual.reshape(2, 4, 4, 4), atol=1e-5)
+
+
+_hart_sample = nnx.jit(lambda m, t, labels, keys, settings: m.sample(t, labels, keys, settings), static_argnums=4)
+
+
+def test_samples_do_not_depend_on_the_batch(hart_model, tok):
+  settings = HARTSampling(CategoricalSampling(cfg=1.5, top_k=8, top_p=0.9), residual_steps=2)
+  k = jax.random.split(jax.random.key(3), 3)
+  first = _hart_sample(hart_model, tok, jnp.asarray([0, 2], jnp.int32), k[:2], settings)
+  second = _hart_sample(hart_model, tok, jnp.asarray([4, 2], jnp.int32), jnp.stack([k[2], k[1]]), settings)
+  np.testing.assert_allclose(first[1], second[1], atol=1e-5)  # same key and label, other neighbour
+  assert float(jnp.abs(first[0] - second[0]).max()) > 1e-3
+  assert float(jnp.abs(first[0] - first[1]).max()) > 1e-3
+  # residual_steps resamples with 2 steps from the same parameters; the head keeps its own 3
+  assert hart_sampling.residual_head_for(hart_model.residual_head, 2).sample_schedule.num_steps == 2
+  assert hart_model.residual_head.sample_schedule.num_steps == 3
+  assert hart_sampling.draws(hart_model, k[:2], settings)[1].shape == (2, 3, 16, 4)
+
+
+def test_sampling_settings_errors_name_the_value(hart_model, tok):
+  with pytest.raises(ValueError, match="residual_cfg.*-1"):
+    HARTSampling(residual_cfg=-1.0)
+  with pytest.raises(ValueError, match="residual_temperature.*nan"):
+    HARTSampling(residual_temperature=float("nan"))
+  with pytest.raises(ValueError, match="residual_steps.*0"):
+    HARTSampling(residual_steps=0)
+  with pytest.raises(ValueError, match="categorical"):
+    HARTSampling(categorical=ResidualSampling())
+  with pytest.raises(ValueError, match="HARTSampling"):
+    hart_model.sample(tok, jnp.asarray([0]), jax.random.split(jax.random.key(0), 1), CategoricalSampling())
+
+
+def test_loss_is_ce_plus_the_residual_head_loss(hart_model, tok, tokens):
+  labels, rng = jnp.asarray([1, 4], jnp.int32), jax.random.key(5)
+
+  @nnx.jit
+  def run(model, tok, tokens):
+    loss, metrics = model.loss(tokens, labels, rng, tokenizer=tok, train=False)
+    inputs = tok.quantize.teacher_forcing_input(tokens.indices)
+    hidden, cond = model.hidden(labels, inputs)
+    logits = model.logits(hidden, cond)
+    logp = jax.nn.log_softmax(logits, -1)
+    ce = -jnp.mean(jnp.take_along_axis(logp, jnp.concatenate(tokens.indices, 1)[..., None], -1))
+    # the head's target: the continuous token minus the codes drawn from the model's own last-scale logits
+    _, code_rng, head_rng = jax.random.split(rng, 3)
+    codes = tok.quantize.embedding(model.head_codes(logits[:, -16:], code_rng))
+    z = model.residual_head.condition(*model.head_inputs(hidden, codes))
+    want = model.residual_head.loss(z, tokens.rest_before_last - codes, head_rng)
+    argmax_ok = jnp.all(model.head_codes(logits, code_rng, top_k=1) == jnp.argmax(logits, -1))
+    grads = nnx.grad(lambda m: m.loss(tokens, labels, rng, tokenizer=tok)[1]["residual_loss"])(model)
+    return loss, metrics, ce, want, argmax_ok, grads
+
+  loss, metrics, ce, want, argmax_ok, grads = run(hart_model, tok, tokens)
+  np.testing.assert_allclose(metrics["ce"], ce, rtol=1e-5)  # every token of every scale weighs the same
+  np.testing.assert_allclose(loss, metrics["ce"] + metrics["residual_loss"], rtol=1e-6)
+  assert set(metrics) >= {"loss_scale_1", "loss_scale_2", "loss_scale_4", "token_accuracy", "residual_loss"}
+  np.testing.assert_allclose(metrics["residual_loss"], want, rtol=1e-5)
+  assert bool(argmax_ok)
+  # gradients reach the residual head and, through its condition, the transformer
+  assert float(jnp.abs(grads.residual_head.net.input_proj.kernel[...]).max()) > 0
+  assert float(jnp.abs(grads.blocks[0].attn.qkv_proj.kernel[...]).max()) > 0
+  assert float(jnp.abs(grads.word_embed.kernel[...]).max()) > 0
+
+
+def test_transformer_with_residual_head_state_dict_round_trip(hart_model):
+  sd = transformer_state_dict(hart_model)
+  assert "diffloss.net.input_proj.weight" in sd and "decoder_norm.weight" in sd
+  assert not any(k.startswith("residual_head") for k in sd)
+  back = load_transformer(sd, HART_CLASS)
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(hart_model, nnx.Param)),
+                               jax.tree_util.tree_leaves_with_path(nnx.state(back, nnx.Param))):
+    np.testing.assert_array_equal(a, b, err_msg=str(path))
+  assert len(jax.tree.leaves(nnx.state(back, nnx.Param))) == len(jax.tree.leaves(nnx.state(hart_model, nnx.Param)))

@@ -157,14 +157,32 @@ def transformer_to_torch(name: str, array: np.ndarray) -> tuple[str, np.ndarray]
 
 
 def load_transformer(state_dict: dict[str, np.ndarray], model_kwargs: dict) -> HARTTransformer:
-  """An official HART transformer state dict (or one of ours, class-conditional) -> a HARTTransformer. The
-  residual head's entries are left to `load_residual_head`."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: HARTTransformer(**model_kwargs, rngs=nnx.Rngs(0))))
+  """An official HART transformer state dict (or one of ours, class-conditional) -> a HARTTransformer. With
+  `residual_head` in `model_kwargs`, the model's residual head is read from the same state dict
+  (`diffloss.net.*`, `decoder_norm.*`); without, those entries are left to `load_residual_head`."""
+  kwargs = dict(model_kwargs)
+  head_kwargs = kwargs.pop("residual_head", None)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: HARTTransformer(**kwargs, rngs=nnx.Rngs(0))))
   params = params_from_state_dict(state_dict, abstract, to_flax=transformer_to_flax, to_torch=transformer_to_torch,
                                   skipped=transformer_skipped, where="the HART transformer state dict")
-  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+  model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+  if head_kwargs is not None:
+    width = kwargs.get("width") or 64 * kwargs.get("depth", 16)
+    model.residual_head = nnx.data(load_residual_head(state_dict, dict(
+        dict(channels=kwargs.get("cvae", 32), cond_dim=width, norm="rms", norm_eps=kwargs.get("norm_eps", 1e-6)),
+        **head_kwargs)))
+  return model
 
 
 def transformer_state_dict(model: HARTTransformer) -> dict[str, np.ndarray]:
-  """Our transformer's parameters -> official-named entries (without the config buffers and the head)."""
-  return state_dict_from_params(nnx.state(model, nnx.Param), to_torch=transformer_to_torch)
+  """Our transformer's parameters -> official-named entries (without the config buffers); the residual head's,
+  when the model has one, as `diffloss.net.*` and `decoder_norm.*`."""
+  state = nnx.state(model, nnx.Param)
+  head = None
+  if model.residual_head is not None:
+    head = residual_head_state_dict(model.residual_head)
+    state = nnx.State({k: v for k, v in state.items() if k != "residual_head"})
+  out = state_dict_from_params(state, to_torch=transformer_to_torch)
+  if head is not None:
+    out.update(head)
+  return out

@@ -42,11 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowar_jax.heads.residual import TimeEmbedder
+from flowar_jax.heads.categorical import CategoricalHead, filter_top_k_top_p, sample_from_uniform
+from flowar_jax.heads.residual import ResidualHead, TimeEmbedder
 from flowar_jax.kernels import api as attention_api
 from flowar_jax.kernels.mask import ScaleCausalMask
+from flowar_jax.models import hart_sampling
 from flowar_jax.models.layers import RMSNorm, linear, split_rng
-from flowar_jax.models.var import FFN, MAX_SCALE_MUL, _ada_lin_init, _normal, drop_path, l2_normalize
+from flowar_jax.models.var import FFN, MAX_SCALE_MUL, KVCache, _ada_lin_init, _normal, drop_path, l2_normalize
 from flowar_jax.parallel.logical import param_axes
 from flowar_jax.tokenizers.msvq import PATCH_NUMS
 
@@ -127,13 +129,13 @@ class RotaryAttention(nnx.Module):
     self.proj = linear(dim, dim, kernel_init=_normal(out_std), rngs=rngs, axes=("qkv", "embed"))
     self.impl = impl
 
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: ScaleCausalMask) -> jax.Array:
-    """x `[B, L, D]`, rope (cos, sin) `[B, L, Dh]` -> `[B, L, D]`."""
-    b, l, dim = x.shape
+  def _qkv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x `[B, l, D]` -> rotary q, k and v `[B, l, H, Dh]` (q pre-scaled for the kernels)."""
+    b, l, _ = x.shape
     zero = jnp.zeros_like(self.q_bias[...])
     qkv = self.qkv_proj(x) + jnp.concatenate([self.q_bias[...], zero, self.v_bias[...]])
     qkv = qkv.reshape(b, l, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, l, H, Dh]
     if self.attn_l2_norm:
       scale = jnp.exp(jnp.minimum(self.scale_mul_1H11[...], MAX_SCALE_MUL)).reshape(1, 1, self.num_heads, 1)
       q, k = l2_normalize(q) * scale, l2_normalize(k)
@@ -142,8 +144,23 @@ class RotaryAttention(nnx.Module):
       score_scale = 0.25 / math.sqrt(self.head_dim)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = q * (score_scale * math.sqrt(self.head_dim))  # the kernels multiply scores by head_dim ** -0.5
+    return q, k, v
+
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: ScaleCausalMask) -> jax.Array:
+    """x `[B, L, D]`, rope (cos, sin) `[B, L, Dh]` -> `[B, L, D]`."""
+    b, l, dim = x.shape
+    q, k, v = self._qkv(x, rope)
     out = attention_api.scale_causal_attention(q, k, v, mask, impl=self.impl)
     return self.proj(out.reshape(b, l, dim))
+
+  def cached(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One scale of the KV-cached pass: x `[B, l, D]` with its rope `[B, l, Dh]` attends to the cached keys
+    (every earlier scale, `[B, N, H, Dh]`, N may be 0) and to its own -> (`[B, l, D]`, the grown cache)."""
+    b, l, dim = x.shape
+    q, k, v = self._qkv(x, rope)
+    k, v = jnp.concatenate([cache[0], k], axis=1), jnp.concatenate([cache[1], v], axis=1)
+    out = attention_api.decode_attention(q, k, v, impl=self.impl)
+    return self.proj(out.reshape(b, l, dim)), (k, v)
 
 
 class HARTBlock(nnx.Module):
@@ -167,19 +184,34 @@ class HARTBlock(nnx.Module):
                             kernel_init=_ada_lin_init(dim, init_std, init_adaln, init_adaln_gamma))
     self.dim, self.drop_path_rate = dim, drop_path_rate
 
-  def __call__(self, x: jax.Array, cond: jax.Array, rope: tuple[jax.Array, jax.Array], mask: ScaleCausalMask,
-               rng: jax.Array | None = None) -> jax.Array:
-    """x `[B, L, C]`, pooled cond `[B, C]` -> `[B, L, C]`."""
+  def _forward(self, x: jax.Array, cond: jax.Array, attend, rng: jax.Array | None) -> jax.Array:
     r1, r2 = split_rng(rng, 2)
     if not self.adaln:
-      x = x + drop_path(self.attn(self.ln_wo_grad(x), rope, mask), self.drop_path_rate, r1)
+      x = x + drop_path(attend(self.ln_wo_grad(x)), self.drop_path_rate, r1)
       return x + drop_path(self.ffn(self.ln_wo_grad(x)), self.drop_path_rate, r2)
     mod = self.ada_lin(jax.nn.silu(cond)).reshape(-1, 1, 6, self.dim)
     gamma1, gamma2, scale1, scale2, shift1, shift2 = (mod[:, :, i] for i in range(6))
-    h = self.attn(self.ln_wo_grad(x) * (scale1 + 1) + shift1, rope, mask)
+    h = attend(self.ln_wo_grad(x) * (scale1 + 1) + shift1)
     x = x + drop_path(h * gamma1, self.drop_path_rate, r1)
     h = self.ffn(self.ln_wo_grad(x) * (scale2 + 1) + shift2)
     return x + drop_path(h * gamma2, self.drop_path_rate, r2)
+
+  def __call__(self, x: jax.Array, cond: jax.Array, rope: tuple[jax.Array, jax.Array], mask: ScaleCausalMask,
+               rng: jax.Array | None = None) -> jax.Array:
+    """x `[B, L, C]`, pooled cond `[B, C]` -> `[B, L, C]`."""
+    return self._forward(x, cond, lambda h: self.attn(h, rope, mask), rng)
+
+  def cached(self, x: jax.Array, cond: jax.Array, rope: tuple[jax.Array, jax.Array], cache: KVCache
+             ) -> tuple[jax.Array, KVCache]:
+    """One scale of the KV-cached pass (no dropout): x `[B, l, C]` -> (`[B, l, C]`, the grown cache)."""
+    grown = []
+
+    def attend(h):
+      out, new = self.attn.cached(h, rope, cache)
+      grown.append(new)
+      return out
+
+    return self._forward(x, cond, attend, None), grown[0]
 
 
 class HeadNorm(nnx.Module):
@@ -208,7 +240,7 @@ class HARTTransformer(nnx.Module):
                cond_drop_rate: float = 0.1, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                width: int | None = None, num_heads: int | None = None, init_adaln: float = 0.5,
                init_adaln_gamma: float = 1e-5, init_head: float = 0.02, attention_impl: str = "auto",
-               rngs: nnx.Rngs):
+               residual_head: dict | None = None, rngs: nnx.Rngs):
     if conditioning not in CONDITIONINGS:
       raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
     if pooling not in ("max", "avg"):
@@ -257,6 +289,10 @@ class HARTTransformer(nnx.Module):
     self.head_nm = HeadNorm(width, norm_eps, init_std, init_adaln, rngs=rngs)
     self.head = linear(width, vocab_size, kernel_init=_normal(init_std * init_head), rngs=rngs,
                        axes=("embed", "vocab"))
+    # The residual head (official `diffloss` and `decoder_norm`), built from its keyword arguments (width,
+    # depth, num_steps, batch_mul); its condition's norm is an RMSNorm as in the llama transformer.
+    self.residual_head = None if residual_head is None else ResidualHead(
+        cvae, width, **dict(dict(norm="rms", norm_eps=norm_eps), **residual_head), rngs=rngs)
 
   @property
   def num_tokens(self) -> int:
@@ -357,3 +393,65 @@ class HARTTransformer(nnx.Module):
     word_embed(codes) `[B, pn^2, C]`), for `ResidualHead.condition`."""
     n = self.patch_nums[-1] ** 2
     return hidden[:, -n:], self.word_embed(last_codes)
+
+  # Training and sampling (class-conditional path).
+
+  def head_codes(self, logits: jax.Array, rng: jax.Array, top_k: int = 600, top_p: float = 0.96) -> jax.Array:
+    """The last scale's codes the residual head is conditioned on in training: drawn from the model's own
+    (stopped) logits `[B, n, V]` with top-k (clipped to V) and top-p, as the official forward draws them
+    (top-k 600, top-p 0.96) -> `[B, n]` int32."""
+    logits = filter_top_k_top_p(jax.lax.stop_gradient(logits), min(top_k, self.vocab_size), top_p)
+    return sample_from_uniform(logits, jax.random.uniform(rng, logits.shape[:-1]))
+
+  def loss(self, tokens, labels: jax.Array, rng: jax.Array, *, tokenizer, train: bool = True
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Class-conditional training objective: cross-entropy over every code of every scale (each token weighs
+    the same, as VAR trains) plus the residual head's loss at the last scale.
+
+    tokens: the hybrid tokenizer's `encode` output (`HybridTokens`: per-scale indices `[B, pn^2]` and the last
+    scale's continuous token `rest_before_last [B, pn_last^2, Cvae]`); labels `[B]`; `tokenizer` the
+    `HybridTokenizer` (teacher-forced inputs, codebook). As the official forward: the head's condition is
+    decoder_norm(h + word_embed(embed(idx))), h the last scale's final hidden states and idx codes drawn from
+    the model's own last-scale logits (`head_codes`); its target is rest_before_last - embed(idx). The
+    official forward also drops a random subset of the last scale's tokens; that masking is not implemented
+    (with 16 last-scale tokens or fewer the official forward drops none, see docs/hart.md). Loss = CE +
+    residual loss (the official repository has no trainer; weight 1 here). Condition dropout and stochastic
+    depth act only when `train`. Metrics: `loss_scale_{pn}`, `ce`, `residual_loss`, `token_accuracy`, `loss`.
+    """
+    if self.conditioning != "class":
+      raise ValueError(f"loss takes the class-conditional path; this model's conditioning is {self.conditioning!r}")
+    if self.residual_head is None:
+      raise ValueError("loss needs the model's residual head (construct it with residual_head=dict(...))")
+    fwd_rng, code_rng, head_rng = jax.random.split(rng, 3)
+    targets, inputs = tokenizer.teacher_forcing(tokens)
+    hidden, cond = self.hidden(labels, inputs, rng=fwd_rng if train else None)
+    logits = self.logits(hidden, cond)
+    total_tokens, cat = self.num_tokens, CategoricalHead(self.vocab_size)
+    metrics, ce, start = {}, jnp.zeros((), jnp.float32), 0
+    for pn, target in zip(self.patch_nums, targets):
+      loss_k = cat.loss(logits[:, start:start + pn * pn], target)
+      metrics[f"loss_scale_{pn}"] = loss_k
+      ce = ce + loss_k * (pn * pn / total_tokens)
+      start += pn * pn
+    flat_targets = jnp.concatenate([t.reshape(t.shape[0], -1) for t in targets], axis=1)
+    metrics["token_accuracy"] = jnp.mean((jnp.argmax(logits, axis=-1) == flat_targets).astype(jnp.float32))
+    n = self.patch_nums[-1] ** 2
+    idx = self.head_codes(logits[:, -n:], code_rng)
+    codes = jax.lax.stop_gradient(tokenizer.quantize.embedding(idx))  # [B, n, Cvae]
+    z = self.residual_head.condition(*self.head_inputs(hidden, codes))
+    target = jax.lax.stop_gradient(tokens.rest_before_last) - codes
+    residual_loss = self.residual_head.loss(z, target, head_rng)
+    total = ce + residual_loss
+    metrics.update(ce=ce, residual_loss=residual_loss, loss=total)
+    return total, metrics
+
+  def sample(self, tokenizer, labels: jax.Array, keys: jax.Array, settings, known=None) -> jax.Array:
+    """labels `[B]`, per-sample keys `[B]` -> f_hat `[B, H, H, Cvae]` (the hybrid tokenizer's state, for its
+    `decode`): codes at every scale, then the residual head's output at the last one (`models.hart_sampling`,
+    settings a `HARTSampling`). Sample i's draws come from keys[i] only. `known` (editing) is not supported."""
+    if known is not None:
+      raise ValueError("HART's sampler does not support known tokens (editing)")
+    if not isinstance(settings, hart_sampling.HARTSampling):
+      raise ValueError(f"settings must be a HARTSampling, got {type(settings).__name__}")
+    token_draws, residual_noise = hart_sampling.draws(self, keys, settings)
+    return hart_sampling.sample(self, tokenizer, labels, settings, token_draws, residual_noise).f_hat
