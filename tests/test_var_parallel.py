@@ -197,7 +197,7 @@ def test_pallas_kv_cached_sampler_gives_xla_tokens(kernel_models):
   labels = jnp.asarray([0, 3], jnp.int32)
   settings = CategoricalSampling(cfg=2.0, top_k=16, top_p=0.9)
   draws = sampling_draws(jax.random.key(7), 2, SCALES, 32, False)
-  run = lambda model: nnx.jit(lambda m, q, d: sample(m, q, labels, settings, d))(model, vq.quantize, draws)
+  run = lambda model: nnx.jit(lambda m, q, d: sample(m, q, labels, settings, d))(model, vq, draws)
   got, want = run(pallas), run(xla)
   for a, b in zip(got.tokens, want.tokens):
     np.testing.assert_array_equal(a, b)
