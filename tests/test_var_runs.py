@@ -73,7 +73,7 @@ def test_evaluate_names_its_settings(converted):
   report = evaluate.run(stored_config(workdir), workdir, num_samples=20, seed=0, settings=settings_from(config),
                         batch_size=20, metrics=("digits",))
   assert set(report["metrics"]) >= {"digits_accuracy", "digits_fd"}
-  name = "step0-n20-seed0-cfg1.5-topk0-topp0-ema"
+  name = f"step0-n20-seed0-cfg{config.sampling.cfg:g}-topk0-topp0-ema"
   with open(os.path.join(workdir, "eval", name, "sampling.json")) as f:
     assert json.load(f)["top_k"] == 0
 
