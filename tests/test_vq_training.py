@@ -35,6 +35,7 @@ def vq_config(**train):
   c.data.update(name="digits", image_size=8, resize_size=0, random_crop=False, random_flip=False)
   c.vae = ml_collections.ConfigDict(TINY_VQ)
   c.vae.train = ml_collections.ConfigDict(dict(TRAIN, **train))
+  c.model.name = "var"  # the registry builds the tokenizer of the model it names
   c.checkpoint_every_steps, c.keep_checkpoints, c.log_every_steps = 2, 3, 1
   return c
 

@@ -15,8 +15,8 @@ import optax
 from flax import nnx
 
 from flowar_jax import data
-from flowar_jax.tokenizers.msvq import MultiScaleVQVAE
-from flowar_jax.tokenizers.vq_trainable import VQTrainable, vqvae_kwargs
+from flowar_jax.models.registry import build_tokenizer_trainable, build_vae
+from flowar_jax.tokenizers.vq_trainable import VQTrainable
 from flowar_jax.training import loop
 from flowar_jax.training.codebook import CANDIDATES, HITS, code_hits, codebook_update, restart_candidates
 from flowar_jax.training.optimizer import adamw, warmup_cosine
@@ -41,7 +41,7 @@ def check_vq_config(config: ml_collections.ConfigDict) -> None:
                     f"{train.restart_every_steps}")
   if train.dead_code_threshold < 0:
     problems.append(f"config.vae.train.dead_code_threshold must be >= 0, got {train.dead_code_threshold}")
-  vqvae = nnx.eval_shape(lambda: MultiScaleVQVAE(**vqvae_kwargs(config.vae), rngs=nnx.Rngs(0)))
+  vqvae = nnx.eval_shape(lambda: build_vae(config))
   side = vqvae.patch_nums[-1] * vqvae.downsample
   if config.data.image_size != side:
     problems.append(f"config.data.image_size {config.data.image_size} != last scale x tokenizer stride = {side}")
@@ -64,7 +64,7 @@ def vq_stage_loss(train_config: ml_collections.ConfigDict, vocab_size: int):
 
 def vq_trainable(config: ml_collections.ConfigDict, seed: int = 0) -> VQTrainable:
   """What the stage trains: the VQVAE of `config.vae`, initialised from `seed`, and its codebook statistics."""
-  return VQTrainable(MultiScaleVQVAE(**vqvae_kwargs(config.vae), rngs=nnx.Rngs(seed)))
+  return build_tokenizer_trainable(config, seed)
 
 
 def vq_optimizer(train_config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -82,7 +82,7 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str):
   iterator = data.make_train_iterator(config.data, train_config.batch_size, config.seed,
                                       shard_index=jax.process_index(), shard_count=jax.process_count())
   tx, schedule = vq_optimizer(train_config)
-  vqvae = nnx.eval_shape(lambda: MultiScaleVQVAE(**vqvae_kwargs(config.vae), rngs=nnx.Rngs(0)))
+  vqvae = nnx.eval_shape(lambda: build_vae(config))
   return loop.train(
       workdir=workdir, model_factory=functools.partial(vq_trainable, config, config.seed),
       loss_fn=vq_stage_loss(train_config, vqvae.vocab_size), tx=tx, schedule=schedule,
