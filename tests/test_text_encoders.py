@@ -3,7 +3,9 @@ PyTorch implementations (transformers, sentence-transformers) through the fixtur
 (made by benchmarks/parity_text_encoders.py)."""
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ from flowar_jax.text import clip, minilm
 from flowar_jax.text.registry import build_text_encoder
 from flowar_jax.text.tokenization import PromptTokenizer, byte_level_tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a 3 to the left of a 7", "two 4s", "", "A 5 above a 2."]
 
 
@@ -131,3 +134,40 @@ def test_clip_random_shapes_and_causality(tiny_clip):
   n = len("two 4s".encode()) + 1
   np.testing.assert_allclose(out.states[0, :n], out.states[1, :n], atol=1e-5)
   assert not np.allclose(out.pooled[0], out.pooled[1], atol=1e-3)
+
+
+def _parity_module():
+  spec = importlib.util.spec_from_file_location(
+      "parity_text_encoders", os.path.join(ROOT, "benchmarks", "parity_text_encoders.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _assert_parity(errors: dict[str, float], expected: set[str]):
+  assert set(errors) == expected, errors
+  for name, error in errors.items():
+    assert error == 0 if name.startswith("tokens_") else error <= 1e-4, (name, error)
+
+
+RANDOM_CASES = {"tokens_bert", "bert_states", "bert_pooled", "tokens_clip", "clip_states", "clip_pooled",
+                "clip_pooled_no_projection"}
+REAL_CASES = {"tokens_minilm_real", "minilm_real_states", "minilm_real_pooled"}
+
+
+def test_parity_with_recorded_reference_outputs(bundled):
+  """The random BERT and CLIP checkpoints through the converters, and the bundled MiniLM against the recorded
+  sentence-transformers embeddings (and its token ids), all within 1e-4."""
+  parity = _parity_module()
+  _assert_parity(parity.compare(parity.FIXTURES, bundled), RANDOM_CASES | REAL_CASES)
+
+
+def test_parity_live_against_transformers(tmp_path, bundled):
+  """The same comparison against transformers run now, where torch and transformers are installed."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  parity = _parity_module()
+  real = importlib.util.find_spec("sentence_transformers") is not None
+  parity.make_inputs(str(tmp_path))
+  parity.reference(str(tmp_path), minilm.bundled_archive() if real else "")
+  _assert_parity(parity.compare(str(tmp_path), bundled), RANDOM_CASES | (REAL_CASES if real else set()))
