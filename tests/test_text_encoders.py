@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flowar_jax.text import clip, minilm
-from flowar_jax.text.registry import build_text_encoder
+from flowar_jax.text.registry import TextDims, build_text_encoder, text_encoder_dims
 from flowar_jax.text.tokenization import PromptTokenizer, byte_level_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,3 +171,28 @@ def test_parity_live_against_transformers(tmp_path, bundled):
   parity.make_inputs(str(tmp_path))
   parity.reference(str(tmp_path), minilm.bundled_archive() if real else "")
   _assert_parity(parity.compare(str(tmp_path), bundled), RANDOM_CASES | (REAL_CASES if real else set()))
+
+
+def test_dims_without_building(bundled, tiny_clip):
+  fixtures = os.path.join(ROOT, "tests", "data", "text_parity")
+  assert text_encoder_dims(dict(encoder="minilm", weights="", max_length=16)) == TextDims(16, 384, 384)
+  assert text_encoder_dims(dict(encoder="minilm", weights="random")) == TextDims(256, 384, 384)
+  assert text_encoder_dims(dict(encoder="clip", weights="random")) == TextDims(77, 768, 768)
+  assert text_encoder_dims(dict(encoder="clip", weights="random", clip_size="tiny", max_length=12)) == (
+      TextDims(tiny_clip.context_length, tiny_clip.width, tiny_clip.pooled_width))
+  assert text_encoder_dims(dict(encoder="clip", weights=os.path.join(fixtures, "clip_random"))) == (
+      TextDims(16, 32, 24))
+  assert (bundled.context_length, bundled.width, bundled.pooled_width) == (16, 384, 384)
+  with pytest.raises(ValueError, match="unknown text encoder"):
+    text_encoder_dims(dict(encoder="t5"))
+
+
+def test_clip_sizes_from_a_full_clip_model_config():
+  """A CLIPModel's config.json nests the text tower's sizes and keeps projection_dim at the top."""
+  config = dict(model_type="clip", projection_dim=768, text_config=dict(
+      hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+      max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", layer_norm_eps=1e-5))
+  assert clip.ClipSize.from_hf_config(config) == clip.SIZES["L/14"]
+  with pytest.raises(ValueError, match="describes a 'bert' model"):
+    clip.ClipSize.from_hf_config(dict(model_type="bert", hidden_size=1, num_hidden_layers=1,
+                                      num_attention_heads=1, intermediate_size=1))
