@@ -196,3 +196,34 @@ def test_clip_sizes_from_a_full_clip_model_config():
   with pytest.raises(ValueError, match="describes a 'bert' model"):
     clip.ClipSize.from_hf_config(dict(model_type="bert", hidden_size=1, num_hidden_layers=1,
                                       num_attention_heads=1, intermediate_size=1))
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  source = os.path.join(ROOT, "tests", "data", "text_parity", "bert_random")
+  folder = tmp_path / "bert"
+  shutil.copytree(source, folder)
+  tensors = load_file(folder / "model.safetensors")
+  del tensors["encoder.layer.1.output.dense.bias"]
+  save_file(tensors, folder / "model.safetensors")
+  with pytest.raises(KeyError, match="has no tensor 'encoder.layer.1.output.dense.bias'"):
+    build_text_encoder(dict(encoder="minilm", weights=str(folder)))
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps(dict(config, intermediate_size=48)))
+  with pytest.raises(ValueError, match=r"'encoder.layer.0.intermediate.dense.weight' has shape \(64, 32\)"):
+    build_text_encoder(dict(encoder="minilm", weights=str(folder)))
+  (folder / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=1)))
+  with pytest.raises(ValueError, match="tensors this encoder does not use, e.g. \\['encoder.layer.1"):
+    build_text_encoder(dict(encoder="minilm", weights=str(folder / "model.safetensors")))
+  (folder / "config.json").unlink()
+  with pytest.raises(FileNotFoundError, match="no config.json beside"):
+    build_text_encoder(dict(encoder="minilm", weights=str(folder)))
+
+
+def test_config_dict_text_section():
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  text = ConfigDict(dict(encoder="clip", weights="random", tokenizer="", max_length=0, truncate=False,
+                         drop_prob=0.1, clip_size="B/32"))
+  assert text_encoder_dims(text) == TextDims(77, 512, 512)

@@ -63,9 +63,10 @@ class Loader:
     value = np.asarray(self.get(name), np.float32)
     value = value.T if transpose else value
     expected = param.get_value().shape
-    if value.shape != expected:
-      raise ValueError(f"{self.where}: tensor {self.prefix + name!r} has shape {value.shape}, the encoder "
-                       f"built from its config expects {expected}")
+    if value.shape != expected:  # both shapes in the checkpoint's (PyTorch's) layout
+      stored, wanted = (value.T.shape, expected[::-1]) if transpose else (value.shape, expected)
+      raise ValueError(f"{self.where}: tensor {self.prefix + name!r} has shape {stored}, the encoder "
+                       f"built from its config expects {wanted}")
     param.set_value(value)
 
   def linear(self, layer: nnx.Linear, name: str) -> None:
