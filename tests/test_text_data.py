@@ -197,6 +197,20 @@ def test_captioned_folder_through_build_source_and_over_long_captions(folder, tm
   assert len(cache) == 1 + len(set(data.build_source(config.data, "train").captions))
 
 
+def test_the_minilm_encoder_caches_and_names_over_long_rows(folder, tmp_path):
+  from flowar_jax.text.registry import build_text_encoder  # pylint: disable=g-import-not-at-top
+  config = _text_config("captioned_folder", data_dir=folder, image_size=4, eval_fraction=0.0)
+  config.text.update(dict(encoder="minilm", weights="random", max_length=5))
+  encoder = build_text_encoder(config.text)
+  cache = text_batches.load_or_encode(config, encoder, str(tmp_path / "run"))
+  tokens = encoder.tokenize(["a dog", "cat number 3"])
+  np.testing.assert_allclose(cache.encodings(["a dog", "cat number 3"])["text_pooled"],
+                             encoder(tokens.ids, tokens.mask).pooled, rtol=1e-6, atol=1e-6)
+  config.text.max_length = 4  # [CLS] cat number 3 [SEP] no longer fits
+  with pytest.raises(ValueError, match=r"6 caption\(s\).*'cat number 0' at metadata.jsonl:1 \(cats/0.png\)"):
+    text_batches.load_or_encode(config, build_text_encoder(config.text), str(tmp_path / "other_run"))
+
+
 # ----------------------------------------------------------------------------- text cache and batches
 
 def test_text_cache_round_trip_dedupes_resumes_and_refuses_a_stale_cache(tmp_path):
