@@ -125,6 +125,8 @@ def test_captions_parse_back_to_their_slots(train_source):
     compositions.parse_caption("a cat to the left of a dog")
   with pytest.raises(ValueError, match="'two' needs two equal digits"):
     compositions.parse_caption("a 3 to the left of a 3")
+  with pytest.raises(ValueError, match=">= 2 images of every digit"):
+    compositions.CompositionSource("eval", eval_fraction=0.001)
 
 
 def test_digits_text_is_served_by_the_pipeline_with_captions():

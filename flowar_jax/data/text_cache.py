@@ -259,15 +259,15 @@ def build(directory: str, encoder: TextEncoder, encoder_identity: dict, captions
   _barrier("text cache listed", shard_count)  # no process writes before every process has listed
   missing = [i for i in range(manifest.num_shards) if manifest.shard_name(i) not in names]
   encoded = []
-  if missing:
+  if missing:  # checked before the manifest is written: a refused caption leaves no cache behind
     check_lengths(encoder, distinct, origins)  # every process: all raise alike rather than leave others waiting
-    if shard_index == 0 and stored is None:
-      fs.write_json(fs.join(directory, "captions.json"), distinct)
-      fs.write_json(fs.join(directory, "manifest.json"), manifest.to_json())
-    for index in [i for i in missing if i % shard_count == shard_index]:
-      start, stop = manifest.shard_bounds(index)
-      _write_shard(directory, manifest, index, encode(encoder, distinct[start:stop]))
-      encoded.append(index)
+  if shard_index == 0 and stored is None:
+    fs.write_json(fs.join(directory, "captions.json"), distinct)
+    fs.write_json(fs.join(directory, "manifest.json"), manifest.to_json())
+  for index in [i for i in missing if i % shard_count == shard_index]:
+    start, stop = manifest.shard_bounds(index)
+    _write_shard(directory, manifest, index, encode(encoder, distinct[start:stop]))
+    encoded.append(index)
   _barrier("text cache written", shard_count)
   cache = load(directory)
   logging.info("text cache %s: %d distinct captions (of %d) in %d shards, %d encoded by this process now",
