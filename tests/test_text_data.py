@@ -313,5 +313,6 @@ def test_captioned_folder_and_text_cache_on_gcs(storage, folder, tmp_path):
                                     shard_size=3)
   assert encoded == [0, 1, 2]
   reference, _ = text_cache.build(str(tmp_path / "local_cache"), WordEncoder(), _identity(), local.captions)
-  np.testing.assert_array_equal(text_cache.load(f"gs://{BUCKET}/run/text_cache").encodings(remote.captions)["text_states"],
+  stored = text_cache.load(f"gs://{BUCKET}/run/text_cache")
+  np.testing.assert_array_equal(stored.encodings(remote.captions)["text_states"],
                                 reference.encodings(local.captions)["text_states"])

@@ -212,8 +212,9 @@ def _stored_manifest(directory: str) -> Manifest | None:
 
 def _refuse_stale(directory: str, stored: Manifest, expected: Manifest) -> None:
   old, new = stored.to_json(), expected.to_json()
-  changed = [f"encoder.{k}: cached {old['encoder'].get(k)!r}, now {new['encoder'].get(k)!r}"
-             for k in sorted(set(old["encoder"]) | set(new["encoder"])) if old["encoder"].get(k) != new["encoder"].get(k)]
+  was, now = old["encoder"], new["encoder"]
+  changed = [f"encoder.{k}: cached {was.get(k)!r}, now {now.get(k)!r}"
+             for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
   changed += [f"{k}: cached {old[k]!r}, now {new[k]!r}" for k in new if k != "encoder" and old[k] != new[k]]
   raise ValueError(f"the text cache {directory} is stale ({'; '.join(changed)}). Delete it to re-encode the "
                    f"captions, or use another workdir.")
