@@ -30,6 +30,10 @@ FORBIDDEN = {
                                       "flowar_jax.runs", "flowar_jax.data"),
     "heads": _ABOVE_LIBRARIES + ("flowar_jax.sampling", "flowar_jax.evaluation", "flowar_jax.convert",
                                  "flowar_jax.runs", "flowar_jax.data"),
+    # Frozen text encoders stand beside the models: they read weights (through runs.fs) and nothing above.
+    "text": _ABOVE_LIBRARIES + ("flowar_jax.models", "flowar_jax.sampling", "flowar_jax.evaluation",
+                                "flowar_jax.convert", "flowar_jax.data", "flowar_jax.heads",
+                                "flowar_jax.tokenizers"),
 }
 # Leaf modules a package may import although their package is above it: parallel's sharding rules match the
 # dotted parameter names of models/params (which imports only jax and flax).
