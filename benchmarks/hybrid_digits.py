@@ -7,7 +7,8 @@
   python benchmarks/hybrid_digits.py --workdir WORKDIR
 
 On the held-out digits (never trained on), each image goes through `HybridTokenizer.encode` and is decoded
-twice: from the discrete tokens only, and from the discrete tokens plus the continuous residual (hybrid). For
+twice: from the discrete tokens only, and from the discrete tokens plus the continuous residual (hybrid); a
+third row decodes the discrete tokens as training's discrete path does (phi at the last scale too). For
 each it prints the reconstruction error (MSE and mean |x - x'| in [-1, 1] pixels) and the digits metric of
 the reconstructions (`evaluation.digits`: the classifier's accuracy on the true labels and the Frechet
 distance of its features to the train split's), beside the real held-out images' own digits metric. It also
@@ -44,7 +45,12 @@ from flowar_jax.tokenizers.hybrid import HybridTokenizer  # noqa: E402
 from flowar_jax.tokenizers.vq_trainable import VQTrainable, vqvae_kwargs  # noqa: E402
 from flowar_jax.training.vq_stage import train_vq  # noqa: E402
 
-PATHS = ("discrete", "hybrid")
+# discrete: HybridTokenizer's inference walk without the residual (the last scale's codes added without phi);
+# hybrid: with the residual; discrete_phi: the walk training decodes on its discrete path (`training_forward`:
+# phi at the last scale too, as VAR's `reconstruct`).
+PATHS = ("discrete", "hybrid", "discrete_phi")
+NAMES = {"discrete": "discrete tokens only", "hybrid": "discrete + residual (hybrid)",
+         "discrete_phi": "discrete, training's walk"}
 VAR_DIGITS = os.path.join(ROOT, "configs", "var_digits.py")
 
 
@@ -83,6 +89,7 @@ def heldout_report(tokenizer: HybridTokenizer, data_config: ml_collections.Confi
   residual's statistics over them."""
   encode = nnx.jit(lambda m, x: m.encode(x))
   decode = nnx.jit(lambda m, t, continuous: m.decode_tokens(t, continuous), static_argnums=2)
+  var_walk = nnx.jit(lambda m, x: m.reconstruct(x))
   residual = nnx.jit(lambda m, x: (m.residual(m.encode(x)), m.features(x)))
   sums = {p: np.zeros(2) for p in PATHS}
   recons = {p: [] for p in PATHS}
@@ -91,7 +98,8 @@ def heldout_report(tokenizer: HybridTokenizer, data_config: ml_collections.Confi
     images, mask = jnp.asarray(batch["image"]), batch["mask"]
     tokens = encode(tokenizer, images)
     for path in PATHS:
-      recon = np.asarray(decode(tokenizer, tokens, path == "hybrid"))[mask]
+      recon = var_walk(tokenizer, images) if path == "discrete_phi" else decode(tokenizer, tokens, path == "hybrid")
+      recon = np.asarray(recon)[mask]
       error = recon - np.asarray(images)[mask]
       sums[path] += (np.square(error).sum(), np.abs(error).sum())
       recons[path].append(np.asarray(to_uint8(jnp.asarray(recon))))
@@ -135,10 +143,9 @@ def main():
   print(f"| {'decoded from':<28} | {'MSE':>7} | {'mean |diff|':>11} | {'digits accuracy':>15} | "
         f"{'digits FD':>9} |")
   print(f"|{'-' * 30}|{'-' * 8}:|{'-' * 12}:|{'-' * 16}:|{'-' * 10}:|")
-  names = {"discrete": "discrete tokens only", "hybrid": "discrete + residual (hybrid)"}
   for path in PATHS:
     r = report[path]
-    print(f"| {names[path]:<28} | {r['mse']:7.4f} | {r['mean_abs']:11.4f} | {r['digits_accuracy']:15.3f} | "
+    print(f"| {NAMES[path]:<28} | {r['mse']:7.4f} | {r['mean_abs']:11.4f} | {r['digits_accuracy']:15.3f} | "
           f"{r['digits_fd']:9.3f} |")
   real = report["real"]
   print(f"| {'real held-out images':<28} | {'-':>7} | {'-':>11} | {real['digits_accuracy']:15.3f} | "
