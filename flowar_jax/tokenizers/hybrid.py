@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from flowar_jax.scales.resize import area_resize, bicubic_resize
-from flowar_jax.tokenizers.msvq import MultiScaleVQVAE
+from flowar_jax.tokenizers.msvq import MultiScaleVQVAE, TrainingQuantization
 
 
 @jax.tree_util.register_dataclass
@@ -93,6 +93,12 @@ class HybridTokenizer(MultiScaleVQVAE):
     """What the discrete tokens miss at the last scale: rest_before_last - embed(last indices) `[B, h*w, C]`
     (the target of HART's residual head, given the true last-scale codes)."""
     return tokens.rest_before_last - self.quantize.embedding(tokens.indices[-1])
+
+  def training_residual(self, quantized: TrainingQuantization) -> jax.Array:
+    """`residual` from the training walk's quantisation (`quantize.quantize_for_training`) `[B * h * w, C]`,
+    row-major. Both walks pick the same codes and reach the same rest before the last scale (they differ only
+    in the last scale's phi), and that rest is what the walk quantised at its last scale."""
+    return quantized.residuals[-1] - self.quantize.embedding(quantized.indices[-1].reshape(-1))
 
   def _fhat(self, indices: Sequence[jax.Array], last: jax.Array) -> jax.Array:
     """Scales 0 .. K-2 from indices, plus the last scale's map `last [B, h*w, C]` added as is."""
