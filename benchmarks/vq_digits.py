@@ -53,7 +53,7 @@ def vq_digits_config(steps: int, learning_rate: float, batch_size: int) -> ml_co
 def heldout_figures(vqvae, config) -> dict:
   """Mean |x - x'| and MSE over the held-out digits, and the share of the codes their tokens use."""
   encode = nnx.jit(lambda m, x: m.quantize.quantize(m.features(x))[0])
-  decode = nnx.jit(lambda m, ids: m.decode(ids))
+  decode = nnx.jit(lambda m, ids: m.decode_indices(ids))
   abs_err = sq_err = count = 0.0
   used = np.zeros(vqvae.vocab_size, bool)
   for batch in data.make_eval_batches(config.data, 128):
