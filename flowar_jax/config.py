@@ -10,12 +10,13 @@ import ml_collections
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-MODEL_NAMES = ("flowar", "var")  # the generators of `flowar_jax.models.registry`
+MODEL_NAMES = ("flowar", "var", "hart")  # the generators of `flowar_jax.models.registry`
 
 
 def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   """The schema and defaults of a `model` config: FlowAR-S on ImageNet 256 with MAR's KL-16 VAE, or VAR-d16 over
-  its VQVAE (`flowar_jax.config_var`). The sections other than model, vae and sampling are shared."""
+  its VQVAE (`flowar_jax.config_var`), or HART-d16 over its hybrid tokenizer (`flowar_jax.config_hart`). The
+  sections other than model, vae and sampling are shared."""
   if model not in MODEL_NAMES:
     raise ValueError(f"config.model.name {model!r} is not a known model; known models: {', '.join(MODEL_NAMES)}")
   c = ml_collections.ConfigDict()
@@ -32,7 +33,7 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   # A step whose loss, gradients or new params are not finite is skipped (params, optimizer state and EMA
   # unchanged, counted in the state); this many in a row stop training with an error.
   c.max_consecutive_nonfinite_steps = 10
-  # Which stages `train` runs: 'vae' (the tokenizer), the generator by its model name ('flowar', 'var'), or
+  # Which stages `train` runs: 'vae' (the tokenizer), the generator by its model name ('flowar', 'var', 'hart'), or
   # 'both' (the tokenizer first, then the generator on its tokens).
   c.stage = "flowar"
   # Workdir (or checkpoint directory) of a trained VAE; '' means WORKDIR/vae.
@@ -161,6 +162,9 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   if model == "var":
     from flowar_jax.config_var import add_var_sections  # pylint: disable=g-import-not-at-top  (imports this one)
     add_var_sections(c)
+  elif model == "hart":
+    from flowar_jax.config_hart import add_hart_sections  # pylint: disable=g-import-not-at-top  (imports this one)
+    add_hart_sections(c)
   c.lock()  # existing keys can change; new (misspelt) ones raise
   return c
 
@@ -279,6 +283,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
       raise ValueError(f"config.{key} must be >= 1, got {flat[key]}")
   if config.model.name == "flowar":
     _validate_flowar_sections(config, flat)
+  elif config.model.name == "hart":
+    from flowar_jax.config_hart import validate_hart_sections  # pylint: disable=g-import-not-at-top
+    validate_hart_sections(config)
   else:
     from flowar_jax.config_var import validate_var_sections  # pylint: disable=g-import-not-at-top
     validate_var_sections(config)

@@ -213,3 +213,22 @@ def test_var_stages_compile_and_its_sampler_lowers():
   (sampler,) = [p for p in compile_command.programs_for(config, plan) if p.name == "sampler"]
   out = sampler.lower().out_info
   assert (out.shape, out.dtype) == ((8, 16, 16, 3), jnp.uint8)  # the images, one batch over the data chips
+
+
+@needs_libtpu
+def test_hart_train_step_compiles_and_its_sampler_lowers():
+  """HART's generator step (categorical loss plus the residual head on self-drawn codes) compiles for v5e:2x2
+  over data 2 x fsdp 2 with its HBM figures; its sampler (codes, then the residual head) lowers for the same
+  mesh."""
+  from flowar_jax.config_files import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config(os.path.join(ROOT, "configs", "hart_digits.py"),
+                       {"stage": "hart", "mesh.data": 2, "mesh.fsdp": 2, "batch_size": 8, "sampling.batch_size": 8,
+                        "vae.vocab_size": 32, "model.width": 64, "model.residual.width": 32})
+  report = compile_command.compile_for_topology(config, TOPOLOGY, sampler=False)
+  (step,) = report.programs
+  assert step.name == "hart train step" and report.fits
+  assert 0 < step.hbm_bytes < report.hbm_capacity_bytes and step.flops_per_step > 0
+  plan = compile_command.topology_plan(config, TOPOLOGY)
+  (sampler,) = [p for p in compile_command.programs_for(config, plan) if p.name == "sampler"]
+  out = sampler.lower().out_info
+  assert (out.shape, out.dtype) == ((8, 16, 16, 3), jnp.uint8)

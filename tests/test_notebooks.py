@@ -152,6 +152,36 @@ def test_sample_notebook_samples_var_from_converted_weights(tmp_path, monkeypatc
   assert "editing: the edit library edits FlowAR runs; this run is var" in text
 
 
+def test_sample_notebook_samples_a_hart_run(tmp_path, monkeypatch):
+  """PRESET hart_digits over a workdir holding a (random-weight) HART checkpoint and its hybrid tokenizer:
+  sampled with the residual head's step count from NUM_STEPS, the guidance rows compared at cfg 0; without a
+  checkpoint the notebook says to train one (HART has no official class-conditional weights)."""
+  from flowar_jax.config_files import load_config  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.params import split_params  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_model, build_tokenizer_trainable  # pylint: disable=g-import-not-at-top
+  from flowar_jax.runs.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+  config = load_config(os.path.join(ROOT, "configs", "hart_digits.py"),
+                       {"model.width": 64, "model.residual.width": 32, "vae.vocab_size": 32})
+  workdir = tmp_path / "hart"
+  for directory, module in ((workdir / "checkpoints", build_model(config, 1)),
+                            (workdir / "vae" / "checkpoints", build_tokenizer_trainable(config, 2))):
+    _, params = split_params(module)
+    with Checkpointer(str(directory), keep=None, async_save=False) as checkpointer:
+      checkpointer.save(0, {"step": np.asarray(0, np.int32), "params": params, "ema_params": params}, config=config)
+  parameters = {"WORKDIR": str(workdir), "PRESET": "hart_digits", "OVERRIDES": {}, "OFFICIAL_CHECKPOINT": "",
+                "OFFICIAL_VAE": "", "CFG": 2.0, "NUM_STEPS": 3, "CLASSES": "1,7", "PER_CLASS": 2, "EDITS": 1}
+  notebook = _execute("sample.ipynb", parameters, str(tmp_path))
+  assert len(_outputs(notebook, "image/png")) == 2  # the class grid and the guidance comparison
+  text = _text(notebook)
+  assert "hart, 10 classes, 16px images; sampling HARTSampling(categorical=CategoricalSampling(cfg=2.0" in text
+  assert "residual_steps=3" in text
+  assert "editing: the edit library edits FlowAR runs; this run is hart" in text
+  empty = dict(parameters, WORKDIR=str(tmp_path / "untrained"))
+  with pytest.raises(nbclient.exceptions.CellExecutionError, match="HART has no official class-conditional weights"):
+    _execute("sample.ipynb", empty, str(tmp_path))
+
+
 def test_sample_notebook_prefills_the_published_files():
   notebook = nbformat.read(os.path.join(ROOT, "notebooks", "sample.ipynb"), as_version=4)
   (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

@@ -161,8 +161,8 @@ def test_registry_builds_the_named_model_and_stored_configs_without_a_name_are_f
   config = config_from_dict(values)
   assert config.model.name == "flowar"
   assert isinstance(nnx.eval_shape(lambda: registry.build_model(config)), FlowAR)
-  config.model.name = "hart"
-  with pytest.raises(ValueError, match=r"known models: flowar, var"):
+  config.model.name = "maskgit"
+  with pytest.raises(ValueError, match=r"known models: flowar, hart, var"):
     registry.build_model(config)
-  with pytest.raises(ValueError, match=r"'hart' is not a known model; known models: flowar, var"):
+  with pytest.raises(ValueError, match=r"'maskgit' is not a known model; known models: flowar, var, hart"):
     validate_config(config)

@@ -27,7 +27,8 @@ def eval_dir(workdir: str, name: str) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str, *, num_samples: int, seed: int,
         settings: SamplingSettings, batch_size: int, use_ema: bool = True, metrics=None,
         reference: str | None = None, inception_weights: str | None = None) -> dict:
-  """Evaluates WORKDIR's latest generator checkpoint (FlowAR or VAR); returns the report (also in WORKDIR/eval/<name>/report.json)."""
+  """Evaluates WORKDIR's latest generator checkpoint (FlowAR, VAR or HART); returns the report (also in
+  WORKDIR/eval/<name>/report.json)."""
   validate_config(config, jax.device_count())
   setup = suite.prepare(config, metrics=metrics or config.eval.metrics, reference=reference,
                         inception_weights=inception_weights, cache_dir=suite.default_cache_dir(workdir))

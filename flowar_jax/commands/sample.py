@@ -1,4 +1,5 @@
-"""`sample`: class-conditional samples from a trained (or converted) FlowAR or VAR checkpoint -> WORKDIR/samples/."""
+"""`sample`: class-conditional samples from a trained (or converted) FlowAR, VAR or HART checkpoint ->
+WORKDIR/samples/."""
 from __future__ import annotations
 
 import ml_collections

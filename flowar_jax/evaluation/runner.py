@@ -25,6 +25,7 @@ from flowar_jax.evaluation.suite import EvalSetup, compute_metrics
 from flowar_jax.runs import fs
 from flowar_jax.runs.progress import Progress
 from flowar_jax.heads.categorical import CategoricalSampling
+from flowar_jax.models.hart_sampling import HARTSampling
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings
 
 
@@ -35,7 +36,7 @@ class SamplingPlan:
   num_samples: int
   num_classes: int
   seed: int
-  settings: SamplingSettings | CategoricalSampling
+  settings: SamplingSettings | CategoricalSampling | HARTSampling
   use_ema: bool
   checkpoint_step: int
 
@@ -50,13 +51,27 @@ class SamplingPlan:
 
   def _settings_tag(self) -> str:
     s = self.settings
+    if isinstance(s, HARTSampling):  # the residual head's cfg is the categorical one unless it has its own
+      cfg = "" if s.residual_cfg is None else f"-rcfg{s.residual_cfg:g}"
+      steps = "" if s.residual_steps is None else f"-rsteps{s.residual_steps}"
+      temperature = "" if s.residual_temperature == 1.0 else f"-rtemp{s.residual_temperature:g}"
+      return self._categorical_tag(s.categorical) + steps + cfg + temperature
     if isinstance(s, CategoricalSampling):
-      return f"cfg{s.cfg:g}-topk{s.top_k}-topp{s.top_p:g}" + ("-smooth" if s.more_smooth else "")
+      return self._categorical_tag(s)
     steps = ".".join(str(n) for n in s.scale_steps) if s.scale_steps else s.num_steps
     return f"cfg{s.cfg:g}-guidance{s.guidance:g}-steps{steps}-{s.solver}"
 
+  @staticmethod
+  def _categorical_tag(s: CategoricalSampling) -> str:
+    return f"cfg{s.cfg:g}-topk{s.top_k}-topp{s.top_p:g}" + ("-smooth" if s.more_smooth else "")
+
   def _settings_record(self) -> dict:
     s = self.settings
+    if isinstance(s, HARTSampling):
+      c = s.categorical
+      return {"cfg": c.cfg, "top_k": c.top_k, "top_p": c.top_p, "more_smooth": c.more_smooth,
+              "residual_steps": s.residual_steps, "residual_cfg": s.residual().cfg,
+              "residual_temperature": s.residual_temperature}
     if isinstance(s, CategoricalSampling):
       return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p, "more_smooth": s.more_smooth}
     record = {"cfg": s.cfg, "guidance": s.guidance, "num_steps": s.num_steps, "solver": s.solver}

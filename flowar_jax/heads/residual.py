@@ -21,6 +21,7 @@ the variance taken from the conditional row; g = cfg * scale / (num_scales - 1),
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -31,8 +32,15 @@ from flax import nnx
 from flowar_jax.heads.diffusion_schedule import TRAIN_STEPS, Schedule, schedule
 from flowar_jax.models.flow_head import TIME_FREQUENCY_DIM, _frequency_table  # pylint: disable=protected-access
 from flowar_jax.models.layers import RMSNorm, linear, modulate
+from flowar_jax.parallel.logical import with_axes
 
 VAE_SCALE = 0.6
+
+
+@functools.lru_cache(maxsize=None)
+def schedule_for(sections: str | None) -> Schedule:
+  """`diffusion_schedule.schedule(sections)`, computed once per step spec."""
+  return schedule(sections)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +56,18 @@ def step_frequencies(t: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def _layer_norm(width: int, affine: bool, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(width, epsilon=1e-6, use_scale=affine, use_bias=affine, rngs=rngs)
+def layer_norm(width: int, affine: bool = True, eps: float = 1e-6, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """torch's LayerNorm (its scale and bias named 'norm' for the sharding rules)."""
+  return nnx.LayerNorm(width, epsilon=eps, use_scale=affine, use_bias=affine, rngs=rngs,
+                       scale_init=with_axes(nnx.initializers.ones_init(), "norm"),
+                       bias_init=with_axes(nnx.initializers.zeros_init(), "norm"))
 
 
 class TimeEmbedder(nnx.Module):
   def __init__(self, width: int, *, rngs: nnx.Rngs):
     init = nnx.initializers.normal(0.02)
-    self.linear_1 = linear(TIME_FREQUENCY_DIM, width, rngs=rngs, kernel_init=init)
-    self.linear_2 = linear(width, width, rngs=rngs, kernel_init=init)
+    self.linear_1 = linear(TIME_FREQUENCY_DIM, width, rngs=rngs, kernel_init=init, axes=("time", "embed"))
+    self.linear_2 = linear(width, width, rngs=rngs, kernel_init=init, axes=("embed", "embed"))
 
   def __call__(self, t: jax.Array) -> jax.Array:
     """t `[N]` -> `[N, W]`."""
@@ -66,10 +77,11 @@ class TimeEmbedder(nnx.Module):
 class ResBlock(nnx.Module):
   def __init__(self, width: int, *, rngs: nnx.Rngs):
     zeros = nnx.initializers.zeros_init()
-    self.in_ln = _layer_norm(width, True, rngs=rngs)
-    self.fc1 = linear(width, width, rngs=rngs)
-    self.fc2 = linear(width, width, rngs=rngs)
-    self.adaLN_modulation = linear(width, 3 * width, rngs=rngs, kernel_init=zeros)  # pylint: disable=invalid-name
+    self.in_ln = layer_norm(width, True, rngs=rngs)
+    self.fc1 = linear(width, width, rngs=rngs, axes=("embed", "mlp"))
+    self.fc2 = linear(width, width, rngs=rngs, axes=("mlp", "embed"))
+    self.adaLN_modulation = linear(width, 3 * width, rngs=rngs, kernel_init=zeros,  # pylint: disable=invalid-name
+                                   axes=("embed", "modulation"))
 
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
     """x, y `[N, W]` -> `[N, W]`."""
@@ -81,9 +93,10 @@ class ResBlock(nnx.Module):
 class FinalLayer(nnx.Module):
   def __init__(self, width: int, out_channels: int, *, rngs: nnx.Rngs):
     zeros = nnx.initializers.zeros_init()
-    self.norm_final = _layer_norm(width, False, rngs=rngs)
-    self.linear = linear(width, out_channels, rngs=rngs, kernel_init=zeros)
-    self.adaLN_modulation = linear(width, 2 * width, rngs=rngs, kernel_init=zeros)  # pylint: disable=invalid-name
+    self.norm_final = layer_norm(width, False, rngs=rngs)
+    self.linear = linear(width, out_channels, rngs=rngs, kernel_init=zeros, axes=("embed", "latent"))
+    self.adaLN_modulation = linear(width, 2 * width, rngs=rngs, kernel_init=zeros,  # pylint: disable=invalid-name
+                                   axes=("embed", "modulation"))
 
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(y)), 2, axis=-1)
@@ -97,8 +110,8 @@ class ResidualMLP(nnx.Module):
   def __init__(self, channels: int, cond_dim: int, width: int, depth: int, *, out_channels: int | None = None,
                rngs: nnx.Rngs):
     self.time_embed = TimeEmbedder(width, rngs=rngs)
-    self.cond_embed = linear(cond_dim, width, rngs=rngs)
-    self.input_proj = linear(channels, width, rngs=rngs)
+    self.cond_embed = linear(cond_dim, width, rngs=rngs, axes=("embed", "embed"))
+    self.input_proj = linear(channels, width, rngs=rngs, axes=("latent", "embed"))
     self.res_blocks = nnx.List([ResBlock(width, rngs=rngs) for _ in range(depth)])
     self.final_layer = FinalLayer(width, out_channels or 2 * channels, rngs=rngs)
 
@@ -157,15 +170,26 @@ class ResidualHead(nnx.Module):
                num_steps: str | int = "8", batch_mul: int = 4, norm: str = "layer", norm_eps: float = 1e-6,
                rngs: nnx.Rngs):
     if norm == "layer":
-      self.decoder_norm = nnx.LayerNorm(cond_dim, epsilon=norm_eps, rngs=rngs)
+      self.decoder_norm = layer_norm(cond_dim, eps=norm_eps, rngs=rngs)
     elif norm == "rms":
       self.decoder_norm = RMSNorm(cond_dim, eps=norm_eps)
     else:
       raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
     self.net = ResidualMLP(channels, cond_dim, width, depth, rngs=rngs)
     self.channels, self.batch_mul = channels, batch_mul
-    self.train_schedule = schedule(None)
-    self.sample_schedule = schedule(str(num_steps))
+    # The step spec, not its arrays: module attributes are graph metadata, compared as plain values.
+    self.sample_steps = str(num_steps)
+    schedule_for(self.sample_steps)  # a bad step count fails here, not at the first sample
+
+  @property
+  def train_schedule(self) -> Schedule:
+    """All 1000 steps (training draws from them)."""
+    return schedule_for(None)
+
+  @property
+  def sample_schedule(self) -> Schedule:
+    """The respaced sampling steps."""
+    return schedule_for(self.sample_steps)
 
   def condition(self, hidden: jax.Array, discrete: jax.Array) -> jax.Array:
     """Last hidden states `[B, L, D]` + word-embedded codes of the same positions `[B, L, D]` -> z `[B, L, D]`."""

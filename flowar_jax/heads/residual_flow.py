@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowar_jax.heads.flow_sampling import SamplingSettings, integrate
-from flowar_jax.heads.residual import VAE_SCALE, ResidualMLP
+from flowar_jax.heads.residual import VAE_SCALE, ResidualMLP, layer_norm
 from flowar_jax.models.layers import RMSNorm
 from flowar_jax.models.time_grid import time_grid
 
@@ -28,7 +28,7 @@ class FlowResidualHead(nnx.Module):
   def __init__(self, channels: int, cond_dim: int, *, width: int = 1024, depth: int = 6, norm: str = "layer",
                norm_eps: float = 1e-6, rngs: nnx.Rngs):
     if norm == "layer":
-      self.decoder_norm = nnx.LayerNorm(cond_dim, epsilon=norm_eps, rngs=rngs)
+      self.decoder_norm = layer_norm(cond_dim, eps=norm_eps, rngs=rngs)
     elif norm == "rms":
       self.decoder_norm = RMSNorm(cond_dim, eps=norm_eps)
     else:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from flowar_jax.heads.categorical import CategoricalHead, CategoricalSampling
-from flowar_jax.heads.diffusion_schedule import TRAIN_STEPS, schedule
+from flowar_jax.heads.diffusion_schedule import TRAIN_STEPS
 from flowar_jax.heads.residual import ResidualHead, ResidualSampling
 
 
@@ -55,6 +55,11 @@ class HARTSampling:
                                                 and 1 <= self.residual_steps <= TRAIN_STEPS):
       raise ValueError(f"residual_steps must be an int in [1, {TRAIN_STEPS}] (or None), got {self.residual_steps!r}")
 
+  @property
+  def compute_dtype(self) -> str:
+    """The matrix products' dtype while sampling (the categorical settings')."""
+    return self.categorical.compute_dtype
+
   def residual(self) -> ResidualSampling:
     cfg = self.categorical.cfg if self.residual_cfg is None else self.residual_cfg
     return ResidualSampling(cfg=cfg, temperature=self.residual_temperature)
@@ -74,7 +79,7 @@ def residual_head_for(head: ResidualHead, steps: int | None) -> ResidualHead:
     return head
   view = object.__new__(type(head))
   view.__dict__.update(head.__dict__)
-  object.__setattr__(view, "sample_schedule", schedule(str(steps)))
+  object.__setattr__(view, "sample_steps", str(steps))
   return view
 
 

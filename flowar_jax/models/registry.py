@@ -14,13 +14,16 @@ import ml_collections
 from flax import nnx
 
 from flowar_jax.config import MODEL_NAMES
+from flowar_jax.config_hart import residual_head_kwargs
 from flowar_jax.config_var import model_heads, model_width
 from flowar_jax.models.flowar import FlowAR
+from flowar_jax.models.hart import HARTTransformer
 from flowar_jax.models.vae import AutoencoderKL
 from flowar_jax.models.vae_trainable import VAETrainable
 from flowar_jax.models.var import VAR
 from flowar_jax.scales import ScaleSchedule
 from flowar_jax.tokenizers.base import Tokenizer
+from flowar_jax.tokenizers.hybrid import HybridTokenizer
 from flowar_jax.tokenizers.kl_vae import KLTokenizer
 from flowar_jax.tokenizers.msvq import MultiScaleVQVAE
 from flowar_jax.tokenizers.vq_trainable import VQTrainable, vqvae_kwargs
@@ -56,9 +59,24 @@ def _vqvae(config: ml_collections.ConfigDict, seed: int) -> MultiScaleVQVAE:
   return MultiScaleVQVAE(**vqvae_kwargs(config.vae), rngs=nnx.Rngs(seed))
 
 
+def _hart(config: ml_collections.ConfigDict, seed: int) -> HARTTransformer:
+  m, v = config.model, config.vae
+  return HARTTransformer(
+      depth=m.depth, conditioning="class", num_classes=m.num_classes, vocab_size=v.vocab_size, cvae=v.z_channels,
+      patch_nums=tuple(v.patch_nums), mlp_ratio=m.mlp_ratio, mlp=m.mlp, adaln=m.adaln,
+      timestep_level=m.timestep_level, attn_l2_norm=m.attn_l2_norm, cond_drop_rate=m.cond_drop_rate,
+      drop_path_rate=m.drop_path_rate, norm_eps=m.norm_eps, width=model_width(m), num_heads=model_heads(m),
+      attention_impl=m.attention_impl, residual_head=residual_head_kwargs(m), rngs=nnx.Rngs(seed))
+
+
+def _hybrid(config: ml_collections.ConfigDict, seed: int) -> HybridTokenizer:
+  return HybridTokenizer(**vqvae_kwargs(config.vae), rngs=nnx.Rngs(seed))
+
+
 FAMILIES: dict[str, Family] = {
     "flowar": Family(_flowar, lambda config, seed: AutoencoderKL(config.vae, rngs=nnx.Rngs(seed)), VAETrainable),
     "var": Family(_var, _vqvae, lambda config, seed: VQTrainable(_vqvae(config, seed))),
+    "hart": Family(_hart, _hybrid, lambda config, seed: VQTrainable(_hybrid(config, seed))),
 }
 assert tuple(FAMILIES) == MODEL_NAMES, "the config schema and the registry must know the same models"
 
@@ -80,7 +98,8 @@ def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
 
 
 def build_vae(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-  """The tokenizer module of `config`'s family: FlowAR's KL VAE or VAR's multi-scale VQVAE."""
+  """The tokenizer module of `config`'s family: FlowAR's KL VAE, VAR's multi-scale VQVAE or HART's hybrid
+  tokenizer."""
   return family(config).build_tokenizer(config, seed)
 
 
@@ -92,7 +111,7 @@ def build_tokenizer_trainable(config: ml_collections.ConfigDict, seed: int = 0) 
 def tokenizer_seam(config: ml_collections.ConfigDict, module: nnx.Module, latent_scale: float = 1.0
                    ) -> Tokenizer:
   """A built tokenizer module -> the seam the generator uses: the KL VAE with the scale pyramid at
-  `latent_scale` (FlowAR), or the VQVAE itself (VAR)."""
+  `latent_scale` (FlowAR), or the VQVAE (VAR) or hybrid tokenizer (HART) itself."""
   if isinstance(module, AutoencoderKL):
     return KLTokenizer(ScaleSchedule(tuple(config.model.scales)), module, latent_scale,
                        config.vae.sample_posterior)

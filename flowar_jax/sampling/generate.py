@@ -13,6 +13,7 @@ from flax import nnx
 
 from flowar_jax.config import validate_config
 from flowar_jax.heads.categorical import CategoricalSampling
+from flowar_jax.models.hart_sampling import HARTSampling
 from flowar_jax.models.registry import build_model
 from flowar_jax.parallel.batch import round_up_to_data_parallel
 from flowar_jax.parallel.plan import ShardingPlan
@@ -118,21 +119,54 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str, *, num_sa
 
 # The sampling overrides (command-line flags) each family's head understands.
 _VAR_SETTINGS = ("cfg", "top_k", "top_p", "more_smooth", "compute_dtype")
+# HART: the categorical part's, then the residual head's; `num_steps` (the CLI's --num_steps) is the head's
+# sampling steps, the same value as `residual_steps`.
+_HART_SETTINGS = _VAR_SETTINGS + ("residual_steps", "residual_cfg", "residual_temperature", "num_steps")
+_HEADS = {"flowar": "the flow head", "var": "a categorical head",
+          "hart": "a categorical head and the residual head"}
 
 
 def settings_from(config: ml_collections.ConfigDict, **overrides):
   """The sampling settings of `config.sampling` with `overrides` that are not None: FlowAR's ODE settings
-  (`SamplingSettings`) or VAR's categorical ones (`CategoricalSampling`). An override the model's head has no
-  use for is an error naming it."""
+  (`SamplingSettings`), VAR's categorical ones (`CategoricalSampling`) or HART's (`HARTSampling`: categorical
+  plus the residual head's steps, cfg and temperature). An override the model's head has no use for is an
+  error naming it."""
   given = {k: v for k, v in overrides.items() if v is not None}
-  flowar = config.model.name == "flowar"
-  known = [f.name for f in dataclasses.fields(SamplingSettings)] if flowar else _VAR_SETTINGS
+  name = config.model.name
+  known = {"flowar": [f.name for f in dataclasses.fields(SamplingSettings)], "var": _VAR_SETTINGS,
+           "hart": _HART_SETTINGS}[name]
   unused = sorted(set(given) - set(known))
   if unused:
-    head = "the flow head" if flowar else "a categorical head"
-    raise ValueError(f"{', '.join('--' + k for k in unused)} does not apply to {config.model.name} ({head}); its "
+    raise ValueError(f"{', '.join('--' + k for k in unused)} does not apply to {name} ({_HEADS[name]}); its "
                      f"sampling settings are {', '.join(known)}")
-  if flowar:
+  if name == "flowar":
     return SamplingSettings.from_config(config.sampling, **given)
-  values = {k: config.sampling[k] for k in _VAR_SETTINGS}
-  return CategoricalSampling(**dict(values, **given))
+  values = dict({k: config.sampling[k] for k in _VAR_SETTINGS}, **{k: given[k] for k in _VAR_SETTINGS if k in given})
+  categorical = CategoricalSampling(**values)
+  if name == "var":
+    return categorical
+  return hart_settings(config, categorical, **{k: v for k, v in given.items() if k not in _VAR_SETTINGS})
+
+
+def hart_settings(config: ml_collections.ConfigDict, categorical: CategoricalSampling, *,
+                  residual_steps: int | None = None, num_steps: int | None = None, residual_cfg: float | None = None,
+                  residual_temperature: float | None = None) -> HARTSampling:
+  """`HARTSampling` from `config.sampling`'s residual keys (0 steps: the model's own; cfg < 0: the categorical
+  cfg) with the given overrides; `num_steps` is another name for `residual_steps`."""
+  if residual_steps is not None and num_steps is not None and residual_steps != num_steps:
+    raise ValueError(f"--num_steps {num_steps} and --residual_steps {residual_steps} both set the residual "
+                     "head's sampling steps; give one")
+  s = config.sampling
+  steps = next((v for v in (residual_steps, num_steps) if v is not None), s.residual_steps or None)
+  cfg = s.residual_cfg if residual_cfg is None else residual_cfg
+  temperature = s.residual_temperature if residual_temperature is None else residual_temperature
+  return HARTSampling(categorical=categorical, residual_steps=steps, residual_cfg=None if cfg < 0 else float(cfg),
+                      residual_temperature=float(temperature))
+
+
+def with_cfg(settings, cfg: float):
+  """`settings` with guidance scale `cfg`: FlowAR's and VAR's own; HART's categorical one (its residual head
+  follows it unless it has its own `residual_cfg`)."""
+  if isinstance(settings, HARTSampling):
+    return dataclasses.replace(settings, categorical=dataclasses.replace(settings.categorical, cfg=cfg))
+  return dataclasses.replace(settings, cfg=cfg)

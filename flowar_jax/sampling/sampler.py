@@ -45,7 +45,7 @@ def to_uint8(images: jax.Array) -> jax.Array:
 class Sampler:
   """Compiled sampler: `sampler(labels, seed)` -> uint8 images `[B, H, W, 3]`.
 
-  Any generator with `sample(tokenizer, labels, keys, settings)` (FlowAR, VAR). `tokenizer(decoder_module)`
+  Any generator with `sample(tokenizer, labels, keys, settings)` (FlowAR, VAR, HART). `tokenizer(decoder_module)`
   gives the tokenizer seam it samples through (default: FlowAR's scale pyramid, `model.pyramid()`).
   `decode(decoder_module, state)` maps the state after the last scale (FlowAR: latents `[B, S, S, C]`) to
   `[B, H, W, 3]` images in [-1, 1]; pass None to get that state instead of images. With a `plan`,
@@ -114,8 +114,9 @@ class Sampler:
 
 def image_sampler(model: nnx.Module, tokenizer_module: nnx.Module, settings, latent_scale: float,
                   plan: ShardingPlan | None = None) -> Sampler:
-  """A compiled sampler from class labels to uint8 images for a FlowAR (over its KL VAE at `latent_scale`) or a
-  VAR (over its VQVAE; `latent_scale` unused), sharded by `plan` (see `Sampler`)."""
+  """A compiled sampler from class labels to uint8 images for a FlowAR (over its KL VAE at `latent_scale`), a
+  VAR (over its VQVAE) or a HART (over its hybrid tokenizer, whose decoder takes the codes' sum plus the sampled
+  residual); `latent_scale` is FlowAR's only. Sharded by `plan` (see `Sampler`)."""
   if isinstance(tokenizer_module, AutoencoderKL):
     decode = lambda vae_module, latents: decode_from_latents(vae_module, latents, latent_scale)
     return Sampler(model, settings, decode=decode, decoder_module=tokenizer_module, plan=plan)

@@ -1,5 +1,6 @@
 """Stage 2: the generator (`config.model.name`) on the tokens of a trained, frozen tokenizer: FlowAR on a KL
-VAE's latents (encoded on the fly or from the latent cache), VAR on a multi-scale VQVAE's code indices."""
+VAE's latents (encoded on the fly or from the latent cache), VAR on a multi-scale VQVAE's code indices, HART
+on its hybrid tokenizer's code indices and last-scale continuous token."""
 from __future__ import annotations
 
 import functools

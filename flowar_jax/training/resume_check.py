@@ -36,6 +36,12 @@ VAR_ARCHITECTURE: tuple[_Key, ...] = (
     "model.shared_aln", "model.attn_l2_norm", "vae.vocab_size", "vae.z_channels", "vae.patch_nums",
     ("optimizer.grad_clip > 0", lambda flat: flat["optimizer.grad_clip"] > 0),
 )
+HART_ARCHITECTURE: tuple[_Key, ...] = (
+    "model.name", "model.depth", "model.width", "model.num_heads", "model.mlp_ratio", "model.num_classes",
+    "model.mlp", "model.adaln", "model.timestep_level", "model.attn_l2_norm", "model.residual.width",
+    "model.residual.depth", "vae.vocab_size", "vae.z_channels", "vae.patch_nums",
+    ("optimizer.grad_clip > 0", lambda flat: flat["optimizer.grad_clip"] > 0),
+)
 VQVAE_ARCHITECTURE: tuple[_Key, ...] = (
     "model.name", "vae.vocab_size", "vae.z_channels", "vae.ch", "vae.ch_mult", "vae.num_res_blocks",
     "vae.share_quant_resi", "vae.quant_conv_ks", "vae.patch_nums",
@@ -61,12 +67,14 @@ VAR_TRAJECTORY: tuple[_Key, ...] = (
     "optimizer.base_lr", "optimizer.min_lr", "optimizer.warmup_steps", "optimizer.b1", "optimizer.b2",
     "optimizer.weight_decay", "optimizer.grad_clip", "optimizer.ema_decay",
 )
+HART_TRAJECTORY: tuple[_Key, ...] = VAR_TRAJECTORY + ("model.residual.batch_mul",)
 VQVAE_TRAJECTORY: tuple[_Key, ...] = (
     "seed", *_DATA, "vae.quant_resi", "vae.using_znorm", "vae.train.batch_size", "vae.train.num_train_steps",
     "vae.train.learning_rate", "vae.train.warmup_steps", "vae.train.l1_weight", "vae.train.l2_weight",
     "vae.train.commitment_weight", "vae.train.usage_decay", "vae.train.restart_every_steps",
     "vae.train.dead_code_threshold",
 )
+HYBRID_TRAJECTORY: tuple[_Key, ...] = VQVAE_TRAJECTORY + ("vae.train.skip_continuous_prob",)
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -116,17 +124,22 @@ def _vae_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> str:
   return checkpoint_dir(root) if fs.is_dir(checkpoint_dir(root)) else root
 
 
+# Per model: (tokenizer architecture, tokenizer trajectory, generator architecture, generator trajectory).
+_KEYS = {
+    "flowar": (VAE_ARCHITECTURE, VAE_TRAJECTORY, FLOWAR_ARCHITECTURE, FLOWAR_TRAJECTORY),
+    "var": (VQVAE_ARCHITECTURE, VQVAE_TRAJECTORY, VAR_ARCHITECTURE, VAR_TRAJECTORY),
+    "hart": (VQVAE_ARCHITECTURE, HYBRID_TRAJECTORY, HART_ARCHITECTURE, HART_TRAJECTORY),
+}
+
+
 def check_config_matches_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError naming each architecture key that differs from the stored config of a stage that
   this run resumes or uses (the VAE under `vae_dir`, FlowAR in WORKDIR); warns about changed settings."""
-  flowar = config.model.name == "flowar"
-  tokenizer_keys = (VAE_ARCHITECTURE, VAE_TRAJECTORY) if flowar else (VQVAE_ARCHITECTURE, VQVAE_TRAJECTORY)
-  checks = [("VAE", _vae_checkpoints(config, workdir), tokenizer_keys[0],
-             tokenizer_keys[1] if trains_tokenizer(config) else ())]
+  tokenizer_architecture, tokenizer_trajectory, architecture, trajectory = _KEYS[config.model.name]
+  checks = [("VAE", _vae_checkpoints(config, workdir), tokenizer_architecture,
+             tokenizer_trajectory if trains_tokenizer(config) else ())]
   if trains_generator(config):
-    checks.append((config.model.name, checkpoint_dir(workdir),
-                   FLOWAR_ARCHITECTURE if flowar else VAR_ARCHITECTURE,
-                   FLOWAR_TRAJECTORY if flowar else VAR_TRAJECTORY))
+    checks.append((config.model.name, checkpoint_dir(workdir), architecture, trajectory))
   for stage, directory, architecture, trajectory in checks:
     stored = _stored(directory)
     if stored is None:
