@@ -100,8 +100,9 @@ def test_editor_checks(modules, settings, editor):
     editor(images, masks, np.array([1, 11]), seed=0)
   with pytest.raises(ValueError, match="the mask of image 1 is empty: there is nothing to generate"):
     editor(images, np.stack([masks[0], np.zeros((16, 16), bool)]), np.array([1, 2]), seed=0)
-  for edit in (editing.EditSettings(known="after_scale"), editing.EditSettings(fit_steps=3)):
-    with pytest.raises(ValueError, match="known='after_scale' and fit_steps are FlowAR's"):
+  for edit in (editing.EditSettings(known="after_scale"), editing.EditSettings(fit_steps=3),
+               editing.EditSettings(resample=1)):
+    with pytest.raises(ValueError, match="known=.after_scale., fit_steps and resample are FlowAR.s"):
       editing.Editor(model, vq, 1.0, settings, edit)
 
 

@@ -95,19 +95,23 @@ def _follow_path(velocity, keep: jax.Array, y: jax.Array, eps: jax.Array):
 
 
 def edit_latents(model: FlowAR, latents: jax.Array, masks: list[jax.Array], labels: jax.Array, keys: jax.Array,
-                 settings: SamplingSettings, known: str = "path") -> jax.Array:
+                 settings: SamplingSettings, known: str = "path", resample: int = 0, resample_from: float = 0.5
+                 ) -> jax.Array:
   """The image latents `[B, S, S, C]` (model units) with the masked tokens regenerated -> `[B, S, S, C]`.
 
   masks: `token_masks` (True = generate); labels `[B]` (`num_classes` = no class: unconditional); keys `[B]`
   as `sample_keys` (a token draws the same starting noise as in plain sampling with that key).
+  resample: after each scale's ODE, this many times the generated tokens are noised back to the last grid
+  time <= `resample_from` along x_t = (1 - t) x + t eps' (fresh eps'), the kept ones put back on their path,
+  and the ODE is run again from there (RePaint's resampling, for the flow's straight paths).
   """
   if known not in KNOWN_RULES:
     raise ValueError(f"known must be one of {KNOWN_RULES}, got {known!r}")
   with precision.compute_dtype(settings.compute_dtype):
-    return _edit_latents(model, latents, masks, labels, keys, settings, known)
+    return _edit_latents(model, latents, masks, labels, keys, settings, known, resample, resample_from)
 
 
-def _edit_latents(model, latents, masks, labels, keys, settings, known):
+def _edit_latents(model, latents, masks, labels, keys, settings, known, resample, resample_from):
   # The scale loop of `sampler._sample_latents` (same noise, CFG ramp and next-scale inputs) plus the kept
   # tokens; kept apart so that the published sampling program stays exactly as it is.
   schedule = model.schedule
@@ -131,8 +135,16 @@ def _edit_latents(model, latents, masks, labels, keys, settings, known):
     head = model.flownet
     velocity = head.velocity if known == "after_scale" else _follow_path(head.velocity, keep, y, x0)
     z_uncond = head.conditioning(z[b:]) if use_cfg and cfg_k != 1.0 else None
-    x = integrate(velocity, x0, head.conditioning(z[:b]), z_uncond, cfg_k, grid, settings.guidance,
-                  settings.solver)
+    z_cond = head.conditioning(z[:b])
+    x = integrate(velocity, x0, z_cond, z_uncond, cfg_k, grid, settings.guidance, settings.solver)
+    if resample:
+      tail = grid[grid <= resample_from + 1e-9]
+      t = float(tail[0])
+      for r in range(resample):
+        fresh = jax.vmap(lambda key, k=k, n=n, r=r: jax.random.normal(
+            jax.random.fold_in(jax.random.fold_in(key, k), r + 1), (n, c)))(keys)
+        start = jnp.where(keep, (1 - t) * y + t * x0, (1 - t) * x + t * fresh)
+        x = integrate(velocity, start, z_cond, z_uncond, cfg_k, tail, settings.guidance, settings.solver)
     x = jnp.where(keep, y, x)  # exactly the image's tokens at the end of every scale
     if k == schedule.num_scales - 1:
       break
@@ -230,7 +242,8 @@ class EditSettings:
   mask_rule: which tokens a pixel mask generates ('hybrid' | 'any' | 'most'); known: how kept tokens enter
   the ODE ('path' | 'after_scale'); feather: the decoded edit fades into the original over this many kept
   pixels next to the mask (`blend`), 0 pastes the original back exactly, None keeps the decode as it is;
-  fit_steps: Adam steps of `fit_generated_tokens` before decoding (0: none), at fit_learning_rate.
+  fit_steps: Adam steps of `fit_generated_tokens` before decoding (0: none), at fit_learning_rate;
+  resample, resample_from: RePaint-style resampling rounds inside each scale's ODE (`edit_latents`).
   """
 
   mask_rule: str = "hybrid"
@@ -238,6 +251,8 @@ class EditSettings:
   feather: int | None = 2
   fit_steps: int = 0
   fit_learning_rate: float = 0.05
+  resample: int = 0
+  resample_from: float = 0.5
 
   def __post_init__(self):
     if self.mask_rule not in MASK_RULES:
@@ -250,6 +265,10 @@ class EditSettings:
       raise ValueError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
     if not self.fit_learning_rate > 0:
       raise ValueError(f"fit_learning_rate must be > 0, got {self.fit_learning_rate}")
+    if not isinstance(self.resample, int) or self.resample < 0:
+      raise ValueError(f"resample must be an integer >= 0, got {self.resample!r}")
+    if not 0 < self.resample_from <= 1:
+      raise ValueError(f"resample_from must be in (0, 1], got {self.resample_from}")
 
 
 class Editor:
@@ -268,9 +287,10 @@ class Editor:
   def __init__(self, model: FlowAR | VAR, tokenizer: AutoencoderKL | MultiScaleVQVAE, latent_scale: float,
                settings, edit: EditSettings = EditSettings(), plan: ShardingPlan | None = None):
     if isinstance(model, VAR):
-      if edit.known != "path" or edit.fit_steps:
-        raise ValueError("known='after_scale' and fit_steps are FlowAR's (its flow head's ODE, its continuous "
-                         "latents); VAR draws each code in one step and keeps the image's codes after the draw")
+      if edit.known != "path" or edit.fit_steps or edit.resample:
+        raise ValueError("known='after_scale', fit_steps and resample are FlowAR's (its flow head's ODE, its "
+                         "continuous latents); VAR draws each code in one step and keeps the image's codes after "
+                         "the draw")
     elif not isinstance(model, FlowAR):
       raise ValueError(f"editing supports FlowAR and VAR, got {type(model).__name__}")
     self.settings, self.edit = settings, edit
@@ -310,7 +330,8 @@ class Editor:
     if isinstance(model, VAR):
       return to_uint8(tokenizer.decode(edit_var(model, tokenizer, pixels, tokens, labels, keys, self.settings)))
     latents = encode_to_latents(tokenizer, pixels, self.latent_scale, None)
-    out = edit_latents(model, latents, tokens, labels, keys, self.settings, self.edit.known)
+    out = edit_latents(model, latents, tokens, labels, keys, self.settings, self.edit.known, self.edit.resample,
+                       self.edit.resample_from)
     if self.edit.fit_steps:
       out = fit_generated_tokens(tokenizer, out, tokens[-1], pixels, ~masks, self.latent_scale, self.edit.fit_steps,
                                  self.edit.fit_learning_rate)
