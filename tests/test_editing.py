@@ -157,13 +157,13 @@ def test_after_scale_differs_from_path(model):
   assert not np.allclose(a, b)
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_full_mask_is_plain_sampling(model, cfg):
+@pytest.mark.parametrize("cfg,resample", [(1.0, 0), (3.0, 1)])
+def test_full_mask_is_plain_sampling(model, cfg, resample):
   latents = jax.random.normal(jax.random.key(3), (2, 4, 4, 4))
   full = editing.token_masks(np.ones((2, 16, 16), bool), model.schedule)
   labels, keys = jnp.array([2, 7]), sample_keys(4, 0, 2)
   settings = SamplingSettings(cfg=cfg, guidance=0.9, num_steps=4)
-  edited = editing.edit_latents(model, latents, full, labels, keys, settings)
+  edited = editing.edit_latents(model, latents, full, labels, keys, settings, resample=resample)
   plain = sample_latents(model, labels, keys, settings)
   np.testing.assert_allclose(edited, plain, rtol=0, atol=1e-6)
 

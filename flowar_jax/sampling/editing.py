@@ -140,11 +140,14 @@ def _edit_latents(model, latents, masks, labels, keys, settings, known, resample
     if resample:
       tail = grid[grid <= resample_from + 1e-9]
       t = float(tail[0])
+      first = x
       for r in range(resample):
         fresh = jax.vmap(lambda key, k=k, n=n, r=r: jax.random.normal(
             jax.random.fold_in(jax.random.fold_in(key, k), r + 1), (n, c)))(keys)
         start = jnp.where(keep, (1 - t) * y + t * x0, (1 - t) * x + t * fresh)
         x = integrate(velocity, start, z_cond, z_uncond, cfg_k, tail, settings.guidance, settings.solver)
+      # Resampling fits the generated tokens to kept ones; a scale that keeps none stays as plain sampling.
+      x = jnp.where(jnp.any(keep, axis=(1, 2), keepdims=True), x, first)
     x = jnp.where(keep, y, x)  # exactly the image's tokens at the end of every scale
     if k == schedule.num_scales - 1:
       break
