@@ -23,7 +23,10 @@ VAR goes through the same seams: the tokenizer's `encode` gives the image's code
 model's sampler (`VAR.sample(..., known=KnownTokens)`) draws every token with its categorical head and then
 puts the image's own codes back outside the mask, so they feed f_hat and every later scale as sampled codes
 would; the tokenizer's `decode` turns the final f_hat into the image. A code is drawn in one step, so VAR has
-no within-scale process for the kept tokens to follow: `known` and `fit_steps` are FlowAR's only.
+no within-scale process for the kept tokens to follow: `known`, `fit_steps` and `resample` are FlowAR's only.
+
+`EditSettings(resample=R)` adds R RePaint-style rounds to each scale's ODE (the generated tokens noised back
+to t = `resample_from` and denoised again next to the kept ones); measured in docs/editing.md, off by default.
 
 Masks: True = generate. With `mask_rule="hybrid"` (the default) a token of the finest scale is generated when
 its footprint in the image holds any masked pixel, so every masked pixel is regenerated, and a token of a
