@@ -1,7 +1,9 @@
 """Zero-shot editing measured on the held-out real digits (docs/editing.md has the figures).
 
   python benchmarks/edit_digits.py --workdir runs/digits [--num_steps 25] [--cfg 3] [--seed 0] [--json FILE]
-                                   [--mask_rule hybrid] [--fit_steps 0]
+                                   [--mask_rule hybrid] [--fit_steps 0] [--default_only]
+                                   [--resample 0 --resample_from 0.5]
+  python benchmarks/edit_digits.py --workdir runs/var_digits [--cfg 3] [--top_k 0] [--seed 0]   # a VAR run
 
 For each held-out digit (the digits metric's eval split, which neither network saw), the right half and,
 separately, the bottom half are regenerated:
@@ -13,17 +15,22 @@ separately, the bottom half are regenerated:
   seam            mean squared grey step across the mask boundary; `real` is the originals' own
 for these methods, all with the same noise (sample i draws from (seed, i)):
   path            the default: kept tokens follow the real noised path inside the ODE, and the decode fades
-                  into the original over `EditSettings().feather` kept pixels next to the mask
+                  into the original over `EditSettings().feather` kept pixels next to the mask (on a VAR run
+                  the rows are named `codes*` instead of `path*`: the image's own codes kept at every scale)
   path_decoded    the same edits as decoded, no blend
   path_pasted     the same edits with the original pasted back outside the mask (`--blend`)
   path_feather_F  the same edits faded into the original over F kept pixels
   after_scale     kept tokens reset only at each scale's end, with the default blend
   paste           a fresh sample of the label with the kept half of the original pasted back
+  path_resample   (with --resample R) R RePaint-style resampling rounds inside each scale's ODE from t <=
+                  --resample_from, with the default blend
   path_fit        (with --fit_steps N) the generated tokens fitted to the kept pixels for N steps before
                   decoding (`fit_generated_tokens`), no blend
 `plain_samples.accuracy` is the class-conditional sampler's accuracy on the same labels and seeds, the target
 for `accuracy_true`; `accuracy_real_readable` is `accuracy_true` over the digits whose real image the
-classifier reads correctly. --mask_rule any / most compare the token rules.
+classifier reads correctly, and `plain_samples.accuracy_real_readable` the plain samples' on the same digits'
+labels. --mask_rule any / most compare the token rules; --default_only measures the default alone (with
+the blends, which reuse its decodes), for more seeds in less time. after_scale and path_fit are FlowAR's.
 """
 from __future__ import annotations
 
@@ -84,14 +91,22 @@ def main() -> None:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--num_steps", type=int)
   parser.add_argument("--cfg", type=float)
+  parser.add_argument("--top_k", type=int, help="VAR runs only")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--mask_rule", choices=("hybrid", "any", "most"), default="hybrid")
   parser.add_argument("--fit_steps", type=int, default=0, help="also measure path_fit with this many steps")
+  parser.add_argument("--default_only", action="store_true",
+                      help="leave out after_scale (the blends and the paste baseline cost no extra edit)")
+  parser.add_argument("--resample", type=int, default=0, help="also measure path_resample with this many rounds")
+  parser.add_argument("--resample_from", type=float, default=0.5)
   parser.add_argument("--json", help="also write the figures to this file")
   args = parser.parse_args()
 
   config = stored_config(args.workdir)
-  settings = settings_from(config, num_steps=args.num_steps, cfg=args.cfg)
+  settings = settings_from(config, num_steps=args.num_steps, cfg=args.cfg, top_k=args.top_k)
+  flowar = config.model.name == "flowar"
+  if not flowar and (args.fit_steps or args.resample):
+    raise SystemExit("--fit_steps and --resample act on the flow head's continuous latents: FlowAR runs only")
   size, fraction = config.data.image_size, config.data.eval_fraction
   originals, labels = split_images("eval", size, fraction)
   n, num_classes = len(labels), config.model.num_classes
@@ -99,7 +114,7 @@ def main() -> None:
   classifier = digit_classifier(size, fraction)
   readable = classifier._run(originals)[0].argmax(axis=1) == labels  # pylint: disable=protected-access
   default_feather = EditSettings().feather
-  figures = {"workdir": args.workdir, "num_images": n, "settings": dataclasses.asdict(settings),
+  figures = {"workdir": args.workdir, "model": config.model.name, "num_images": n, "settings": dataclasses.asdict(settings),
              "mask_rule": args.mask_rule, "default_feather": default_feather, "seed": args.seed,
              "device": jax.devices()[0].platform,
              "real_heldout_accuracy": classifier.metrics(originals, labels)["digits_accuracy"],
@@ -110,16 +125,23 @@ def main() -> None:
   fresh_true = sampler(labels, args.seed)
   fresh_other = sampler(other, args.seed)
   figures["plain_samples"] = {"accuracy": classifier.metrics(fresh_true, labels)["digits_accuracy"],
+                              "accuracy_real_readable": classifier.metrics(fresh_true[readable], labels[readable])[
+                                  "digits_accuracy"],
                               "accuracy_other_labels": classifier.metrics(fresh_other, other)["digits_accuracy"]}
   # Edits decoded as they are; every blend is then computed from the same decodes on the host.
-  editors = {"path": EditSettings(args.mask_rule, "path", feather=None),
-             "after_scale": EditSettings(args.mask_rule, "after_scale", feather=None)}
+  base = "path" if flowar else "codes"
+  editors = {base: EditSettings(args.mask_rule, "path", feather=None)}
+  if flowar and not args.default_only:
+    editors["after_scale"] = EditSettings(args.mask_rule, "after_scale", feather=None)
+  if args.resample:
+    editors["path_resample"] = EditSettings(args.mask_rule, "path", feather=None, resample=args.resample,
+                                            resample_from=args.resample_from)
   if args.fit_steps:
     editors["path_fit"] = EditSettings(args.mask_rule, "path", feather=None, fit_steps=args.fit_steps)
   editors = {name: load_editor(config, args.workdir, settings, edit) for name, edit in editors.items()}
-  roundtrip = editors["path"].round_trip(originals)
+  roundtrip = editors[base].round_trip(originals)
   figures["roundtrip_accuracy"] = classifier.metrics(roundtrip, labels)["digits_accuracy"]
-  margin = size // editors["path"].schedule.latent_side  # one latent token: the 'far' kept pixels lie beyond
+  margin = size // editors[base].schedule.latent_side  # one latent token: the 'far' kept pixels lie beyond
   for region in ("right", "bottom"):
     masks = half_masks(n, size, region)
     out = {"real": {"seam": seam_energy(originals, masks)},
@@ -130,11 +152,11 @@ def main() -> None:
     for name, editor in editors.items():
       edits_true = editor(originals, masks, labels, args.seed)
       edits_other = editor(originals, masks, other, args.seed)
-      if name == "path":
-        out["path_decoded"] = measure(edits_true, edits_other)
-        out["path_pasted"] = measure(blend(edits_true, originals, masks), blend(edits_other, originals, masks))
+      if name == base:
+        out[f"{base}_decoded"] = measure(edits_true, edits_other)
+        out[f"{base}_pasted"] = measure(blend(edits_true, originals, masks), blend(edits_other, originals, masks))
         for feather in (1, 2, 3):
-          out[f"path_feather_{feather}"] = measure(blend(edits_true, originals, masks, feather),
+          out[f"{base}_feather_{feather}"] = measure(blend(edits_true, originals, masks, feather),
                                                    blend(edits_other, originals, masks, feather))
       if name != "path_fit" and default_feather is not None:
         edits_true = blend(edits_true, originals, masks, default_feather)

@@ -111,7 +111,7 @@ COMMANDS = {
         required=("workdir", "image"),
         optional=("mask", "box", "outpaint", "label", "out", "blend", "feather", "config", "num_samples", "seed") + _SAMPLING,
         notes={"config": _STORED_CONFIG, "num_samples": "number of edits (default: 8)",
-               "workdir": "run directory holding the FlowAR checkpoint (trained or converted)"}),
+               "workdir": "run directory holding the FlowAR or VAR checkpoint (trained or converted)"}),
     "summary": Command(
         "parameters per module of a config's FlowAR and VAE (nothing is allocated)",
         "Prints the parameter count of each FlowAR module, the total, and the VAE's.",

@@ -131,6 +131,22 @@ def test_kept_tokens_follow_the_noised_path_inside_the_ode():
     assert not np.allclose(np.asarray(x)[:, [1, 3]], np.asarray(path)[:, [1, 3]], atol=1e-3)
 
 
+def test_resampling_keeps_the_kept_tokens_and_redraws_the_others(model):
+  latents = jax.random.normal(jax.random.key(3), (2, 4, 4, 4))
+  masks = editing.token_masks(_half_masks(), model.schedule)
+  labels, keys = jnp.array([1, 5]), sample_keys(0, 0, 2)
+  settings = SamplingSettings(cfg=2.0, guidance=0.9, num_steps=4)
+  plain = editing.edit_latents(model, latents, masks, labels, keys, settings)
+  again = editing.edit_latents(model, latents, masks, labels, keys, settings, resample=2, resample_from=0.5)
+  keep = ~np.asarray(masks[-1])
+  np.testing.assert_array_equal(np.asarray(again)[keep], np.asarray(latents)[keep])
+  assert not np.allclose(np.asarray(again)[~keep], np.asarray(plain)[~keep])
+  with pytest.raises(ValueError, match="resample must be an integer >= 0, got -1"):
+    editing.EditSettings(resample=-1)
+  with pytest.raises(ValueError, match=r"resample_from must be in \(0, 1\], got 0.0"):
+    editing.EditSettings(resample_from=0.0)
+
+
 def test_after_scale_differs_from_path(model):
   latents = jax.random.normal(jax.random.key(3), (2, 4, 4, 4))
   masks = editing.token_masks(_half_masks(), model.schedule)
@@ -141,13 +157,13 @@ def test_after_scale_differs_from_path(model):
   assert not np.allclose(a, b)
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_full_mask_is_plain_sampling(model, cfg):
+@pytest.mark.parametrize("cfg,resample", [(1.0, 0), (3.0, 1)])
+def test_full_mask_is_plain_sampling(model, cfg, resample):
   latents = jax.random.normal(jax.random.key(3), (2, 4, 4, 4))
   full = editing.token_masks(np.ones((2, 16, 16), bool), model.schedule)
   labels, keys = jnp.array([2, 7]), sample_keys(4, 0, 2)
   settings = SamplingSettings(cfg=cfg, guidance=0.9, num_steps=4)
-  edited = editing.edit_latents(model, latents, full, labels, keys, settings)
+  edited = editing.edit_latents(model, latents, full, labels, keys, settings, resample=resample)
   plain = sample_latents(model, labels, keys, settings)
   np.testing.assert_allclose(edited, plain, rtol=0, atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""`edit`: inpainting, outpainting and class editing of one image with a trained FlowAR (docs/editing.md).
+"""`edit`: inpainting, outpainting and class editing of one image with a trained FlowAR or VAR (docs/editing.md).
 
 Every input is checked before anything compiles: an unreadable image or mask, a mask of another size than
 the image, an empty mask, a box or padding that makes no sense, a label out of range. An image of another
@@ -21,8 +21,9 @@ from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs import fs
 from flowar_jax.sampling.editing import Editor, EditSettings, blend
 from flowar_jax.runs.images import enlarge, make_grid
-from flowar_jax.sampling.sampler import SamplingSettings
 from flowar_jax.scales.resize import area_matrix
+
+EDITABLE = ("flowar", "var")  # the families whose samplers keep known tokens
 
 
 @dataclasses.dataclass
@@ -167,16 +168,17 @@ def prepare_array(image: np.ndarray, image_size: int, *, mask: np.ndarray | None
   return EditInput(image, mask, notes)
 
 
-def load_editor(config: ml_collections.ConfigDict, workdir: str, settings: SamplingSettings,
+def load_editor(config: ml_collections.ConfigDict, workdir: str, settings,
                 edit: EditSettings = EditSettings(), use_ema: bool = True, plan: ShardingPlan | None = None
                 ) -> Editor:
-  """An `Editor` for the latest FlowAR checkpoint in WORKDIR and its VAE, sharded by `plan` (default: the
-  sampling plan of `sample`)."""
+  """An `Editor` for the latest FlowAR or VAR checkpoint in WORKDIR (trained or converted) and its tokenizer,
+  sharded by `plan` (default: the sampling plan of `sample`). `settings`: the model's sampling settings
+  (`settings_from(config)`)."""
   # Imported here so that input errors come before the loaders' imports.
   from flowar_jax.sampling.generate import load_trained, sampling_plan  # pylint: disable=g-import-not-at-top
   plan = plan or sampling_plan(config)
-  flowar, vae, latent_scale = load_trained(config, workdir, use_ema, plan)
-  return Editor(flowar, vae, latent_scale, settings, edit, plan)
+  model, tokenizer, latent_scale = load_trained(config, workdir, use_ema, plan)
+  return Editor(model, tokenizer, latent_scale, settings, edit, plan)
 
 
 def check_label(label: int | None, num_classes: int) -> int:
@@ -242,16 +244,16 @@ def write_edits(directory: str, original: np.ndarray, mask: np.ndarray, edits: n
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, image: str, mask: str | None = None,
         box: str | None = None, outpaint: str | None = None, label: int | None = None, out: str | None = None,
-        num_samples: int = 8, seed: int = 0, settings: SamplingSettings, batch_size: int = 64,
+        num_samples: int = 8, seed: int = 0, settings, batch_size: int = 64,
         use_ema: bool = True, blend_original: bool = False, edit: EditSettings = EditSettings()) -> np.ndarray:
   """The command: checks every input, then edits and writes to `out` (default WORKDIR/edits). Returns the edits."""
-  if config.model.name != "flowar":
-    raise ValueError(f"the edit command edits FlowAR runs; this run is {config.model.name} (in Python, VAR keeps "
-                     "an image's tokens with `VAR.sample(..., known=KnownTokens(...))`)")
+  if config.model.name not in EDITABLE:
+    raise ValueError(f"the edit command edits {' and '.join(EDITABLE)} runs; this run is {config.model.name}")
   prepared = prepare(image, config.data.image_size, mask_path=mask, box=box, outpaint=outpaint)
   label_id = check_label(label, config.model.num_classes)
-  if label is None and settings.cfg != 1.0:
-    settings = dataclasses.replace(settings, cfg=1.0)  # no class: guidance would compare the null class with itself
+  no_guidance = 1.0 if config.model.name == "flowar" else 0.0  # FlowAR's cfg is a weight, VAR's a ramp's slope
+  if label is None and settings.cfg != no_guidance:
+    settings = dataclasses.replace(settings, cfg=no_guidance)  # no class: guidance would compare the null class with itself
     prepared.notes.append("note: no --label: generating without a class (classifier-free guidance off)")
   for line in prepared.notes:
     print(f"flowar-jax edit: {line}", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Zero-shot editing (inpainting, outpainting, class editing) with a trained FlowAR, no retraining.
+"""Zero-shot editing (inpainting, outpainting, class editing) with a trained FlowAR or VAR, no retraining.
 
 The image's own tokens are kept wherever the mask is off, at every scale: its VAE latent (times the latent
 scale) reduced to each scale by `scale_targets`, the very pyramid training predicts. The model generates
@@ -19,6 +19,15 @@ fades into the original over the 2 kept pixels next to the mask, and is the orig
 `fit_generated_tokens` (fitting the generated tokens to the kept pixels through the decoder) is the
 decode-side alternative measured in docs/editing.md: it keeps the pixels but undoes class edits.
 
+VAR goes through the same seams: the tokenizer's `encode` gives the image's code indices at every scale, the
+model's sampler (`VAR.sample(..., known=KnownTokens)`) draws every token with its categorical head and then
+puts the image's own codes back outside the mask, so they feed f_hat and every later scale as sampled codes
+would; the tokenizer's `decode` turns the final f_hat into the image. A code is drawn in one step, so VAR has
+no within-scale process for the kept tokens to follow: `known`, `fit_steps` and `resample` are FlowAR's only.
+
+`EditSettings(resample=R)` adds R RePaint-style rounds to each scale's ODE (the generated tokens noised back
+to t = `resample_from` and denoised again next to the kept ones); measured in docs/editing.md, off by default.
+
 Masks: True = generate. With `mask_rule="hybrid"` (the default) a token of the finest scale is generated when
 its footprint in the image holds any masked pixel, so every masked pixel is regenerated, and a token of a
 coarser scale when more than half of its footprint is masked, so the coarse tokens that are mostly the
@@ -36,6 +45,7 @@ from flax import nnx
 
 from flowar_jax import precision
 from flowar_jax.models.flowar import FlowAR
+from flowar_jax.models.var import VAR, KnownTokens
 from flowar_jax.models.vae import AutoencoderKL, decode_from_latents, encode_to_latents
 from flowar_jax.parallel.batch import replicated_batch, round_up_to_data_parallel, to_host
 from flowar_jax.parallel.plan import ShardingPlan
@@ -44,6 +54,7 @@ from flowar_jax.sampling.sampler import SamplingSettings, sample_keys, to_uint8
 from flowar_jax.models.time_grid import time_grid
 from flowar_jax.scales import ScaleSchedule, next_scale_input, scale_targets
 from flowar_jax.scales.resize import apply_axis_matrices, area_matrix
+from flowar_jax.tokenizers.msvq import MultiScaleVQVAE
 
 MASK_RULES = ("hybrid", "any", "most")
 KNOWN_RULES = ("path", "after_scale")
@@ -87,19 +98,23 @@ def _follow_path(velocity, keep: jax.Array, y: jax.Array, eps: jax.Array):
 
 
 def edit_latents(model: FlowAR, latents: jax.Array, masks: list[jax.Array], labels: jax.Array, keys: jax.Array,
-                 settings: SamplingSettings, known: str = "path") -> jax.Array:
+                 settings: SamplingSettings, known: str = "path", resample: int = 0, resample_from: float = 0.5
+                 ) -> jax.Array:
   """The image latents `[B, S, S, C]` (model units) with the masked tokens regenerated -> `[B, S, S, C]`.
 
   masks: `token_masks` (True = generate); labels `[B]` (`num_classes` = no class: unconditional); keys `[B]`
   as `sample_keys` (a token draws the same starting noise as in plain sampling with that key).
+  resample: after each scale's ODE, this many times the generated tokens are noised back to the last grid
+  time <= `resample_from` along x_t = (1 - t) x + t eps' (fresh eps'), the kept ones put back on their path,
+  and the ODE is run again from there (RePaint's resampling, for the flow's straight paths).
   """
   if known not in KNOWN_RULES:
     raise ValueError(f"known must be one of {KNOWN_RULES}, got {known!r}")
   with precision.compute_dtype(settings.compute_dtype):
-    return _edit_latents(model, latents, masks, labels, keys, settings, known)
+    return _edit_latents(model, latents, masks, labels, keys, settings, known, resample, resample_from)
 
 
-def _edit_latents(model, latents, masks, labels, keys, settings, known):
+def _edit_latents(model, latents, masks, labels, keys, settings, known, resample, resample_from):
   # The scale loop of `sampler._sample_latents` (same noise, CFG ramp and next-scale inputs) plus the kept
   # tokens; kept apart so that the published sampling program stays exactly as it is.
   schedule = model.schedule
@@ -123,8 +138,19 @@ def _edit_latents(model, latents, masks, labels, keys, settings, known):
     head = model.flownet
     velocity = head.velocity if known == "after_scale" else _follow_path(head.velocity, keep, y, x0)
     z_uncond = head.conditioning(z[b:]) if use_cfg and cfg_k != 1.0 else None
-    x = integrate(velocity, x0, head.conditioning(z[:b]), z_uncond, cfg_k, grid, settings.guidance,
-                  settings.solver)
+    z_cond = head.conditioning(z[:b])
+    x = integrate(velocity, x0, z_cond, z_uncond, cfg_k, grid, settings.guidance, settings.solver)
+    if resample:
+      tail = grid[grid <= resample_from + 1e-9]
+      t = float(tail[0])
+      first = x
+      for r in range(resample):
+        fresh = jax.vmap(lambda key, k=k, n=n, r=r: jax.random.normal(
+            jax.random.fold_in(jax.random.fold_in(key, k), r + 1), (n, c)))(keys)
+        start = jnp.where(keep, (1 - t) * y + t * x0, (1 - t) * x + t * fresh)
+        x = integrate(velocity, start, z_cond, z_uncond, cfg_k, tail, settings.guidance, settings.solver)
+      # Resampling fits the generated tokens to kept ones; a scale that keeps none stays as plain sampling.
+      x = jnp.where(jnp.any(keep, axis=(1, 2), keepdims=True), x, first)
     x = jnp.where(keep, y, x)  # exactly the image's tokens at the end of every scale
     if k == schedule.num_scales - 1:
       break
@@ -135,6 +161,21 @@ def _edit_latents(model, latents, masks, labels, keys, settings, known):
       tokens = jnp.concatenate([tokens, tokens])
   side = schedule.latent_side
   return x.reshape(b, side, side, c)
+
+
+def edit_var(model: VAR, tokenizer: MultiScaleVQVAE, images: jax.Array, masks: list[jax.Array],
+             labels: jax.Array, keys: jax.Array, settings) -> jax.Array:
+  """VAR: images `[B, H, W, 3]` in [-1, 1] with the masked tokens regenerated -> f_hat `[B, h, h, Cvae]` (for
+  the tokenizer's `decode`).
+
+  masks: `token_masks` (True = generated), one `[B, pn, pn]` per scale; labels `[B]` (`num_classes` = no
+  class); keys `[B]` as `sample_keys` (a token draws what it draws in plain sampling with that key);
+  settings: a `CategoricalSampling`. The kept codes are the tokenizer's own indices of the image.
+  """
+  indices = tokenizer.encode(images)
+  generate = [m.reshape(m.shape[0], -1) for m in masks]  # row-major, as the codes are
+  with precision.compute_dtype(settings.compute_dtype):
+    return model.sample(tokenizer, labels, keys, settings, known=KnownTokens(indices, generate))
 
 
 def fit_generated_tokens(vae: AutoencoderKL, latents: jax.Array, generated: jax.Array, images: jax.Array,
@@ -207,7 +248,8 @@ class EditSettings:
   mask_rule: which tokens a pixel mask generates ('hybrid' | 'any' | 'most'); known: how kept tokens enter
   the ODE ('path' | 'after_scale'); feather: the decoded edit fades into the original over this many kept
   pixels next to the mask (`blend`), 0 pastes the original back exactly, None keeps the decode as it is;
-  fit_steps: Adam steps of `fit_generated_tokens` before decoding (0: none), at fit_learning_rate.
+  fit_steps: Adam steps of `fit_generated_tokens` before decoding (0: none), at fit_learning_rate;
+  resample, resample_from: RePaint-style resampling rounds inside each scale's ODE (`edit_latents`).
   """
 
   mask_rule: str = "hybrid"
@@ -215,6 +257,8 @@ class EditSettings:
   feather: int | None = 2
   fit_steps: int = 0
   fit_learning_rate: float = 0.05
+  resample: int = 0
+  resample_from: float = 0.5
 
   def __post_init__(self):
     if self.mask_rule not in MASK_RULES:
@@ -227,27 +271,40 @@ class EditSettings:
       raise ValueError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
     if not self.fit_learning_rate > 0:
       raise ValueError(f"fit_learning_rate must be > 0, got {self.fit_learning_rate}")
+    if not isinstance(self.resample, int) or self.resample < 0:
+      raise ValueError(f"resample must be an integer >= 0, got {self.resample!r}")
+    if not 0 < self.resample_from <= 1:
+      raise ValueError(f"resample_from must be in (0, 1], got {self.resample_from}")
 
 
 class Editor:
   """Compiled editor: `editor(images, masks, labels, seed, first_index)` -> uint8 images `[B, H, W, 3]`.
 
-  images uint8 `[B, H, W, 3]` at the model's resolution, masks bool `[B, H, W]` (True = generate), labels
-  `[B]` in 0..num_classes (num_classes = no class). Encodes with the VAE's posterior mean, edits the latents,
-  decodes, then fades the decode into the original over `edit.feather` kept pixels next to the mask (on the
-  host; `feather=None` returns the decode as it is). One program per batch size (the masks are inputs, not
-  constants); sharded like `Sampler`: each batch is split over `plan`'s data-parallel devices and padded
-  when it does not divide. Sample i draws its noise from (seed, first_index + i), as `Sampler` does.
+  model: a FlowAR (with its KL VAE as `tokenizer`, at `latent_scale`) or a VAR (with its multi-scale VQVAE;
+  `latent_scale` unused). images uint8 `[B, H, W, 3]` at the model's resolution, masks bool `[B, H, W]`
+  (True = generate), labels `[B]` in 0..num_classes (num_classes = no class). Encodes (FlowAR: the VAE's
+  posterior mean; VAR: the image's codes), edits the tokens, decodes, then fades the decode into the
+  original over `edit.feather` kept pixels next to the mask (on the host; `feather=None` returns the decode
+  as it is). One program per batch size (the masks are inputs, not constants); sharded like `Sampler`:
+  each batch is split over `plan`'s data-parallel devices and padded when it does not divide. Sample i
+  draws its noise from (seed, first_index + i), as `Sampler` does.
   """
 
-  def __init__(self, model: FlowAR, vae: AutoencoderKL, latent_scale: float, settings: SamplingSettings,
-               edit: EditSettings = EditSettings(), plan: ShardingPlan | None = None):
+  def __init__(self, model: FlowAR | VAR, tokenizer: AutoencoderKL | MultiScaleVQVAE, latent_scale: float,
+               settings, edit: EditSettings = EditSettings(), plan: ShardingPlan | None = None):
+    if isinstance(model, VAR):
+      if edit.known != "path" or edit.fit_steps or edit.resample:
+        raise ValueError("known='after_scale', fit_steps and resample are FlowAR's (its flow head's ODE, its "
+                         "continuous latents); VAR draws each code in one step and keeps the image's codes after "
+                         "the draw")
+    elif not isinstance(model, FlowAR):
+      raise ValueError(f"editing supports FlowAR and VAR, got {type(model).__name__}")
     self.settings, self.edit = settings, edit
     self.num_classes = model.num_classes
     self.schedule = model.schedule
     self.latent_scale = float(latent_scale)
     self.plan = plan or ShardingPlan.single_device()
-    self._graph, state = nnx.split((model, vae))
+    self._graph, state = nnx.split((model, tokenizer))
     self._state = self.plan.place(state)
     batch, scalar = self.plan.batch_sharding(), self.plan.replicated
     state_sh = jax.tree.map(lambda x: x.sharding, self._state)
@@ -256,29 +313,35 @@ class Editor:
     self._round_trip = self.plan.jit(self._reconstruct, in_shardings=(state_sh, batch), out_shardings=batch)
 
   def _reconstruct(self, state, images):
-    _, vae = nnx.merge(self._graph, state)
-    latents = encode_to_latents(vae, to_model_input(images), self.latent_scale, None)
-    return to_uint8(decode_from_latents(vae, latents, self.latent_scale))
+    _, tokenizer = nnx.merge(self._graph, state)
+    if isinstance(tokenizer, MultiScaleVQVAE):
+      return to_uint8(tokenizer.reconstruct(to_model_input(images)))
+    latents = encode_to_latents(tokenizer, to_model_input(images), self.latent_scale, None)
+    return to_uint8(decode_from_latents(tokenizer, latents, self.latent_scale))
 
   def round_trip(self, images: np.ndarray) -> np.ndarray:
-    """uint8 `[B, H, W, 3]` -> the VAE's encode (posterior mean) then decode, uint8: what an edit that changed
-    no token would give, so the least any latent edit can move the kept pixels."""
+    """uint8 `[B, H, W, 3]` -> the tokenizer's encode (FlowAR: posterior mean; VAR: every scale's codes) then
+    decode, uint8: what an edit that changed no token would give, so the least any edit can move the kept
+    pixels."""
     images = np.asarray(images, np.uint8)
     real = len(images)
     images = np.resize(images, (round_up_to_data_parallel(self.plan, real),) + images.shape[1:])
     return to_host(self._round_trip(self._state, replicated_batch(self.plan, images)))[:real]
 
   def _run(self, state, images, masks, labels, seed, first_index):
-    model, vae = nnx.merge(self._graph, state)
+    model, tokenizer = nnx.merge(self._graph, state)
     pixels = to_model_input(images)
-    latents = encode_to_latents(vae, pixels, self.latent_scale, None)
     keys = sample_keys(seed, first_index, labels.shape[0])
     tokens = token_masks(masks, self.schedule, self.edit.mask_rule)
-    out = edit_latents(model, latents, tokens, labels, keys, self.settings, self.edit.known)
+    if isinstance(model, VAR):
+      return to_uint8(tokenizer.decode(edit_var(model, tokenizer, pixels, tokens, labels, keys, self.settings)))
+    latents = encode_to_latents(tokenizer, pixels, self.latent_scale, None)
+    out = edit_latents(model, latents, tokens, labels, keys, self.settings, self.edit.known, self.edit.resample,
+                       self.edit.resample_from)
     if self.edit.fit_steps:
-      out = fit_generated_tokens(vae, out, tokens[-1], pixels, ~masks, self.latent_scale, self.edit.fit_steps,
+      out = fit_generated_tokens(tokenizer, out, tokens[-1], pixels, ~masks, self.latent_scale, self.edit.fit_steps,
                                  self.edit.fit_learning_rate)
-    return to_uint8(decode_from_latents(vae, out, self.latent_scale))
+    return to_uint8(decode_from_latents(tokenizer, out, self.latent_scale))
 
   def check_labels(self, labels: np.ndarray) -> np.ndarray:
     """Labels `[B]` in 0..num_classes-1, or num_classes for 'no class'; a clear error otherwise."""
