@@ -76,6 +76,9 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "flowar"  # the generator, by its name in models/registry.py
+  # 'class' (labels) or 'text' (a frozen encoder's prompt encoding; its settings are the `text` section that
+  # flowar_jax.config_text.add_text_section adds).
+  c.model.conditioning = "class"
   c.model.scales = (1, 2, 4, 8, 16)  # sides of each scale; the last is the latent side
   c.model.width = 768
   c.model.depth = 6  # blocks per stack (two stacks: encoder and decoder)
@@ -141,8 +144,8 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = ml_collections.ConfigDict()
   for name, axes in (("batch", "data,fsdp"), ("length", ""), ("embed", "fsdp"), ("heads", "tensor"), ("kv", ""),
-                     ("qkv", ""), ("mlp", "tensor"), ("modulation", "tensor"), ("vocab", ""), ("latent", ""),
-                     ("time", ""), ("norm", ""), ("conv_in", ""), ("conv_out", "fsdp")):
+                     ("qkv", ""), ("mlp", "tensor"), ("modulation", "tensor"), ("vocab", ""), ("text", ""),
+                     ("latent", ""), ("time", ""), ("norm", ""), ("conv_in", ""), ("conv_out", "fsdp")):
     c.sharding.rules[name] = axes
 
   # `evaluate` and evaluation during training (docs/evaluation.md).
@@ -222,7 +225,11 @@ def check_types(config: ml_collections.ConfigDict) -> None:
   such as `--config.model.scales=(1,2.5,4)` or `=(1,2,x)`, which parse element by element.
   """
   name = config.model.get("name", "flowar") if "model" in config else "flowar"
-  schema = dict(_flatten(base_config(name)))
+  schema_config = base_config(name)
+  if "model" in config and config.model.get("conditioning", "class") == "text":
+    from flowar_jax.config_text import add_text_section  # pylint: disable=g-import-not-at-top  (imports this one)
+    add_text_section(schema_config)
+  schema = dict(_flatten(schema_config))
   flat = dict(_flatten(config))
   unknown = sorted(set(flat) - set(schema))
   if unknown:
@@ -277,6 +284,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
               "model.num_classes", "data.image_size", "sampling.num_samples", "sampling.batch_size"):
     if int(flat[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1, got {flat[key]}")
+  from flowar_jax.config_text import validate_text_section  # pylint: disable=g-import-not-at-top
+  validate_text_section(config)
   if config.model.name == "flowar":
     _validate_flowar_sections(config, flat)
   else:
@@ -377,6 +386,9 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
   Keys the schema doesn't know raise an error naming them; lists become tuples where the schema has tuples.
   """
   config = base_config(values.get("model", {}).get("name", "flowar"))
+  if values.get("model", {}).get("conditioning", "class") == "text":
+    from flowar_jax.config_text import add_text_section  # pylint: disable=g-import-not-at-top
+    add_text_section(config)
 
   def fill(target: ml_collections.ConfigDict, source: dict, prefix: str):
     for key, value in source.items():
