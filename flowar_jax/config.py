@@ -39,8 +39,8 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   c.vae_checkpoint = ""
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "imagenet"  # 'digits' | 'image_folder' | 'imagenet'
-  c.data.data_dir = ""  # image folder root, or tfds manual download dir for imagenet
+  c.data.name = "imagenet"  # 'digits' | 'image_folder' | 'imagenet' | 'digits_text' | 'captioned_folder'
+  c.data.data_dir = ""  # image folder root (captioned_folder: where metadata.jsonl is), or tfds manual dir for imagenet
   c.data.image_size = 256
   c.data.resize_size = 288  # shorter side before cropping; 0 means image_size
   c.data.random_crop = True
@@ -187,7 +187,7 @@ def trains_generator(config: ml_collections.ConfigDict) -> bool:
 
 
 _CHOICES = {
-    "data.name": ("digits", "image_folder", "imagenet"),
+    "data.name": ("digits", "image_folder", "imagenet", "digits_text", "captioned_folder"),
     "model.attention_impl": ("xla", "pallas", "auto"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "sampling.compute_dtype": ("float32", "bfloat16"),

@@ -17,7 +17,7 @@ re-interleaves them in order, so the stream is the same whatever `num_workers` i
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Callable, Iterator
 
 from absl import flags
 import grain
@@ -48,7 +48,7 @@ def _train_example(
     image = preprocess.center_crop(image, image_size)
   if random_flip and rng.random() < 0.5:
     image = preprocess.flip(image)
-  return {"image": preprocess.to_float(image), "label": np.int32(example["label"])}
+  return _with_text(example, {"image": preprocess.to_float(image), "label": np.int32(example["label"])})
 
 
 def _eval_example(
@@ -56,7 +56,14 @@ def _eval_example(
 ) -> dict[str, np.ndarray]:
   """Resize shorter side and center-crop: float32 `[S, S, 3]` in [-1, 1]."""
   image = preprocess.center_crop(preprocess.resize_shorter_side(example["image"], resize_to), image_size)
-  return {"image": preprocess.to_float(image), "label": np.int32(example["label"])}
+  return _with_text(example, {"image": preprocess.to_float(image), "label": np.int32(example["label"])})
+
+
+def _with_text(example: dict, out: dict) -> dict:
+  """Carries a captioned example's 'text' (str) through; batches then hold a str array `[B]` of captions."""
+  if "text" in example:
+    out["text"] = example["text"]
+  return out
 
 
 def _derived_seeds(seed: int, shard_index: int) -> tuple[int, int]:
@@ -94,6 +101,7 @@ def make_train_iterator(
     *,
     shard_index: int = 0,
     shard_count: int = 1,
+    batch_map: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> grain.DatasetIterator:
   """Infinite training batches for one process.
 
@@ -103,10 +111,12 @@ def make_train_iterator(
     seed: non-negative; fixes the order and the augmentation of every epoch.
     shard_index: this process (e.g. `jax.process_index()`).
     shard_count: number of processes (e.g. `jax.process_count()`).
+    batch_map: applied to each batch in this process, inside the grain iterator so that its position is
+      still checkpointed (the text batches add the cached caption encodings this way).
 
   Returns:
-    A grain iterator of `{'image': float32 [B, S, S, 3] in [-1, 1], 'label': int32 [B]}` with
-    `get_state()` / `set_state(state)` for checkpointing.
+    A grain iterator of `{'image': float32 [B, S, S, 3] in [-1, 1], 'label': int32 [B]}` (captioned
+    datasets add `'text'`: str `[B]`) with `get_state()` / `set_state(state)` for checkpointing.
   """
   if shard_count < 1 or not 0 <= shard_index < shard_count:
     raise ValueError(f"Need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}.")
@@ -141,7 +151,8 @@ def make_train_iterator(
   )
   examples = dataset.to_iter_dataset(_read_options(data_config.num_workers))
   examples = _maybe_multiprocess(examples, data_config.num_workers)
-  return iter(examples.batch(local_batch, drop_remainder=True))
+  batches = examples.batch(local_batch, drop_remainder=True)
+  return iter(batches.map(batch_map) if batch_map is not None else batches)
 
 
 def make_eval_batches(
@@ -149,7 +160,8 @@ def make_eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over a split (default eval), center-cropped, never flipped (the source is built now).
 
-  Yields `{'image': float32 [B, S, S, 3] in [-1, 1], 'label': int32 [B], 'mask': bool [B]}`. Every
+  Yields `{'image': float32 [B, S, S, 3] in [-1, 1], 'label': int32 [B], 'mask': bool [B]}` (and 'text'
+  str `[B]` for captioned datasets, '' on padding rows). Every
   batch has exactly `batch_size` rows so a jitted eval step compiles once: the last one is padded
   with zero images and label 0, and `mask` is False on those padding rows.
   """

@@ -6,18 +6,23 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
+from flowar_jax.data import captioned_folder
+from flowar_jax.data import compositions
 from flowar_jax.data import digits
 from flowar_jax.data import image_folder
 from flowar_jax.data import imagenet
 from flowar_jax.data import splits
 
-DATASET_NAMES = ("digits", "image_folder", "imagenet")
+DATASET_NAMES = ("digits", "image_folder", "imagenet", "digits_text", "captioned_folder")
+# Sources of captioned images: each example also has 'text' (str), and `source.captions[i]` is example i's.
+TEXT_DATASET_NAMES = ("digits_text", "captioned_folder")
 
 
 class ImageSource(Protocol):
   """What every dataset provides; also a grain random-access data source.
 
-  `source[i]` is `{'image': uint8 [H0, W0, 3], 'label': int32 scalar}`, decoded but not augmented.
+  `source[i]` is `{'image': uint8 [H0, W0, 3], 'label': int32 scalar}`, decoded but not augmented; the
+  captioned datasets (TEXT_DATASET_NAMES) add `'text': str` and label -1.
   """
 
   num_classes: int
@@ -58,6 +63,12 @@ def build_source(data_config: ml_collections.ConfigDict, split: str) -> ImageSou
     return image_folder.ImageFolderSource(
         data_config.data_dir, split, data_config.eval_fraction, min_side=resize_size(data_config)
     )
+  if data_config.name == "digits_text":
+    return compositions.CompositionSource(split, data_config.image_size, data_config.eval_fraction)
+  if data_config.name == "captioned_folder":
+    return captioned_folder.CaptionedFolderSource(
+        data_config.data_dir, split, data_config.eval_fraction, min_side=resize_size(data_config)
+    )
   return imagenet.imagenet_source(data_config.data_dir, split, min_side=resize_size(data_config))
 
 
@@ -68,4 +79,6 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
     return digits.NUM_CLASSES
   if data_config.name == "image_folder":
     return len(image_folder.class_names(data_config.data_dir))
+  if data_config.name in TEXT_DATASET_NAMES:
+    return 0  # captioned images have no class labels
   return imagenet.NUM_CLASSES

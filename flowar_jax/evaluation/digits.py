@@ -124,6 +124,10 @@ class DigitClassifier:
     logits, features = _apply(self.model, jnp.asarray(to_input(images)))
     return np.asarray(logits), np.asarray(features)
 
+  def predict(self, images: np.ndarray) -> np.ndarray:
+    """uint8 images `[N, S, S, C]` -> the digit each shows, int64 `[N]`."""
+    return self._run(images)[0].argmax(axis=1)
+
   def metrics(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """uint8 images `[N, S, S, C]` (N >= 2) and their intended labels `[N]` -> accuracy and FD."""
     labels = np.asarray(labels)
