@@ -153,7 +153,8 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   c.eval.every_steps = 0  # evaluate during FlowAR training every N steps and at the end (0 = off)
   c.eval.num_samples = 50_000  # `evaluate`'s default; class labels cycle, equal counts per class
   c.eval.train_num_samples = 10_000  # per evaluation during training
-  c.eval.metrics = ("fid", "sfid", "is", "precision", "recall")  # and/or 'digits' (the bundled data)
+  # and/or 'digits' (the bundled data), or 'alignment' (text runs on the composed digits)
+  c.eval.metrics = ("fid", "sfid", "is", "precision", "recall")
   c.eval.reference = "dataset:train"  # ADM-layout .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or dataset:SPLIT
   c.eval.reference_size = 10_000  # dataset:SPLIT: images drawn for precision / recall (ADM's batch size)
   c.eval.reference_stats_size = 50_000  # dataset:SPLIT: images drawn for FID / sFID statistics (all if fewer)
@@ -197,7 +198,7 @@ _FLOWAR_CHOICES = {
     "model.head.variant": ("v1", "v2"),
     "sampling.solver": ("euler", "heun"),
 }
-_EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits")
+_EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits", "alignment")  # alignment: text runs
 
 
 # The element type of schema tuples whose default is empty.

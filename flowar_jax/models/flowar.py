@@ -54,13 +54,16 @@ class FlowAR(nnx.Module):
 
   def condition(self, cond: jax.Array | TextEncoding) -> Condition:
     """Class labels `[B]` or a prompt encoding -> the backbone's `Condition`."""
+    self._check_condition(cond)
     if self.conditioning == "text":
-      if not isinstance(cond, TextEncoding):
-        raise ValueError(f"a text-conditional FlowAR takes a TextEncoding, got {type(cond).__name__}")
       return self.text_cond(cond)
-    if isinstance(cond, TextEncoding):
-      raise ValueError("a class-conditional FlowAR takes class labels, not a prompt encoding")
     return Condition(self.class_embedding(cond))
+
+  def _check_condition(self, cond) -> None:
+    if self.conditioning == "text" and not isinstance(cond, TextEncoding):
+      raise ValueError(f"a text-conditional FlowAR takes a TextEncoding, got {type(cond).__name__}")
+    if self.conditioning != "text" and isinstance(cond, TextEncoding):
+      raise ValueError("a class-conditional FlowAR takes class labels, not a prompt encoding")
 
   def null_condition(self, batch: int, null: TextEncoding | None = None) -> Condition:
     """The unconditional branch: the null class, or the empty prompt's encoding `null` (batch 1)."""
@@ -91,6 +94,7 @@ class FlowAR(nnx.Module):
     place). Condition dropout and network dropout only act when `train`.
     """
     r_drop, r_net, r_flow = jax.random.split(rng, 3)
+    self._check_condition(labels)
     if self.conditioning == "text":
       if train and self.text_drop_prob > 0:
         if null is None:
