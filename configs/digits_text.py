@@ -55,7 +55,7 @@ def get_config():
   c.model.head.width = 128
   c.model.head.head_dim = 64
 
-  c.text.max_length = 16  # the longest caption is 13 tokens with [CLS] and [SEP]
+  c.text.max_length = 16  # the longest caption is 11 tokens with [CLS] and [SEP]
   c.text.drop_prob = 0.1
 
   c.optimizer.base_lr = 4e-3  # lr 1e-3 at batch 64

@@ -4,6 +4,8 @@ bundled MiniLM is exercised where the run uses it."""
 from __future__ import annotations
 
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,8 +158,16 @@ def test_text_loss_decreases(encoder):
 
 
 @pytest.fixture(scope="module")
-def sampler(model, encoder):
+def sampler(encoder):
+  """A prompt sampler over a text model whose parameters are perturbed (at initialisation the flow head's
+  output layer is zero, so no condition could change an image)."""
   config = text_config()
+  model = build_model(config, seed=0)
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                                 for x, k in zip(leaves, keys)]))
   return prompt_sampler(model, build_vae(config), encoder, settings_from(config), latent_scale=1.0)
 
 
@@ -224,3 +234,41 @@ def test_text_config_round_trips_and_errors_name_the_key():
   orphan.text = text_config().text
   with pytest.raises(ValueError, match="conditioning is 'class'"):
     validate_config(orphan)
+
+
+def reduced_text_preset():
+  """configs/flowar_s_text.py (CLIP-L/14 widths, 77 tokens) with a tiny backbone, head and VAE at 64 px, on
+  data 2 x fsdp 2: what the preset compiles, at a size CI can afford."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "flowar_s_text.py")
+  spec = importlib.util.spec_from_file_location("flowar_s_text", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.stage = "flowar"
+  c.batch_size, c.sampling.batch_size, c.sampling.num_steps = 8, 4, 2
+  c.mesh.data, c.mesh.fsdp = 2, 2
+  c.data.image_size = 64
+  c.model.scales = (1, 2, 4)
+  c.model.width, c.model.depth, c.model.num_heads = 64, 1, 2
+  c.model.head.width, c.model.head.depth, c.model.head.head_dim = 64, 1, 32
+  c.vae.base_channels, c.vae.norm_groups, c.vae.encoder_blocks, c.vae.decoder_blocks = 8, 8, 1, 1
+  return c
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the tpu extra)")
+def test_reduced_text_preset_compiles_for_v5e_2x2():
+  from flowar_jax.commands import compile as compile_command  # pylint: disable=g-import-not-at-top
+  config = reduced_text_preset()
+  report = compile_command.compile_for_topology(config, "v5e:2x2")
+  assert [p.name for p in report.programs] == ["flowar train step", "sampler"]
+  assert report.fits
+  # The new parameters have mesh rules: the prompt projections' rows ('text') stay whole, 'embed' is split
+  # over fsdp like every other kernel.
+  plan = compile_command.topology_plan(config, "v5e:2x2")
+  model = nnx.eval_shape(lambda: build_model(config))
+  shardings = plan.shardings(nnx.state(model, nnx.Param))
+  assert tuple(shardings["text_cond"]["states_proj"]["kernel"].spec) == (None, "fsdp")
+  assert tuple(shardings["backbone"]["encoder_blocks"][0]["cross_attn"]["kv"]["kernel"].spec) == ("fsdp",)

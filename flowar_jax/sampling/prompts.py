@@ -1,8 +1,9 @@
 """Text-to-image sampling: prompts -> the frozen encoder's encodings -> a text FlowAR's compiled sampler.
 
 Classifier-free guidance runs against the empty prompt's encoding (the null condition the model was trained
-with). Prompts are encoded by the encoder the run's `config.text` names, with its rules for an over-long prompt
-(an error naming it, or truncation with a warning when `text.truncate`) and for tokens it does not know.
+with). Prompts are encoded by the encoder the run's `config.text` names: an over-long prompt is an error naming
+it, or with `text.truncate` is cut to `text.max_length` tokens (end token kept) with a warning; a word the
+encoder's vocabulary cannot spell (MiniLM's [UNK]) is an error naming the prompt.
 """
 from __future__ import annotations
 
@@ -85,7 +86,11 @@ def load_prompt_sampler(config: ml_collections.ConfigDict, workdir: str, setting
   require_text(config, "prompts")
   plan = plan or sampling_plan(config)
   model, vae, latent_scale = load_trained(config, workdir, use_ema, plan)
-  return prompt_sampler(model, vae, build_text_encoder(config.text), settings, latent_scale, plan)
+  encoder = build_text_encoder(config.text)
+  # Training captions with a word the encoder cannot spell only warn; a prompt asked for is refused instead of
+  # being sampled as [UNK].
+  encoder.tokenizer.unknown = "error"
+  return prompt_sampler(model, vae, encoder, settings, latent_scale, plan)
 
 
 def require_text(config: ml_collections.ConfigDict, what: str = "--prompt / --prompts_file") -> None:
