@@ -3,16 +3,19 @@ PyTorch implementations (transformers, sentence-transformers) through the fixtur
 (made by benchmarks/parity_text_encoders.py)."""
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 
 import jax
 import numpy as np
 import pytest
 
 from flowar_jax.text import clip, minilm
-from flowar_jax.text.registry import build_text_encoder
+from flowar_jax.text.registry import TextDims, build_text_encoder, text_encoder_dims
 from flowar_jax.text.tokenization import PromptTokenizer, byte_level_tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a 3 to the left of a 7", "two 4s", "", "A 5 above a 2."]
 
 
@@ -131,3 +134,65 @@ def test_clip_random_shapes_and_causality(tiny_clip):
   n = len("two 4s".encode()) + 1
   np.testing.assert_allclose(out.states[0, :n], out.states[1, :n], atol=1e-5)
   assert not np.allclose(out.pooled[0], out.pooled[1], atol=1e-3)
+
+
+def _parity_module():
+  spec = importlib.util.spec_from_file_location(
+      "parity_text_encoders", os.path.join(ROOT, "benchmarks", "parity_text_encoders.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _assert_parity(errors: dict[str, float], expected: set[str]):
+  assert set(errors) == expected, errors
+  for name, error in errors.items():
+    assert error == 0 if name.startswith("tokens_") else error <= 1e-4, (name, error)
+
+
+RANDOM_CASES = {"tokens_bert", "bert_states", "bert_pooled", "tokens_clip", "clip_states", "clip_pooled",
+                "clip_pooled_no_projection"}
+REAL_CASES = {"tokens_minilm_real", "minilm_real_states", "minilm_real_pooled"}
+
+
+def test_parity_with_recorded_reference_outputs(bundled):
+  """The random BERT and CLIP checkpoints through the converters, and the bundled MiniLM against the recorded
+  sentence-transformers embeddings (and its token ids), all within 1e-4."""
+  parity = _parity_module()
+  _assert_parity(parity.compare(parity.FIXTURES, bundled), RANDOM_CASES | REAL_CASES)
+
+
+def test_parity_live_against_transformers(tmp_path, bundled):
+  """The same comparison against transformers run now, where torch and transformers are installed."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  parity = _parity_module()
+  real = importlib.util.find_spec("sentence_transformers") is not None
+  parity.make_inputs(str(tmp_path))
+  parity.reference(str(tmp_path), minilm.bundled_archive() if real else "")
+  _assert_parity(parity.compare(str(tmp_path), bundled), RANDOM_CASES | (REAL_CASES if real else set()))
+
+
+def test_dims_without_building(bundled, tiny_clip):
+  fixtures = os.path.join(ROOT, "tests", "data", "text_parity")
+  assert text_encoder_dims(dict(encoder="minilm", weights="", max_length=16)) == TextDims(16, 384, 384)
+  assert text_encoder_dims(dict(encoder="minilm", weights="random")) == TextDims(256, 384, 384)
+  assert text_encoder_dims(dict(encoder="clip", weights="random")) == TextDims(77, 768, 768)
+  assert text_encoder_dims(dict(encoder="clip", weights="random", clip_size="tiny", max_length=12)) == (
+      TextDims(tiny_clip.context_length, tiny_clip.width, tiny_clip.pooled_width))
+  assert text_encoder_dims(dict(encoder="clip", weights=os.path.join(fixtures, "clip_random"))) == (
+      TextDims(16, 32, 24))
+  assert (bundled.context_length, bundled.width, bundled.pooled_width) == (16, 384, 384)
+  with pytest.raises(ValueError, match="unknown text encoder"):
+    text_encoder_dims(dict(encoder="t5"))
+
+
+def test_clip_sizes_from_a_full_clip_model_config():
+  """A CLIPModel's config.json nests the text tower's sizes and keeps projection_dim at the top."""
+  config = dict(model_type="clip", projection_dim=768, text_config=dict(
+      hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+      max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", layer_norm_eps=1e-5))
+  assert clip.ClipSize.from_hf_config(config) == clip.SIZES["L/14"]
+  with pytest.raises(ValueError, match="describes a 'bert' model"):
+    clip.ClipSize.from_hf_config(dict(model_type="bert", hidden_size=1, num_hidden_layers=1,
+                                      num_attention_heads=1, intermediate_size=1))

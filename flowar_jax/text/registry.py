@@ -7,14 +7,14 @@ and for random CLIP `clip_size`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from flax import nnx
 from tokenizers import Tokenizer
 
 from flowar_jax.runs import fs
 from flowar_jax.text import clip, minilm
-from flowar_jax.text.checkpoint import read_checkpoint
+from flowar_jax.text.checkpoint import CONFIG_FILE, read_checkpoint
 from flowar_jax.text.frozen import FrozenTextEncoder
 from flowar_jax.text.tokenization import PromptTokenizer, byte_level_tokenizer, read_tokenizer
 
@@ -114,6 +114,49 @@ def _build_clip(weights: str, tokenizer_path: str, max_length: int, truncate: bo
     clip.load_clip_weights(module, tensors, where)
   return FrozenTextEncoder("clip", module, prompts, width=size.width,
                            pooled_width=size.projection_dim if projection else size.width)
+
+
+class TextDims(NamedTuple):
+  """The shapes a text encoder gives, known without building it."""
+
+  context_length: int  # T
+  width: int  # D of the token states
+  pooled_width: int  # P of the pooled vector
+
+
+def text_encoder_dims(text_config: Any) -> TextDims:
+  """The encoder's T, D, P from its config (and a checkpoint's config.json), without building it or reading
+  its weights: for presets, summaries and ahead-of-time compilation (CLIP-L has 123M parameters)."""
+  name, weights = _get(text_config, "encoder", ""), str(_get(text_config, "weights", ""))
+  max_length = int(_get(text_config, "max_length", 0))
+  if name == "minilm":
+    size = minilm.BertSize() if weights in ("", RANDOM) else minilm.BertSize.from_hf_config(_hf_config(weights))
+    return TextDims(max_length or min(minilm.CONTEXT_LENGTH, size.max_positions), size.width, size.width)
+  if name == "clip":
+    if weights == RANDOM:
+      size, projection = clip.SIZES.get(_get(text_config, "clip_size", "L/14") or "L/14"), True
+      if size is None:
+        raise ValueError(f"text.clip_size={_get(text_config, 'clip_size', '')!r}: expected one of "
+                         f"{sorted(clip.SIZES)}")
+    else:
+      config = _hf_config(weights)
+      size = clip.ClipSize.from_hf_config(config)
+      # CLIPTextModel has no projection; CLIPTextModelWithProjection and CLIPModel do.
+      projection = not set(config.get("architectures") or ["CLIPTextModelWithProjection"]) <= {"CLIPTextModel"}
+    return TextDims(max_length or size.context_length, size.width,
+                    size.projection_dim if projection else size.width)
+  raise ValueError(f"unknown text encoder {name!r}: expected one of {sorted(BUILDERS)}")
+
+
+def _hf_config(weights: str) -> dict[str, Any]:
+  if not weights:
+    raise ValueError("text.weights='' means the bundled MiniLM; CLIP has no bundled weights: give a Hugging "
+                     "Face CLIP folder / .safetensors file, or 'random'")
+  folder = weights if fs.is_dir(weights) else (weights.rsplit("/", 1)[0] if "/" in weights else ".")
+  path = fs.join(folder, CONFIG_FILE)
+  if not fs.exists(path):
+    raise FileNotFoundError(f"no {CONFIG_FILE} for the text encoder weights {weights!r} (looked for {path})")
+  return fs.read_json(path)
 
 
 BUILDERS: dict[str, Callable[..., FrozenTextEncoder]] = {"minilm": _build_minilm, "clip": _build_clip}
