@@ -142,7 +142,7 @@ class CaptionedFolderSource:
   def __init__(self, root: str, split: str, eval_fraction: float, min_side: int = 0, on_bad_row: str = "skip"):
     splits.check_split(split)
     paths, captions, origins, bad = scan(root, on_bad_row)
-    index = splits.split_indices(np.full(len(paths), -1), split, eval_fraction)
+    index = splits.split_indices(np.zeros(len(paths), np.int64), split, eval_fraction)  # one stratum
     if index.size == 0:
       raise ValueError(f"Captioned folder {root!r}: split {split!r} is empty with eval_fraction={eval_fraction} "
                        f"({len(paths)} usable rows).")

@@ -80,15 +80,11 @@ class Slots:
     return TEMPLATES[self.relation][template].format(a=article(self.a), b=article(self.b), A=self.a, B=self.b)
 
 
-def all_combos() -> list[Slots]:
+@functools.cache
+def all_combos() -> tuple[Slots, ...]:
   """Every (relation, a, b) the captions can name, in a fixed order: 90 'left', 90 'above', 10 'two'."""
-  out = []
-  for relation in RELATIONS:
-    for a in range(digits.NUM_CLASSES):
-      for b in range(digits.NUM_CLASSES):
-        if (relation == "two") == (a == b):
-          out.append(Slots(relation, a, b))
-  return out
+  return tuple(Slots(relation, a, b) for relation in RELATIONS for a in range(digits.NUM_CLASSES)
+               for b in range(digits.NUM_CLASSES) if (relation == "two") == (a == b))
 
 
 @functools.cache
@@ -169,14 +165,15 @@ class CompositionSource:
     if num_examples < 1:
       raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     raw, labels = digits.load_digits_split(split, eval_fraction)
-    if raw.shape[0] == 0:
-      raise ValueError(f"digits split {split!r} is empty with eval_fraction={eval_fraction}")
+    by_digit = [np.flatnonzero(labels == d) for d in range(digits.NUM_CLASSES)]
+    if min(map(len, by_digit)) < 2:  # 'two 4s' shows two different images of a 4
+      raise ValueError(f"composed digits need >= 2 images of every digit in the digits' {split!r} split; "
+                       f"eval_fraction={eval_fraction} leaves {min(map(len, by_digit))}")
     self.image_size = image_size
     self._cells = upscale(raw, image_size // 2)
-    by_digit = [np.flatnonzero(labels == d) for d in range(digits.NUM_CLASSES)]
     held_out = held_out_combos(seed)
     seen = [c for c in all_combos() if c not in held_out]
-    unseen = sorted(held_out, key=all_combos().index)
+    unseen = [c for c in all_combos() if c in held_out]
     # One generator per split: train and eval draw independently, each the same on every call.
     rng = np.random.default_rng([seed, splits.SPLITS.index(split)])
     if split == "train":

@@ -212,8 +212,9 @@ def _stored_manifest(directory: str) -> Manifest | None:
 
 def _refuse_stale(directory: str, stored: Manifest, expected: Manifest) -> None:
   old, new = stored.to_json(), expected.to_json()
-  changed = [f"encoder.{k}: cached {old['encoder'].get(k)!r}, now {new['encoder'].get(k)!r}"
-             for k in sorted(set(old["encoder"]) | set(new["encoder"])) if old["encoder"].get(k) != new["encoder"].get(k)]
+  was, now = old["encoder"], new["encoder"]
+  changed = [f"encoder.{k}: cached {was.get(k)!r}, now {now.get(k)!r}"
+             for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
   changed += [f"{k}: cached {old[k]!r}, now {new[k]!r}" for k in new if k != "encoder" and old[k] != new[k]]
   raise ValueError(f"the text cache {directory} is stale ({'; '.join(changed)}). Delete it to re-encode the "
                    f"captions, or use another workdir.")
@@ -259,15 +260,15 @@ def build(directory: str, encoder: TextEncoder, encoder_identity: dict, captions
   _barrier("text cache listed", shard_count)  # no process writes before every process has listed
   missing = [i for i in range(manifest.num_shards) if manifest.shard_name(i) not in names]
   encoded = []
-  if missing:
+  if missing:  # checked before the manifest is written: a refused caption leaves no cache behind
     check_lengths(encoder, distinct, origins)  # every process: all raise alike rather than leave others waiting
-    if shard_index == 0 and stored is None:
-      fs.write_json(fs.join(directory, "captions.json"), distinct)
-      fs.write_json(fs.join(directory, "manifest.json"), manifest.to_json())
-    for index in [i for i in missing if i % shard_count == shard_index]:
-      start, stop = manifest.shard_bounds(index)
-      _write_shard(directory, manifest, index, encode(encoder, distinct[start:stop]))
-      encoded.append(index)
+  if shard_index == 0 and stored is None:
+    fs.write_json(fs.join(directory, "captions.json"), distinct)
+    fs.write_json(fs.join(directory, "manifest.json"), manifest.to_json())
+  for index in [i for i in missing if i % shard_count == shard_index]:
+    start, stop = manifest.shard_bounds(index)
+    _write_shard(directory, manifest, index, encode(encoder, distinct[start:stop]))
+    encoded.append(index)
   _barrier("text cache written", shard_count)
   cache = load(directory)
   logging.info("text cache %s: %d distinct captions (of %d) in %d shards, %d encoded by this process now",
