@@ -10,17 +10,15 @@ schema (`flowar_jax.config.check_types`) then expects it. Keys:
   max_length the context length T used, special tokens included (<= the encoder's maximum)
   truncate   False: an over-long prompt is an error naming it; True: it is cut to max_length, with a warning
   drop_prob  the rate training replaces a prompt's encoding by the empty prompt's (the null condition of CFG)
-  clip_size  the CLIP text transformer's size for random weights: 'B/32', 'B/16', 'L/14'
+  clip_size  the CLIP text transformer's size for random weights: 'B/32', 'B/16', 'L/14', 'H/14', 'tiny'
 """
 from __future__ import annotations
 
 import ml_collections
 
 ENCODERS = ("minilm", "clip")
-# The encoders' maximum context lengths and (token state, pooled) widths.
-MAX_LENGTH = {"minilm": 512, "clip": 77}
-MINILM_WIDTHS = (384, 384)
-CLIP_WIDTHS = {"B/32": (512, 512), "B/16": (512, 512), "L/14": (768, 768)}
+MAX_LENGTH = {"minilm": 512, "clip": 77}  # the encoders' longest contexts, special tokens included
+CLIP_SIZES = ("B/32", "B/16", "L/14", "H/14", "tiny")  # flowar_jax.text.clip.SIZES
 
 
 def add_text_section(c: ml_collections.ConfigDict, encoder: str = "minilm") -> ml_collections.ConfigDict:
@@ -52,10 +50,11 @@ def is_text(config: ml_collections.ConfigDict) -> bool:
 
 
 def encoder_widths(text: ml_collections.ConfigDict) -> tuple[int, int]:
-  """The encoder's (token state width D, pooled width P) from `config.text`, without building it."""
-  if text.encoder == "minilm":
-    return MINILM_WIDTHS
-  return CLIP_WIDTHS[text.clip_size]
+  """The encoder's (token state width D, pooled width P) from `config.text`, without building it (a checkpoint's
+  config.json is read for its sizes)."""
+  from flowar_jax.text.registry import text_encoder_dims  # pylint: disable=g-import-not-at-top  (imports flax)
+  dims = text_encoder_dims(text)
+  return dims.width, dims.pooled_width
 
 
 def validate_text_section(config: ml_collections.ConfigDict) -> None:
@@ -76,8 +75,8 @@ def validate_text_section(config: ml_collections.ConfigDict) -> None:
   t = config.text
   if t.encoder not in ENCODERS:
     raise ValueError(f"config.text.encoder must be one of {ENCODERS}, got {t.encoder!r}")
-  if t.encoder == "clip" and t.clip_size not in CLIP_WIDTHS:
-    raise ValueError(f"config.text.clip_size must be one of {tuple(CLIP_WIDTHS)}, got {t.clip_size!r}")
+  if t.encoder == "clip" and t.clip_size not in CLIP_SIZES:
+    raise ValueError(f"config.text.clip_size must be one of {CLIP_SIZES}, got {t.clip_size!r}")
   if t.encoder != "minilm" and t.weights == "":
     raise ValueError(f"config.text.weights '' means the bundled MiniLM; the {t.encoder} encoder needs 'random' "
                      f"or a path to its Hugging Face weights")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 
 import importlib.util
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -239,8 +241,6 @@ def test_text_config_round_trips_and_errors_name_the_key():
 def reduced_text_preset():
   """configs/flowar_s_text.py (CLIP-L/14 widths, 77 tokens) with a tiny backbone, head and VAE at 64 px, on
   data 2 x fsdp 2: what the preset compiles, at a size CI can afford."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "flowar_s_text.py")
   spec = importlib.util.spec_from_file_location("flowar_s_text", path)
   module = importlib.util.module_from_spec(spec)
@@ -272,3 +272,45 @@ def test_reduced_text_preset_compiles_for_v5e_2x2():
   shardings = plan.shardings(nnx.state(model, nnx.Param))
   assert tuple(shardings["text_cond"]["states_proj"]["kernel"].spec) == (None, "fsdp")
   assert tuple(shardings["backbone"]["encoder_blocks"][0]["cross_attn"]["kv"]["kernel"].spec) == ("fsdp",)
+
+
+def test_a_text_run_trains_and_samples_from_prompts_and_files(text_run, tmp_path):
+  config, workdir = text_run
+  written = json.loads(open(os.path.join(workdir, "samples", "prompts.json")).read())
+  assert len(written["prompts"]) == 8 and len(written["per_image"]) == 8  # train's samples from eval captions
+  prompts_file = tmp_path / "prompts.txt"
+  prompts_file.write_text("two 4s\n\na 5 above a 2\n")
+  images, per_image = sample_command.run(config, workdir, seed=0, prompts=["a 4 to the left of a 9"],
+                                         prompts_file=str(prompts_file), num_samples=2, num_steps=2)
+  assert images.shape == (6, 16, 16, 3)
+  assert per_image == ["a 4 to the left of a 9", "two 4s", "a 5 above a 2"] * 2
+  with pytest.raises(ValueError, match="not in the vocabulary"):  # MiniLM's [UNK], refused when sampling
+    sample_command.run(config, workdir, seed=0, prompts=["a 4 \N{SNOWMAN} a 9"], num_steps=2)
+  with pytest.raises(ValueError, match="tokens long"):  # over text.max_length = 16, without truncation
+    sample_command.run(config, workdir, seed=0, prompts=["a 4 to the left of a 9 " * 3], num_steps=2)
+
+
+def test_truncation_is_documented_behaviour(text_run):
+  config, _ = text_run
+  from flowar_jax.text.registry import build_text_encoder  # pylint: disable=g-import-not-at-top
+  truncating = config_from_dict(config.to_dict())
+  truncating.text.truncate = True
+  encoder = build_text_encoder(truncating.text)
+  tokens = encoder.tokenize(["a 4 to the left of a 9 " * 3])
+  assert tokens.mask.sum() == truncating.text.max_length  # cut to max_length, the end token kept
+
+
+def test_evaluate_alignment_reports_seen_and_heldout_beside_real(text_run, tmp_path, capsys):
+  from flowar_jax.commands import evaluate  # pylint: disable=g-import-not-at-top
+  config, workdir = text_run
+  report = evaluate.run(config, workdir, num_samples=8, seed=0, settings=settings_from(config, num_steps=2),
+                        batch_size=8, metrics=("alignment",))
+  metrics = report["metrics"]
+  assert metrics["alignment_num_seen"] == 4 and metrics["alignment_num_heldout"] == 4
+  for key in ("alignment", "alignment_seen", "alignment_heldout", "alignment_real", "alignment_real_heldout"):
+    assert 0.0 <= metrics[key] <= 1.0, key
+  assert metrics["alignment_real"] > 0.5  # the classifier reads real compositions
+  assert "alignment_heldout" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="runs alone"):
+    evaluate.run(config, workdir, num_samples=8, seed=0, settings=settings_from(config), batch_size=8,
+                 metrics=("alignment", "fid"))
