@@ -19,8 +19,8 @@ def get_config():
   c.seed = 0
   c.stage = "both"
   c.batch_size = 64
-  c.num_train_steps = 1500
-  c.checkpoint_every_steps = 500
+  c.num_train_steps = 1000
+  c.checkpoint_every_steps = 250
   c.log_every_steps = 100
 
   c.data.name = "digits_text"
@@ -31,7 +31,7 @@ def get_config():
   c.data.eval_fraction = 0.1
   c.data.cache_latents = False  # the latent cache holds no captions: the VAE encodes each batch
 
-  c.vae.base_channels = 32
+  c.vae.base_channels = 16
   c.vae.channel_multipliers = (1, 2, 2)
   c.vae.encoder_blocks = 1
   c.vae.decoder_blocks = 1
@@ -39,7 +39,7 @@ def get_config():
   c.vae.norm_groups = 8
   c.vae.latent_scale = 0.0  # measured after the VAE stage: 1 / std of the train latents
   c.vae.train.batch_size = 64
-  c.vae.train.num_train_steps = 400
+  c.vae.train.num_train_steps = 300
   c.vae.train.learning_rate = 2e-3
   c.vae.train.warmup_steps = 100
   c.vae.train.kl_weight = 1e-4
