@@ -95,10 +95,14 @@ def main():
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--latent_scale", type=float, default=0.0,
+                      help="the run's measured vae.latent_scale (0: the one stored with its FlowAR checkpoint)")
   args = parser.parse_args()
   config = load_config(args.config)
   vae = load_vae(config, args.workdir)
-  scale = config.vae.latent_scale or stored_latent_scale(args.workdir)
+  scale = args.latent_scale or config.vae.latent_scale or stored_latent_scale(args.workdir)
+  if not scale:
+    raise ValueError(f"no latent scale: {args.workdir} stores none yet (pass --latent_scale, which train prints)")
   tokenizer = tokenizer_seam(config, vae, scale)
   encoder = build_text_encoder(config.text)
   cache = text_batches.load_or_encode(config, encoder, args.workdir, "train")
