@@ -271,7 +271,7 @@ def test_reduced_text_preset_compiles_for_v5e_2x2():
   model = nnx.eval_shape(lambda: build_model(config))
   shardings = plan.shardings(nnx.state(model, nnx.Param))
   assert tuple(shardings["text_cond"]["states_proj"]["kernel"].spec) == (None, "fsdp")
-  assert tuple(shardings["backbone"]["encoder_blocks"][0]["cross_attn"]["kv"]["kernel"].spec) == ("fsdp",)
+  assert tuple(shardings["backbone"]["encoder_blocks"][0]["cross_attn"]["kv"]["kernel"].spec) == ("fsdp", None)
 
 
 def test_a_text_run_trains_and_samples_from_prompts_and_files(text_run, tmp_path):
