@@ -41,6 +41,9 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "VAR: sample among the k likeliest 
                               "config.sampling.top_k)")
 _TOP_P = flags.DEFINE_float("top_p", None, "VAR: nucleus sampling threshold, 0 = off (default: config.sampling.top_p)")
 _LABELS = flags.DEFINE_list("labels", None, "class labels, repeated to num_samples (default: every class in turn)")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "text-to-image: a prompt (repeatable), e.g. "
+                                    "\"a 4 to the left of a 9\"")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "text-to-image: a file of prompts, one per line")
 _BATCH = flags.DEFINE_integer("batch_size", None, "images per compiled batch (default: config.sampling.batch_size)")
 _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample with the EMA weights (default: yes)")
 _FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR checkpoint (.pth, .safetensors or .npz): a "
@@ -52,7 +55,7 @@ _TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "read torch files wi
                                      "files that hold Python objects besides tensors")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2 or v5p:4x4x4")
 _SAMPLER = flags.DEFINE_boolean("sampler", True, "also compile the sampler")
-_METRICS = flags.DEFINE_list("metrics", None, "any of fid, sfid, is, precision, recall, digits (default: "
+_METRICS = flags.DEFINE_list("metrics", None, "any of fid, sfid, is, precision, recall, digits, or alignment (text runs) (default: "
                              "config.eval.metrics)")
 _REFERENCE = flags.DEFINE_string("reference", None, "ADM-layout reference .npz, or dataset:train / dataset:eval "
                                  "(default: config.eval.reference)")
@@ -74,7 +77,8 @@ _FEATHER = flags.DEFINE_integer("feather", 2, "edit: fade into the original over
                                 "the mask (0: paste it back exactly; -1: keep the decode as it is)")
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
 
-_METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...", "scale_steps": "N1,N2,...",
+_METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...", "prompt": "TEXT",
+             "prompts_file": "FILE", "scale_steps": "N1,N2,...",
              "metrics": "M1,M2,...", "from_torch": "FILE|URL|HF_ID", "vae_torch": "FILE|URL|HF_ID",
              "inception_weights": "FILE", "topology": "GEN:AxB[xC]", "reference": "REF", "cfg_choices": "C1,C2,...",
              "host": "ADDR", "port": "PORT", "max_samples": "N", "image": "FILE", "mask": "FILE",
@@ -91,11 +95,13 @@ COMMANDS = {
         required=("config", "workdir"),
         notes={"workdir": "run directory (local or gs://): checkpoints/, vae/, metrics.jsonl, samples/"}),
     "sample": Command(
-        "class-conditional images from WORKDIR's checkpoint -> WORKDIR/samples/",
+        "images from WORKDIR's checkpoint, by class or by prompt -> WORKDIR/samples/",
         "Samples from the newest FlowAR checkpoint in WORKDIR (trained, or written by `convert`) and its VAE; "
-        "writes WORKDIR/samples/samples.npz and grid*.png.",
-        required=("workdir",), optional=("config", "num_samples", "labels", "seed") + _SAMPLING,
-        notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.sampling.num_samples)"}),
+        "writes WORKDIR/samples/samples.npz and grid*.png. A text-conditional run samples from --prompt or "
+        "--prompts_file (and writes prompts.json).",
+        required=("workdir",), optional=("config", "num_samples", "labels", "prompt", "prompts_file", "seed") + _SAMPLING,
+        notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.sampling.num_samples); "
+               "with prompts, images per prompt (default: config.sampling.num_samples / the number of prompts)"}),
     "evaluate": Command(
         "FID, sFID, IS, precision/recall or the digits metric of WORKDIR's checkpoint",
         "Samples from the newest FlowAR checkpoint in WORKDIR and scores the samples; writes "
@@ -315,7 +321,8 @@ def _run(command: str) -> None:
     from flowar_jax.commands import sample
     workdir, config, settings = _stored_run()
     sample.run(config, workdir, seed=_SEED.value, labels=_parse_labels(_LABELS.value),
-               num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value, use_ema=_USE_EMA.value, settings=settings)
+               num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value, use_ema=_USE_EMA.value, settings=settings,
+               prompts=_PROMPT.value, prompts_file=_PROMPTS_FILE.value)
 
 
 def _parse_scale_steps(values: list[str] | None) -> tuple[int, ...] | None:

@@ -77,6 +77,9 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "flowar"  # the generator, by its name in models/registry.py
+  # 'class' (labels) or 'text' (a frozen encoder's prompt encoding; its settings are the `text` section that
+  # flowar_jax.config_text.add_text_section adds).
+  c.model.conditioning = "class"
   c.model.scales = (1, 2, 4, 8, 16)  # sides of each scale; the last is the latent side
   c.model.width = 768
   c.model.depth = 6  # blocks per stack (two stacks: encoder and decoder)
@@ -142,8 +145,8 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = ml_collections.ConfigDict()
   for name, axes in (("batch", "data,fsdp"), ("length", ""), ("embed", "fsdp"), ("heads", "tensor"), ("kv", ""),
-                     ("qkv", ""), ("mlp", "tensor"), ("modulation", "tensor"), ("vocab", ""), ("latent", ""),
-                     ("time", ""), ("norm", ""), ("conv_in", ""), ("conv_out", "fsdp")):
+                     ("qkv", ""), ("mlp", "tensor"), ("modulation", "tensor"), ("vocab", ""), ("text", ""),
+                     ("latent", ""), ("time", ""), ("norm", ""), ("conv_in", ""), ("conv_out", "fsdp")):
     c.sharding.rules[name] = axes
 
   # `evaluate` and evaluation during training (docs/evaluation.md).
@@ -151,7 +154,8 @@ def base_config(model: str = "flowar") -> ml_collections.ConfigDict:
   c.eval.every_steps = 0  # evaluate during FlowAR training every N steps and at the end (0 = off)
   c.eval.num_samples = 50_000  # `evaluate`'s default; class labels cycle, equal counts per class
   c.eval.train_num_samples = 10_000  # per evaluation during training
-  c.eval.metrics = ("fid", "sfid", "is", "precision", "recall")  # and/or 'digits' (the bundled data)
+  # and/or 'digits' (the bundled data), or 'alignment' (text runs on the composed digits)
+  c.eval.metrics = ("fid", "sfid", "is", "precision", "recall")
   c.eval.reference = "dataset:train"  # ADM-layout .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or dataset:SPLIT
   c.eval.reference_size = 10_000  # dataset:SPLIT: images drawn for precision / recall (ADM's batch size)
   c.eval.reference_stats_size = 50_000  # dataset:SPLIT: images drawn for FID / sFID statistics (all if fewer)
@@ -198,7 +202,7 @@ _FLOWAR_CHOICES = {
     "model.head.variant": ("v1", "v2"),
     "sampling.solver": ("euler", "heun"),
 }
-_EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits")
+_EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits", "alignment")  # alignment: text runs
 
 
 # The element type of schema tuples whose default is empty.
@@ -226,7 +230,11 @@ def check_types(config: ml_collections.ConfigDict) -> None:
   such as `--config.model.scales=(1,2.5,4)` or `=(1,2,x)`, which parse element by element.
   """
   name = config.model.get("name", "flowar") if "model" in config else "flowar"
-  schema = dict(_flatten(base_config(name)))
+  schema_config = base_config(name)
+  if "model" in config and config.model.get("conditioning", "class") == "text":
+    from flowar_jax.config_text import add_text_section  # pylint: disable=g-import-not-at-top  (imports this one)
+    add_text_section(schema_config)
+  schema = dict(_flatten(schema_config))
   flat = dict(_flatten(config))
   unknown = sorted(set(flat) - set(schema))
   if unknown:
@@ -281,6 +289,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
               "model.num_classes", "data.image_size", "sampling.num_samples", "sampling.batch_size"):
     if int(flat[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1, got {flat[key]}")
+  from flowar_jax.config_text import validate_text_section  # pylint: disable=g-import-not-at-top
+  validate_text_section(config)
   if config.model.name == "flowar":
     _validate_flowar_sections(config, flat)
   elif config.model.name == "hart":
@@ -384,6 +394,9 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
   Keys the schema doesn't know raise an error naming them; lists become tuples where the schema has tuples.
   """
   config = base_config(values.get("model", {}).get("name", "flowar"))
+  if values.get("model", {}).get("conditioning", "class") == "text":
+    from flowar_jax.config_text import add_text_section  # pylint: disable=g-import-not-at-top
+    add_text_section(config)
 
   def fill(target: ml_collections.ConfigDict, source: dict, prefix: str):
     for key, value in source.items():

@@ -247,3 +247,22 @@ def test_install_cell_in_fresh_venvs(tmp_path):
   result = _run_cell(python, cell.replace("REPO_URL = ", f"REPO_URL = {str(clone)!r}  #", 1), str(colab))
   assert result.returncode == 0, result.stdout + result.stderr
   assert _imported_from(python, tmp_path) == str(colab / "flowar_jax" / "flowar_jax" / "__init__.py")
+
+
+def test_sample_notebook_text_section_samples_from_prompts(text_run):
+  """The prompt section (the cells after its heading) on a tiny trained text run: one column per prompt."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  _, workdir = text_run
+  notebook = nbformat.read(os.path.join(ROOT, "notebooks", "sample.ipynb"), as_version=4)
+  (start,) = [i for i, c in enumerate(notebook.cells) if c.source.startswith("## Text-to-image: sampling from prompts")]
+  settings, *rest = [c.source for c in notebook.cells[start + 1:] if c.cell_type == "code"]
+  shown = []
+  namespace = {"os": os, "Image": Image, "REPO_DIR": ROOT, "CFG": 0.0, "NUM_STEPS": 2, "SEED": 0,
+               "display": shown.append, "print": lambda *a, **k: shown.append(" ".join(map(str, a)))}
+  exec(settings, namespace)  # pylint: disable=exec-used
+  namespace.update(TEXT_WORKDIR=workdir, PROMPTS="two 4s; a 5 above a 2", PER_PROMPT=2)
+  for source in rest:
+    exec(source, namespace)  # pylint: disable=exec-used
+  assert namespace["text_images"].shape == (4, 16, 16, 3)
+  assert "column 2: a 5 above a 2" in shown
+  assert isinstance(shown[-1], Image.Image)

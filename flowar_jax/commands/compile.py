@@ -33,10 +33,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.experimental import topologies
 
 from flowar_jax.config import latent_side, trains_generator, trains_tokenizer, validate_config
+from flowar_jax.config_text import encoder_widths, is_text
 from flowar_jax.models import flops
 from flowar_jax.models.params import split_params
 from flowar_jax.models.registry import build_model, build_vae
@@ -47,6 +49,7 @@ from flowar_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.sampling.generate import settings_from
 from flowar_jax.sampling.sampler import image_sampler
+from flowar_jax.text.base import TextEncoding
 from flowar_jax.training import generator_stage, vae_stage, vq_stage
 from flowar_jax.training.codebook import codebook_update
 from flowar_jax.training.optimizer import flowar_optimizer
@@ -235,21 +238,41 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
       side = latent_side(config)
       batch = batch_of(config.batch_size, moments=((side, side, 2 * config.vae.latent_channels), jnp.float32),
                        label=labels)
+    elif is_text(config):
+      batch = batch_of(config.batch_size, image=images, label=labels, **_text_batch_shapes(config))
     else:
       batch = batch_of(config.batch_size, image=images, label=labels)
+    loss_fn = generator_stage.generator_loss_fn(vae_graphdef, config, _text_null(config) if is_text(config) else None)
     programs.append(step_program(
         f"{config.model.name} train step", "--config.batch_size", functools.partial(build_model, config, config.seed),
-        tx, schedule, config.optimizer.ema_decay, generator_stage.generator_loss_fn(vae_graphdef, config), batch,
+        tx, schedule, config.optimizer.ema_decay, loss_fn, batch,
         plan.abstract(vae_params), remat=True,
         model_flops=float(flops.training_flops_per_step(config)) if flowar else None))
   return programs
+
+
+def _text_batch_shapes(config: ml_collections.ConfigDict) -> dict:
+  """A text batch's prompt encodings (`flowar_jax.data.text_batches`): key -> (per-example shape, dtype)."""
+  states_width, pooled_width = encoder_widths(config.text)
+  t = config.text.max_length
+  return {"text_states": ((t, states_width), jnp.float32), "text_mask": ((t,), jnp.bool_),
+          "text_pooled": ((pooled_width,), jnp.float32)}
+
+
+def _text_null(config: ml_collections.ConfigDict) -> TextEncoding:
+  """A stand-in for the empty prompt's encoding, shaped as the encoder gives it: compiling needs its shape
+  only, so the encoder (e.g. CLIP-L's weights) is never built."""
+  shapes = _text_batch_shapes(config)
+  return TextEncoding(*(np.zeros((1, *shapes[key][0]), shapes[key][1])
+                        for key in ("text_states", "text_mask", "text_pooled")))
 
 
 def _sampler_program(config: ml_collections.ConfigDict, plan: ShardingPlan) -> Program:
   model = nnx.eval_shape(functools.partial(build_model, config))
   vae = nnx.eval_shape(functools.partial(build_vae, config))
   scale = (config.vae.latent_scale or 1.0) if config.model.name == "flowar" else 1.0
-  sampler = image_sampler(model, vae, settings_from(config), scale, plan)
+  null = _text_null(config) if is_text(config) else None
+  sampler = image_sampler(model, vae, settings_from(config), scale, plan, null=null)
   batch = round_up_to_data_parallel(plan, config.sampling.batch_size)
   return Program("sampler", lambda: sampler.lower(batch), sampler.lower_args(batch), batch,
                  "--config.sampling.batch_size")

@@ -15,7 +15,8 @@ HEADS = ("batch", "length", "heads", "kv")  # logical names of q, k, v and atten
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
                           dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-  """Reference softmax attention. q `[B, Nq, H, Dh]`, k/v `[B, Nk, H, Dh]`, mask `[Nq, Nk]` bool -> `[B, Nq, H, Dh]`.
+  """Reference softmax attention. q `[B, Nq, H, Dh]`, k/v `[B, Nk, H, Dh]`, mask `[Nq, Nk]` (or per example
+  `[B, Nq, Nk]`) bool -> `[B, Nq, H, Dh]`.
 
   Scores and softmax run in float32; dropout acts on the attention probabilities, as PyTorch's SDPA does.
   """
@@ -23,7 +24,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   # [B, Nq, H, Dh] x [B, Nk, H, Dh] -> [B, H, Nq, Nk]
   logits = dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32) * scale
   if mask is not None:
-    logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
+    mask = mask[None, None] if mask.ndim == 2 else mask[:, None]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = dropout(probs, dropout_rate, rng)
   out = dot_general(probs.astype(v.dtype), v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, Nq, Dh]
@@ -98,4 +100,28 @@ class CrossAttention(nnx.Module):
     kv = per_head_projection(cond, self.kv, 2, self.num_heads)
     k = apply_rope(constrain(kv[:, :, 0], HEADS), cos, sin)
     out = constrain(dot_product_attention(q, k, constrain(kv[:, :, 1], HEADS)), HEADS)
+    return self.proj(out.reshape(b, n, -1))
+
+
+class TextCrossAttention(nnx.Module):
+  """Queries from the image tokens, keys and values from a prompt's token states; no RoPE (the prompt has no
+  image position), padding tokens masked out."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.q = linear(dim, dim, rngs=rngs, bias=False, axes=("embed", "heads"))
+    self.kv = linear(dim, 2 * dim, rngs=rngs, bias=False, axes=("embed", "qkv"))
+    self.proj = linear(dim, dim, rngs=rngs, axes=("heads", "embed"))
+
+  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
+    """x `[B, N, D]`, context `[B, T, D]`, context_mask `[B, T]` bool -> `[B, N, D]`."""
+    b, n, _ = x.shape
+    q = constrain(self.q(x).reshape(b, n, self.num_heads, self.head_dim), HEADS)
+    kv = per_head_projection(context, self.kv, 2, self.num_heads)
+    k, v = constrain(kv[:, :, 0], HEADS), constrain(kv[:, :, 1], HEADS)
+    mask = jnp.broadcast_to(context_mask[:, None, :], (b, n, context_mask.shape[1]))
+    out = constrain(dot_product_attention(q, k, v, mask), HEADS)
     return self.proj(out.reshape(b, n, -1))

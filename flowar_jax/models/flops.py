@@ -49,10 +49,24 @@ def _head_forward(model: ml_collections.ConfigDict, latent_channels: int) -> int
   return sum(_head_condition(model, side) + _head_velocity(model, latent_channels, side) for side in model.scales)
 
 
+def _text_forward(config: ml_collections.ConfigDict) -> int:
+  """A text model's prompt projections and every backbone block's cross-attention to the T prompt tokens (0
+  for a class model); the frozen encoder is not counted."""
+  if config.model.get("conditioning", "class") != "text":
+    return 0
+  from flowar_jax.config_text import encoder_widths  # pylint: disable=g-import-not-at-top
+  model, t = config.model, config.text.max_length
+  states_width, pooled_width = encoder_widths(config.text)
+  length, d = ScaleSchedule(tuple(model.scales)).num_tokens, model.width
+  projections = 2 * t * states_width * d + 2 * pooled_width * d + 2 * d * d
+  per_block = 2 * length * 2 * d * d + 2 * t * 2 * d * d + 4 * d * length * t  # q and out, k|v, attention
+  return projections + 2 * model.depth * per_block
+
+
 def forward_flops_per_example(config: ml_collections.ConfigDict) -> int:
   """Matmul FLOPs of one teacher-forced forward pass (backbone over all scales, head once per scale)."""
   return (_backbone_forward(config.model, config.vae.latent_channels)
-          + _head_forward(config.model, config.vae.latent_channels))
+          + _head_forward(config.model, config.vae.latent_channels) + _text_forward(config))
 
 
 def training_flops_per_step(config: ml_collections.ConfigDict, batch_size: int | None = None) -> int:

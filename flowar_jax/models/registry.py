@@ -15,6 +15,7 @@ from flax import nnx
 
 from flowar_jax.config import MODEL_NAMES
 from flowar_jax.config_hart import residual_head_kwargs
+from flowar_jax.config_text import encoder_widths, is_text
 from flowar_jax.config_var import model_heads, model_width
 from flowar_jax.models.flowar import FlowAR
 from flowar_jax.models.hart import HARTTransformer
@@ -43,6 +44,9 @@ class Family:
 
 
 def _flowar(config: ml_collections.ConfigDict, seed: int) -> FlowAR:
+  if is_text(config):
+    return FlowAR(config.model, config.vae.latent_channels, rngs=nnx.Rngs(seed),
+                  text_widths=encoder_widths(config.text), text_drop_prob=config.text.drop_prob)
   return FlowAR(config.model, config.vae.latent_channels, rngs=nnx.Rngs(seed))
 
 

@@ -14,6 +14,7 @@ stays replicated. The names:
   mlp         hidden units of the gated MLP
   modulation  adaLN modulation outputs (k * width)
   vocab       class-embedding rows
+  text        a text encoder's state and pooled widths (inputs of the prompt projections)
   latent      VAE latent channels (inputs and outputs of the latent projections)
   time        timestep frequency features
   norm        1-D scales and biases of normalisation layers
@@ -40,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from flowar_jax.parallel.mesh import MESH_AXES, use_mesh
 
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "qkv", "mlp", "modulation", "vocab", "latent", "time",
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "qkv", "mlp", "modulation", "vocab", "text", "latent", "time",
                 "norm", "conv_in", "conv_out")
 
 Rules = Mapping[str, tuple[str, ...]]  # logical name -> mesh axes, in order

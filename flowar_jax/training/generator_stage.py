@@ -13,6 +13,7 @@ from flax import nnx
 
 from flowar_jax import data
 from flowar_jax import precision
+from flowar_jax.config_text import is_text
 from flowar_jax.models.params import split_params
 from flowar_jax.models.registry import build_model, tokenizer_seam
 from flowar_jax.models.vae import AutoencoderKL
@@ -20,6 +21,7 @@ from flowar_jax.parallel.plan import ShardingPlan
 from flowar_jax.runs.loaders import load_vae
 from flowar_jax.runs.metrics import MetricWriter
 from flowar_jax.runs.stored_config import stored_latent_scale
+from flowar_jax.text.base import TextEncoding
 from flowar_jax.training import latent_cache, loop
 from flowar_jax.training.optimizer import flowar_optimizer
 from flowar_jax.training.sample_grids import SampleGrids
@@ -65,14 +67,25 @@ def resolve_latent_scale(config: ml_collections.ConfigDict, vae: AutoencoderKL, 
   return resolved
 
 
-def generator_loss_fn(tokenizer_graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
+def text_condition(batch: dict) -> TextEncoding:
+  """A text batch's cached prompt encodings (`flowar_jax.data.text_batches`) as the model's condition."""
+  return TextEncoding(batch["text_states"], batch["text_mask"], batch["text_pooled"])
+
+
+def generator_loss_fn(tokenizer_graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+                      null: TextEncoding | None = None):
   """The loop's loss function: tokens from the frozen tokenizer (its params are the step's context), then the
-  generator's own loss on them, its matrix products in `config.model.compute_dtype`."""
+  generator's own loss on them, its matrix products in `config.model.compute_dtype`. A text model reads the
+  batch's prompt encodings; `null` (the empty prompt's, batch 1) replaces the dropped ones."""
+  text = is_text(config)
+
   def loss_fn(model, batch, rng, tokenizer_params, step):  # pylint: disable=unused-argument
     r_tokens, r_model = jax.random.split(rng)
     tokenizer_module = nnx.merge(tokenizer_graphdef, tokenizer_params)
     tokens, tokenizer = tokens_from_batch(config, tokenizer_module, batch, r_tokens)
     with precision.compute_dtype(config.model.compute_dtype):
+      if text:
+        return model.loss(tokens, text_condition(batch), r_model, tokenizer=tokenizer, null=null)
       return model.loss(tokens, batch["label"], r_model, tokenizer=tokenizer)
 
   return loss_fn
@@ -81,6 +94,18 @@ def generator_loss_fn(tokenizer_graphdef: nnx.GraphDef, config: ml_collections.C
 def tokens_per_image(config: ml_collections.ConfigDict) -> int:
   sides = config.model.scales if config.model.name == "flowar" else config.vae.patch_nums
   return sum(side * side for side in sides)
+
+
+def text_train_iterator(config: ml_collections.ConfigDict, workdir: str) -> tuple[object, TextEncoding]:
+  """A text run's training batches (images with their captions' cached encodings, WORKDIR/text_cache/) and the
+  empty prompt's encoding (the null condition), from the frozen encoder of `config.text`."""
+  from flowar_jax.data import text_batches  # pylint: disable=g-import-not-at-top
+  from flowar_jax.text.registry import build_text_encoder  # pylint: disable=g-import-not-at-top
+  encoder = build_text_encoder(config.text)
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  null = text_batches.load_or_encode(config, encoder, workdir, "train", **shard).null()
+  iterator = text_batches.make_text_train_iterator(config, encoder, workdir, **shard)
+  return iterator, TextEncoding(*(jnp.asarray(null[k]) for k in ("text_states", "text_mask", "text_pooled")))
 
 
 def train_generator(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.GraphDef, object]:
@@ -94,7 +119,10 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> tuple[nn
   vae_graphdef, vae_params = split_params(vae)
   if flowar and config.vae.latent_scale <= 0:
     config = resolve_latent_scale(config, vae, workdir)
-  if config.data.cache_latents:
+  null = None
+  if is_text(config):
+    iterator, null = text_train_iterator(config, workdir)
+  elif config.data.cache_latents:
     iterator = latent_cache.make_latent_iterator(vae, config, workdir)
   else:
     iterator = data.make_train_iterator(config.data, config.batch_size, config.seed,
@@ -113,7 +141,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> tuple[nn
       periodic.append(loop.Periodic(config.sample_every_steps, SampleGrids(config, graphdef, vae, writer, plan)))
     return loop.train(
         workdir=workdir, model_factory=model_factory,
-        loss_fn=generator_loss_fn(vae_graphdef, config), tx=tx, schedule=schedule,
+        loss_fn=generator_loss_fn(vae_graphdef, config, null), tx=tx, schedule=schedule,
         ema_decay=config.optimizer.ema_decay, data_iterator=iterator, num_steps=config.num_train_steps,
         config=config, seed=config.seed, checkpoint_every=config.checkpoint_every_steps,
         keep=config.keep_checkpoints, log_every=config.log_every_steps, context=vae_params,

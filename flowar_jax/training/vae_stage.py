@@ -45,11 +45,17 @@ def vae_optimizer(train_config: ml_collections.ConfigDict) -> tuple[optax.Gradie
   return tx, schedule
 
 
+def _without_captions(batch: dict) -> dict:
+  """The VAE trains on images alone; a captioned dataset's 'text' (strings) never reaches the device."""
+  return {key: value for key, value in batch.items() if key != "text"}
+
+
 def train_vae(config: ml_collections.ConfigDict, workdir: str):
   """Trains the VAE in `workdir` (resuming if a checkpoint is there)."""
   train_config = config.vae.train
   iterator = data.make_train_iterator(config.data, train_config.batch_size, config.seed,
-                                      shard_index=jax.process_index(), shard_count=jax.process_count())
+                                      shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                      batch_map=_without_captions)
   tx, schedule = vae_optimizer(train_config)
   return loop.train(
       workdir=workdir, model_factory=functools.partial(VAETrainable, config, config.seed),
