@@ -43,11 +43,12 @@ _TOP_P = flags.DEFINE_float("top_p", None, "VAR: nucleus sampling threshold, 0 =
 _LABELS = flags.DEFINE_list("labels", None, "class labels, repeated to num_samples (default: every class in turn)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "images per compiled batch (default: config.sampling.batch_size)")
 _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample with the EMA weights (default: yes)")
-_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR checkpoint (.pth, .safetensors or .npz): a "
-                                  "path, an http(s) URL or a Hugging Face OWNER/REPO/FILE, e.g. "
+_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR or VAR checkpoint (.pth, .safetensors or "
+                                  ".npz): a path, an http(s) URL or a Hugging Face OWNER/REPO/FILE, e.g. "
                                   "OliverRen/FlowAR/FlowAR-S.pth (downloaded once, then cached)")
-_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz; a path, URL "
-                                 "or Hugging Face OWNER/REPO/FILE); without it, sampling needs --config.vae_checkpoint")
+_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "the tokenizer's checkpoint: MAR's KL-16 VAE, VAR's VQVAE or "
+                                 "HART's hybrid tokenizer (.pth, .ckpt or .npz; a path, URL or Hugging Face "
+                                 "OWNER/REPO/FILE); without it, sampling needs --config.vae_checkpoint")
 _TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "read torch files with full unpickling, for trusted "
                                      "files that hold Python objects besides tensors")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2 or v5p:4x4x4")
@@ -117,11 +118,13 @@ COMMANDS = {
         "Prints the parameter count of each FlowAR module, the total, and the VAE's.",
         required=("config",)),
     "convert": Command(
-        "official PyTorch FlowAR (and MAR VAE) weights -> a checkpoint in WORKDIR",
-        "Converts the official FlowAR-S/L/H weights (and MAR's KL-16 VAE) into WORKDIR, which `sample` and "
-        "`evaluate` then read. See docs/convert.md.",
-        required=("config", "workdir", "from_torch"), optional=("vae_torch", "use_ema", "trust_pickle"),
-        notes={"config": "config of the converted model, e.g. configs/flowar_s.py",
+        "official PyTorch FlowAR / VAR weights and their tokenizer, or HART's tokenizer -> checkpoints in WORKDIR",
+        "Converts the official FlowAR-S/L/H weights (and MAR's KL-16 VAE), VAR's (and its VQVAE), or HART's hybrid "
+        "tokenizer (--vae_torch only: HART's official transformer is text-conditional) into WORKDIR, which "
+        "`sample`, `evaluate` and `train` then read. Give --from_torch, --vae_torch or both. See docs/convert.md "
+        "and docs/hart.md.",
+        required=("config", "workdir"), optional=("from_torch", "vae_torch", "use_ema", "trust_pickle"),
+        notes={"config": "config of the converted model, e.g. configs/flowar_s.py, var_d16.py, hart_digits.py",
                "workdir": "run directory to write the converted checkpoint to",
                "use_ema": "take the file's EMA weights (default: when it holds them)"}),
     "compile": Command(
