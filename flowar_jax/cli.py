@@ -29,7 +29,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (local or gs://):
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "number of images")
 _SEED = flags.DEFINE_integer("seed", 0, "sample i draws its noise from (seed, i)")
 _CFG = flags.DEFINE_float("cfg", None, "classifier-free guidance scale, 1 disables it (default: config.sampling.cfg)")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "ODE steps per scale (default: config.sampling.num_steps)")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "FlowAR: ODE steps per scale (default: config.sampling.num_steps);"
+                                 " HART: the residual head's steps, diffusion or flow (default: "
+                                 "config.model.residual.num_steps)")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "guidance applies where t <= this (default: "
                                "config.sampling.guidance)")
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: config.sampling.solver)")
@@ -37,9 +39,10 @@ _SCALE_STEPS = flags.DEFINE_list("scale_steps", None, "ODE steps at each scale, 
                                   "--num_steps (default: config.sampling.scale_steps)")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
                                    "dtype of the matrix products (default: config.sampling.compute_dtype)")
-_TOP_K = flags.DEFINE_integer("top_k", None, "VAR: sample among the k likeliest codes, 0 = all (default: "
+_TOP_K = flags.DEFINE_integer("top_k", None, "VAR, HART: sample among the k likeliest codes, 0 = all (default: "
                               "config.sampling.top_k)")
-_TOP_P = flags.DEFINE_float("top_p", None, "VAR: nucleus sampling threshold, 0 = off (default: config.sampling.top_p)")
+_TOP_P = flags.DEFINE_float("top_p", None, "VAR, HART: nucleus sampling threshold, 0 = off (default: "
+                             "config.sampling.top_p)")
 _LABELS = flags.DEFINE_list("labels", None, "class labels, repeated to num_samples (default: every class in turn)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "images per compiled batch (default: config.sampling.batch_size)")
 _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample with the EMA weights (default: yes)")
@@ -87,19 +90,21 @@ _STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpo
 COMMANDS = {
     "train": Command(
         "train the stages config.stage names (vae, the model, or both) in WORKDIR; rerunning resumes",
-        "Trains the tokenizer (vae), the generator (flowar or var) or both (config.stage) and samples from the result. Rerunning the same "
-        "command resumes from the newest complete checkpoint in WORKDIR, data position included.",
+        "Trains the tokenizer (vae), the generator (flowar, var or hart) or both (config.stage) and samples from the "
+        "result. Rerunning the same command resumes from the newest complete checkpoint in WORKDIR, data position "
+        "included.",
         required=("config", "workdir"),
         notes={"workdir": "run directory (local or gs://): checkpoints/, vae/, metrics.jsonl, samples/"}),
     "sample": Command(
         "class-conditional images from WORKDIR's checkpoint -> WORKDIR/samples/",
-        "Samples from the newest FlowAR checkpoint in WORKDIR (trained, or written by `convert`) and its VAE; "
+        "Samples from the newest FlowAR, VAR or HART checkpoint in WORKDIR (trained, or written by `convert`) and "
+        "its tokenizer; "
         "writes WORKDIR/samples/samples.npz and grid*.png.",
         required=("workdir",), optional=("config", "num_samples", "labels", "seed") + _SAMPLING,
         notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.sampling.num_samples)"}),
     "evaluate": Command(
         "FID, sFID, IS, precision/recall or the digits metric of WORKDIR's checkpoint",
-        "Samples from the newest FlowAR checkpoint in WORKDIR and scores the samples; writes "
+        "Samples from the newest FlowAR, VAR or HART checkpoint in WORKDIR and scores the samples; writes "
         "WORKDIR/eval/<settings>/report.json. Rerunning continues from the last saved shard.",
         required=("workdir",),
         optional=("config", "metrics", "reference", "inception_weights", "num_samples", "seed") + _SAMPLING,
@@ -114,8 +119,8 @@ COMMANDS = {
         notes={"config": _STORED_CONFIG, "num_samples": "number of edits (default: 8)",
                "workdir": "run directory holding the FlowAR checkpoint (trained or converted)"}),
     "summary": Command(
-        "parameters per module of a config's FlowAR and VAE (nothing is allocated)",
-        "Prints the parameter count of each FlowAR module, the total, and the VAE's.",
+        "parameters per module of a config's generator (FlowAR, VAR or HART) and tokenizer (nothing is allocated)",
+        "Prints the parameter count of each generator module, the total, and the tokenizer's.",
         required=("config",)),
     "convert": Command(
         "official PyTorch FlowAR / VAR weights and their tokenizer, or HART's tokenizer -> checkpoints in WORKDIR",
