@@ -21,9 +21,13 @@ from flowar_jax.training.resume_check import check_config_matches_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "hart_digits.py")
+# The smallest run that still has every part: 8x8 digits (their own size) over two scales (1, 2) of the stride-4
+# tokenizer, one block. Compiles dominate this module's time and grow with the scales, blocks and image side.
 TINY = {"num_train_steps": 2, "vae.train.num_train_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1,
         "sample_every_steps": 0, "batch_size": 8, "vae.train.batch_size": 8, "vae.vocab_size": 32,
-        "model.width": 64, "model.residual.width": 32, "sampling.num_samples": 6, "sampling.batch_size": 6}
+        "data.image_size": 8, "vae.patch_nums": (1, 2), "model.depth": 1, "model.width": 64, "model.num_heads": 2,
+        "model.residual.width": 32, "model.residual.depth": 1, "sampling.num_samples": 6,
+        "sampling.batch_size": 6}
 
 
 def tiny(**overrides):
@@ -53,7 +57,7 @@ def test_train_runs_both_stages_and_samples(trained):
   assert abs(logged[0]["ce"] - np.log(config.vae.vocab_size)) < 1.5  # a fresh model predicts codes at chance
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
   images = samples[samples.files[0]]
-  assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+  assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
   assert 0.0 <= report["digit_accuracy_samples"] <= 1.0 and report["digit_fd_samples"] > 0
 
 
@@ -123,7 +127,7 @@ def test_settings_errors_name_the_flag(overrides, message):
                                       "model.residual.num_steps), got -1"),
     ({"vae.using_znorm": True}, "config.vae.using_znorm must be False"),
     ({"vae.train.skip_continuous_prob": 1.5}, "config.vae.train.skip_continuous_prob must lie in [0, 1], got 1.5"),
-    ({"data.image_size": 32}, "config.data.image_size 32 must equal the last scale x the VQVAE's stride"),
+    ({"data.image_size": 16}, "config.data.image_size 16 must equal the last scale x the VQVAE's stride"),
     ({"model.drop_path_rate": -0.1}, "config.model.drop_path_rate must lie in [0, 1), got -0.1"),
 ])
 def test_bad_configs_are_named(overrides, message):
