@@ -11,6 +11,8 @@ As the official sampler:
   decoder_norm(h + word_embed(embed(idx))) of both row halves with the sampled codes idx, and guided with
   eps = (1 + g) eps_c - g eps_u at g = residual_cfg * (K - 2) / (K - 1) (no guidance when g == 1);
 - the last scale's code map plus the residual is added to f_hat as is (no phi).
+With `config.model.residual.kind = 'flow'` the residual comes from `FlowResidualHead` instead, at the same
+guidance weight (`head_settings`).
 
 Differences: the official sampler hard-codes top-k 600 (300 from the 8th scale on) and top-p 0; here they
 are settings. Its several-iteration MaskGIT option (`num_maskgit_iters > 1`) is not implemented.
@@ -76,7 +78,7 @@ class HARTSample(typing.NamedTuple):
   hidden: jax.Array  # [2B, pn_last^2, C]: the last scale's final hidden states
 
 
-def residual_head_for(head: ResidualHead | FlowResidualHead, steps: int | None):
+def residual_head_for(head: ResidualHead | FlowResidualHead, steps: int | None) -> ResidualHead | FlowResidualHead:
   """The head itself, or a view of it that samples with `steps` steps (same parameters): respaced diffusion
   steps, or the flow head's Euler steps."""
   own = head.num_steps if isinstance(head, FlowResidualHead) else head.sample_schedule.num_steps
@@ -91,7 +93,7 @@ def residual_head_for(head: ResidualHead | FlowResidualHead, steps: int | None):
   return view
 
 
-def head_settings(head, settings: HARTSampling) -> ResidualSampling | SamplingSettings:
+def head_settings(head: ResidualHead | FlowResidualHead, settings: HARTSampling) -> ResidualSampling | SamplingSettings:
   """The residual head's own settings. The flow head gets the diffusion head's guidance weight: its velocity
   v_u + c (v_c - v_u) with c = 1 + g equals (1 + g) v_c - g v_u at HART's g = residual_cfg * ratio, so its
   per-scale cfg is 1 + residual_cfg; Euler steps, no per-step noise (temperature must be 1)."""
