@@ -29,7 +29,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (local or gs://):
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "number of images")
 _SEED = flags.DEFINE_integer("seed", 0, "sample i draws its noise from (seed, i)")
 _CFG = flags.DEFINE_float("cfg", None, "classifier-free guidance scale, 1 disables it (default: config.sampling.cfg)")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "ODE steps per scale (default: config.sampling.num_steps)")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "FlowAR: ODE steps per scale (default: config.sampling.num_steps);"
+                                 " HART: the residual head's steps, diffusion or flow (default: "
+                                 "config.model.residual.num_steps)")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "guidance applies where t <= this (default: "
                                "config.sampling.guidance)")
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: config.sampling.solver)")
@@ -37,20 +39,22 @@ _SCALE_STEPS = flags.DEFINE_list("scale_steps", None, "ODE steps at each scale, 
                                   "--num_steps (default: config.sampling.scale_steps)")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
                                    "dtype of the matrix products (default: config.sampling.compute_dtype)")
-_TOP_K = flags.DEFINE_integer("top_k", None, "VAR: sample among the k likeliest codes, 0 = all (default: "
+_TOP_K = flags.DEFINE_integer("top_k", None, "VAR, HART: sample among the k likeliest codes, 0 = all (default: "
                               "config.sampling.top_k)")
-_TOP_P = flags.DEFINE_float("top_p", None, "VAR: nucleus sampling threshold, 0 = off (default: config.sampling.top_p)")
+_TOP_P = flags.DEFINE_float("top_p", None, "VAR, HART: nucleus sampling threshold, 0 = off (default: "
+                             "config.sampling.top_p)")
 _LABELS = flags.DEFINE_list("labels", None, "class labels, repeated to num_samples (default: every class in turn)")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "text-to-image: a prompt (repeatable), e.g. "
                                     "\"a 4 to the left of a 9\"")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "text-to-image: a file of prompts, one per line")
 _BATCH = flags.DEFINE_integer("batch_size", None, "images per compiled batch (default: config.sampling.batch_size)")
 _USE_EMA = flags.DEFINE_boolean("use_ema", None, "sample with the EMA weights (default: yes)")
-_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR checkpoint (.pth, .safetensors or .npz): a "
-                                  "path, an http(s) URL or a Hugging Face OWNER/REPO/FILE, e.g. "
+_FROM_TORCH = flags.DEFINE_string("from_torch", None, "official FlowAR or VAR checkpoint (.pth, .safetensors or "
+                                  ".npz): a path, an http(s) URL or a Hugging Face OWNER/REPO/FILE, e.g. "
                                   "OliverRen/FlowAR/FlowAR-S.pth (downloaded once, then cached)")
-_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "MAR's KL-16 VAE checkpoint (kl16.ckpt or .npz; a path, URL "
-                                 "or Hugging Face OWNER/REPO/FILE); without it, sampling needs --config.vae_checkpoint")
+_VAE_TORCH = flags.DEFINE_string("vae_torch", None, "the tokenizer's checkpoint: MAR's KL-16 VAE, VAR's VQVAE or "
+                                 "HART's hybrid tokenizer (.pth, .ckpt or .npz; a path, URL or Hugging Face "
+                                 "OWNER/REPO/FILE); without it, sampling needs --config.vae_checkpoint")
 _TRUST_PICKLE = flags.DEFINE_boolean("trust_pickle", False, "read torch files with full unpickling, for trusted "
                                      "files that hold Python objects besides tensors")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2 or v5p:4x4x4")
@@ -90,21 +94,22 @@ _STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpo
 COMMANDS = {
     "train": Command(
         "train the stages config.stage names (vae, the model, or both) in WORKDIR; rerunning resumes",
-        "Trains the tokenizer (vae), the generator (flowar or var) or both (config.stage) and samples from the result. Rerunning the same "
-        "command resumes from the newest complete checkpoint in WORKDIR, data position included.",
+        "Trains the tokenizer (vae), the generator (flowar, var or hart) or both (config.stage) and samples from the "
+        "result. Rerunning the same command resumes from the newest complete checkpoint in WORKDIR, data position "
+        "included.",
         required=("config", "workdir"),
         notes={"workdir": "run directory (local or gs://): checkpoints/, vae/, metrics.jsonl, samples/"}),
     "sample": Command(
         "images from WORKDIR's checkpoint, by class or by prompt -> WORKDIR/samples/",
-        "Samples from the newest FlowAR checkpoint in WORKDIR (trained, or written by `convert`) and its VAE; "
-        "writes WORKDIR/samples/samples.npz and grid*.png. A text-conditional run samples from --prompt or "
-        "--prompts_file (and writes prompts.json).",
+        "Samples from the newest FlowAR, VAR or HART checkpoint in WORKDIR (trained, or written by `convert`) and "
+        "its tokenizer; writes WORKDIR/samples/samples.npz and grid*.png. A text-conditional FlowAR samples from "
+        "--prompt or --prompts_file (and writes prompts.json).",
         required=("workdir",), optional=("config", "num_samples", "labels", "prompt", "prompts_file", "seed") + _SAMPLING,
         notes={"config": _STORED_CONFIG, "num_samples": "number of images (default: config.sampling.num_samples); "
                "with prompts, images per prompt (default: config.sampling.num_samples / the number of prompts)"}),
     "evaluate": Command(
         "FID, sFID, IS, precision/recall or the digits metric of WORKDIR's checkpoint",
-        "Samples from the newest FlowAR checkpoint in WORKDIR and scores the samples; writes "
+        "Samples from the newest FlowAR, VAR or HART checkpoint in WORKDIR and scores the samples; writes "
         "WORKDIR/eval/<settings>/report.json. Rerunning continues from the last saved shard.",
         required=("workdir",),
         optional=("config", "metrics", "reference", "inception_weights", "num_samples", "seed") + _SAMPLING,
@@ -119,15 +124,17 @@ COMMANDS = {
         notes={"config": _STORED_CONFIG, "num_samples": "number of edits (default: 8)",
                "workdir": "run directory holding the FlowAR or VAR checkpoint (trained or converted)"}),
     "summary": Command(
-        "parameters per module of a config's FlowAR and VAE (nothing is allocated)",
-        "Prints the parameter count of each FlowAR module, the total, and the VAE's.",
+        "parameters per module of a config's generator (FlowAR, VAR or HART) and tokenizer (nothing is allocated)",
+        "Prints the parameter count of each generator module, the total, and the tokenizer's.",
         required=("config",)),
     "convert": Command(
-        "official PyTorch FlowAR (and MAR VAE) weights -> a checkpoint in WORKDIR",
-        "Converts the official FlowAR-S/L/H weights (and MAR's KL-16 VAE) into WORKDIR, which `sample` and "
-        "`evaluate` then read. See docs/convert.md.",
-        required=("config", "workdir", "from_torch"), optional=("vae_torch", "use_ema", "trust_pickle"),
-        notes={"config": "config of the converted model, e.g. configs/flowar_s.py",
+        "official PyTorch FlowAR / VAR weights and their tokenizer, or HART's tokenizer -> checkpoints in WORKDIR",
+        "Converts the official FlowAR-S/L/H weights (and MAR's KL-16 VAE), VAR's (and its VQVAE), or HART's hybrid "
+        "tokenizer (--vae_torch only: HART's official transformer is text-conditional) into WORKDIR, which "
+        "`sample`, `evaluate` and `train` then read. Give --from_torch, --vae_torch or both. See docs/convert.md "
+        "and docs/hart.md.",
+        required=("config", "workdir"), optional=("from_torch", "vae_torch", "use_ema", "trust_pickle"),
+        notes={"config": "config of the converted model, e.g. configs/flowar_s.py, var_d16.py, hart_digits.py",
                "workdir": "run directory to write the converted checkpoint to",
                "use_ema": "take the file's EMA weights (default: when it holds them)"}),
     "compile": Command(

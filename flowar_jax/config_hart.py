@@ -14,6 +14,7 @@ import ml_collections
 from flowar_jax.config_var import add_var_sections, model_heads, model_width, validate_var_sections
 
 MLP_KINDS = ("llama", "gpt2")
+RESIDUAL_KINDS = ("diffusion", "flow")
 TRAIN_DIFFUSION_STEPS = 1000  # the residual head's training diffusion; sampling respaces it
 
 
@@ -41,9 +42,12 @@ def add_hart_sections(c: ml_collections.ConfigDict) -> None:
   c.model.remat = "none"  # HART's blocks have no rematerialisation yet: only 'none'
   # The residual head (official `diffloss`): an adaLN MLP denoising the last scale's continuous residual.
   c.model.residual = ml_collections.ConfigDict()
+  # 'diffusion': the official head (epsilon and variance, respaced ancestral steps); 'flow': the same MLP trained
+  # by flow matching and sampled with Euler steps (`heads.residual_flow`). num_steps is either one's step count.
+  c.model.residual.kind = "diffusion"
   c.model.residual.width = 1024
   c.model.residual.depth = 6
-  c.model.residual.num_steps = 8  # respaced sampling steps of the 1000-step cosine diffusion
+  c.model.residual.num_steps = 8  # sampling steps: respaced diffusion steps, or the flow head's Euler steps
   c.model.residual.batch_mul = 4  # training repeats of each token with fresh steps and noise
 
   # The hybrid tokenizer is VAR's VQVAE layout (`tokenizers.hybrid.HybridTokenizer`); its stage trains as VAR's.
@@ -69,7 +73,8 @@ def hart_preset(depth: int) -> ml_collections.ConfigDict:
 def residual_head_kwargs(model: ml_collections.ConfigDict) -> dict:
   """`config.model.residual` -> the `residual_head=` keyword of `HARTTransformer`."""
   r = model.residual
-  return dict(width=r.width, depth=r.depth, num_steps=str(r.num_steps), batch_mul=r.batch_mul)
+  return dict(kind=r.get("kind", "diffusion"),  # configs stored before the key had the diffusion head
+              width=r.width, depth=r.depth, num_steps=r.num_steps, batch_mul=r.batch_mul)
 
 
 def validate_hart_sections(config: ml_collections.ConfigDict) -> None:
@@ -86,6 +91,12 @@ def validate_hart_sections(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.drop_path_rate must lie in [0, 1), got {m.drop_path_rate}")
   if m.remat != "none":
     raise ValueError(f"config.model.remat {m.remat!r}: HART's blocks have no rematerialisation; use 'none'")
+  kind = m.residual.get("kind", "diffusion")
+  if kind not in RESIDUAL_KINDS:
+    raise ValueError(f"config.model.residual.kind must be one of {RESIDUAL_KINDS}, got {kind!r}")
+  if kind == "flow" and s.residual_temperature != 1.0:
+    raise ValueError(f"config.sampling.residual_temperature {s.residual_temperature}: the flow residual head "
+                     "samples by an ODE with no per-step noise; leave it at 1.0")
   for key, value in (("model.residual.width", m.residual.width), ("model.residual.depth", m.residual.depth),
                      ("model.residual.batch_mul", m.residual.batch_mul)):
     if value < 1:

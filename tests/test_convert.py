@@ -335,3 +335,44 @@ def test_convert_npz_then_sample(tmp_path):
   convert.run(config, raw_dir, flowar_path=flowar_file, use_ema=False)
   loaded = load_params(functools.partial(build_model, config), checkpoint_dir(raw_dir), use_ema=True)
   assert_same_tree(split_params(loaded)[1], raw)
+
+
+def test_convert_hart_tokenizer_into_a_workdir(tmp_path):
+  """`convert --vae_torch` with a HART config: the released wrapper layout (`vae.*` read; `disc.*` and the
+  codebook bookkeeping not) becomes WORKDIR/vae, loaded back as the same hybrid tokenizer; the official
+  transformer is refused with the reason."""
+  from flowar_jax.config_files import load_config  # pylint: disable=g-import-not-at-top
+  from flowar_jax.convert.hart import hybrid_state_dict  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_vae  # pylint: disable=g-import-not-at-top
+  from flowar_jax.runs.loaders import load_vae  # pylint: disable=g-import-not-at-top
+  from flowar_jax.tokenizers.hybrid import HybridTokenizer  # pylint: disable=g-import-not-at-top
+  config = load_config(os.path.join(_REPO, "configs", "hart_digits.py"))
+  config.vae.vocab_size = 16  # small; the layout is what is checked
+  tokenizer = build_vae(config, 7)
+  rng = np.random.default_rng(0)
+  sd = {f"vae.{k}": v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype)
+        for k, v in hybrid_state_dict(tokenizer, config.vae.share_quant_resi).items()}
+  sd["vae.quantize.ema_vocab_hit_SV"] = np.ones((4, 16), np.float32)
+  sd["disc.conv.weight"] = np.ones((3, 3), np.float32)
+  path = str(tmp_path / "tokenizer.pth")  # an .npz under the released file's name: read by content
+  with open(path, "wb") as f:
+    np.savez(f, **sd)
+  workdir = str(tmp_path / "hart")
+  convert.run(config, workdir, flowar_path=None, vae_path=path)
+  assert not os.path.exists(checkpoint_dir(workdir))  # the tokenizer only
+  loaded = load_vae(config, workdir)
+  assert isinstance(loaded, HybridTokenizer)
+  back = hybrid_state_dict(loaded, config.vae.share_quant_resi)
+  assert set(back) == {k[len("vae."):] for k in sd if k.startswith("vae.") and "ema_vocab" not in k}
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, sd[f"vae.{k}"], err_msg=k)
+
+  with pytest.raises(ValueError, match="text-conditional.*class-conditional"):
+    convert.run(config, str(tmp_path / "t"), flowar_path=path, vae_path=path)
+  with pytest.raises(ValueError, match="--from_torch.*--vae_torch"):
+    convert.run(config, str(tmp_path / "none"), flowar_path=None)
+  del sd["vae.quantize.embedding.weight"]
+  with open(path, "wb") as f:
+    np.savez(f, **sd)
+  with pytest.raises(ValueError, match="embedding"):
+    convert.run(config, str(tmp_path / "missing"), flowar_path=None, vae_path=path)

@@ -577,3 +577,53 @@ def test_transformer_with_residual_head_state_dict_round_trip(hart_model):
                                jax.tree_util.tree_leaves_with_path(nnx.state(back, nnx.Param))):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
   assert len(jax.tree.leaves(nnx.state(back, nnx.Param))) == len(jax.tree.leaves(nnx.state(hart_model, nnx.Param)))
+
+
+FLOW_CLASS = dict(HART_CLASS, residual_head=dict(kind="flow", width=16, depth=1, num_steps=3, batch_mul=2))
+
+
+def test_flow_residual_head_trains_and_samples_through_the_model(tok, tokens):
+  """kind='flow' builds the flow head; the sampler runs its num_steps Euler steps with the diffusion head's
+  guidance weight (flow cfg 1 + residual_cfg), residual_steps overrides them, and the loss trains it."""
+  model = _randomize(HARTTransformer(**FLOW_CLASS, rngs=nnx.Rngs(7)), 7, 0.2)
+  assert isinstance(model.residual_head, FlowResidualHead) and model.residual_head.num_steps == 3
+  labels, keys = jnp.asarray([1, 3], jnp.int32), jax.random.split(jax.random.key(0), 2)
+  settings = HARTSampling(CategoricalSampling(cfg=2.0, top_k=0, top_p=0.0), residual_cfg=3.0)
+
+  @nnx.jit
+  def run(model, tok):
+    token_draws, noise = hart_sampling.draws(model, keys, settings)
+    out = hart_sampling.sample(model, tok, labels, settings, token_draws, noise)
+    inputs = tok.quantize.teacher_forcing_input(out.tokens)
+    head, codes = model.residual_head, tok.quantize.embedding(out.tokens[-1])
+    z, zu = (head.condition(*model.head_inputs(model.hidden(l, inputs)[0], codes))
+             for l in (labels, jnp.full_like(labels, 5)))
+    want = head.sample(z, zu, noise, SamplingSettings(cfg=4.0, num_steps=3), 1, 3)
+    two = hart_sampling.residual_head_for(head, 2).sample(z, zu, noise, SamplingSettings(cfg=4.0, num_steps=2), 1, 3)
+    grads = nnx.grad(lambda m: m.loss(tokens, labels, jax.random.key(5), tokenizer=tok)[1]["residual_loss"])(model)
+    return out.residual, want, two, grads
+
+  residual, want, two, grads = run(model, tok)
+  np.testing.assert_allclose(residual, want, atol=2e-5, rtol=1e-4)
+  assert float(jnp.abs(want - two).max()) > 1e-4  # the step count matters
+  assert float(jnp.abs(grads.residual_head.net.input_proj.kernel[...]).max()) > 0
+  with pytest.raises(ValueError, match="per-step noise"):
+    hart_sampling.head_settings(model.residual_head, HARTSampling(residual_temperature=0.5))
+  with pytest.raises(ValueError, match="kind.*'ode'"):
+    HARTTransformer(**dict(HART_CLASS, residual_head=dict(kind="ode", width=16, depth=1)), rngs=nnx.Rngs(0))
+
+
+def test_residual_kind_config_is_validated():
+  from flowar_jax.config import validate_config  # pylint: disable=g-import-not-at-top
+  from flowar_jax.config_hart import hart_preset, residual_head_kwargs  # pylint: disable=g-import-not-at-top
+  c = hart_preset(2)
+  assert residual_head_kwargs(c.model)["kind"] == "diffusion"
+  c.model.residual.kind = "flow"
+  validate_config(c)
+  c.sampling.residual_temperature = 0.5
+  with pytest.raises(ValueError, match="residual_temperature"):
+    validate_config(c)
+  c.sampling.residual_temperature = 1.0
+  c.model.residual.kind = "ddim"
+  with pytest.raises(ValueError, match="config.model.residual.kind.*'ddim'"):
+    validate_config(c)

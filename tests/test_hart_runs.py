@@ -1,6 +1,6 @@
-"""HART through the same run paths as FlowAR and VAR: `train` (the hybrid tokenizer's stage, then HART, then
-samples) on the bundled digits with a tiny config, `sample` / `evaluate` from its workdir, the resume check and
-the config and flag errors."""
+"""HART through the same run paths as FlowAR and VAR: `train` (HART's generator stage on a stored hybrid
+tokenizer, then samples) on the bundled digits with a tiny config, `sample` / `evaluate` from its workdir, the
+resume check and the config and flag errors."""
 from __future__ import annotations
 
 import json
@@ -14,16 +14,24 @@ import pytest
 from flowar_jax.commands import evaluate, train
 from flowar_jax.config import validate_config
 from flowar_jax.config_files import load_config
+from flowar_jax.convert import write_workdir
+from flowar_jax.convert.hart import hybrid_state_dict
 from flowar_jax.evaluation.runner import SamplingPlan
 from flowar_jax.models.hart_sampling import HARTSampling
+from flowar_jax.models.registry import build_vae
+from flowar_jax.runs.checkpointing import Checkpointer
 from flowar_jax.sampling.generate import settings_from
 from flowar_jax.training.resume_check import check_config_matches_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "hart_digits.py")
+# The smallest run that still has every part: 8x8 digits (their own size) over two scales (1, 2) of the stride-4
+# tokenizer, one block. Compiles dominate this module's time and grow with the scales, blocks and image side.
 TINY = {"num_train_steps": 2, "vae.train.num_train_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1,
         "sample_every_steps": 0, "batch_size": 8, "vae.train.batch_size": 8, "vae.vocab_size": 32,
-        "model.width": 64, "model.residual.width": 32, "sampling.num_samples": 6, "sampling.batch_size": 6}
+        "data.image_size": 8, "vae.patch_nums": (1, 2), "model.depth": 1, "model.width": 64, "model.num_heads": 2,
+        "model.residual.width": 32, "model.residual.depth": 1, "sampling.num_samples": 6,
+        "sampling.batch_size": 6}
 
 
 def tiny(**overrides):
@@ -32,18 +40,20 @@ def tiny(**overrides):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A tiny HART trained from scratch by the `train` command's library: 2 tokenizer steps, 2 HART steps, samples."""
+  """A tiny HART trained by the `train` command's library on a random hybrid tokenizer written as WORKDIR/vae
+  (as `convert --vae_torch` writes one): 2 HART steps, then samples. The tokenizer stage's own training is
+  tests/test_hybrid_training.py's; compiling it here would double this module's time."""
   workdir = str(tmp_path_factory.mktemp("hart_run"))
-  config = tiny()
+  config = tiny(stage="hart")
+  write_workdir(config, workdir, None, hybrid_state_dict(build_vae(config, 2), config.vae.share_quant_resi))
   report = train.run(config, workdir)
   return config, workdir, report
 
 
-def test_train_runs_both_stages_and_samples(trained):
+def test_train_runs_the_generator_on_the_stored_tokenizer_and_samples(trained):
   config, workdir, report = trained
-  with open(os.path.join(workdir, "vae", "metrics.jsonl")) as f:
-    tokenizer_steps = [r["step"] for r in map(json.loads, f) if "vq_mse" in r]
-  assert tokenizer_steps == [1, 2]
+  with Checkpointer(os.path.join(workdir, "vae", "checkpoints")) as checkpointer:
+    assert checkpointer.all_steps() == [0]  # stage 'hart' reads the tokenizer and leaves it as it is
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [r for r in map(json.loads, f) if "residual_loss" in r]
   assert [r["step"] for r in logged] == [1, 2]
@@ -53,7 +63,7 @@ def test_train_runs_both_stages_and_samples(trained):
   assert abs(logged[0]["ce"] - np.log(config.vae.vocab_size)) < 1.5  # a fresh model predicts codes at chance
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
   images = samples[samples.files[0]]
-  assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+  assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
   assert 0.0 <= report["digit_accuracy_samples"] <= 1.0 and report["digit_fd_samples"] > 0
 
 
@@ -123,7 +133,7 @@ def test_settings_errors_name_the_flag(overrides, message):
                                       "model.residual.num_steps), got -1"),
     ({"vae.using_znorm": True}, "config.vae.using_znorm must be False"),
     ({"vae.train.skip_continuous_prob": 1.5}, "config.vae.train.skip_continuous_prob must lie in [0, 1], got 1.5"),
-    ({"data.image_size": 32}, "config.data.image_size 32 must equal the last scale x the VQVAE's stride"),
+    ({"data.image_size": 16}, "config.data.image_size 16 must equal the last scale x the VQVAE's stride"),
     ({"model.drop_path_rate": -0.1}, "config.model.drop_path_rate must lie in [0, 1), got -0.1"),
 ])
 def test_bad_configs_are_named(overrides, message):

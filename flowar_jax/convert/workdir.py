@@ -3,8 +3,10 @@
 WORKDIR/checkpoints/0/       {'step', 'params', 'ema_params'} of the generator (both the chosen weights) + the config
 WORKDIR/vae/checkpoints/0/   {'step', 'params', 'ema_params'} of the tokenizer stage's module + the config
 
-`config.model.name` says which official code the files come from: FlowAR with MAR's KL-16 VAE, or VAR with its
-multi-scale VQVAE.
+`config.model.name` says which official code the files come from: FlowAR with MAR's KL-16 VAE, VAR with its
+multi-scale VQVAE, or HART's hybrid tokenizer. HART's official transformer (`HARTForT2I`) is text-conditional and
+the generator here is class-conditional (class embedding and start tokens in place of the context projection), so
+only HART's tokenizer converts; the generator stage then trains on it (`--config.stage=hart`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from flax import nnx
 from flowar_jax.convert import names
 from flowar_jax.convert.params import params_from_state_dict
 from flowar_jax.convert import var as var_names
+from flowar_jax.convert.hart import tokenizer_state_dict_unwrapped
 from flowar_jax.convert.sizes import check_published_heads, describe_flowar
 from flowar_jax.models.params import split_params
 from flowar_jax.models.registry import build_model, build_tokenizer_trainable
@@ -76,6 +79,25 @@ def vqvae_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.nda
   return abstract
 
 
+HART_TRANSFORMER_ERROR = (
+    "HART's official transformer (HARTForT2I) is text-conditional: it has a context projection and no class "
+    "embedding or start tokens, so it cannot be converted into this framework's class-conditional HART. Convert "
+    "the tokenizer alone (--vae_torch, no --from_torch) and train the generator stage on it "
+    "(train --config.stage=hart)")
+
+
+def hart_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray], where: str = "the checkpoint"):
+  """Always an error: see `HART_TRANSFORMER_ERROR`."""
+  raise ValueError(f"{where}: {HART_TRANSFORMER_ERROR}")
+
+
+def hybrid_params(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray],
+                  where: str = "the checkpoint"):
+  """Official HART tokenizer state dict (bare, or the released autoencoder-with-discriminator wrapper: `vae.*`
+  read, `disc.*` not) -> the params of HART's tokenizer stage module for `config`. Its names are VAR's VQVAE's."""
+  return vqvae_params(config, tokenizer_state_dict_unwrapped(state_dict), where)
+
+
 def _save(directory: str, params, config: ml_collections.ConfigDict) -> None:
   if checkpoint_exists(directory):
     raise ValueError(f"{directory!r} already holds checkpoints: convert into a new workdir")
@@ -94,6 +116,10 @@ def converted_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   return config
 
 
+_CONVERTERS = {"flowar": (flowar_params, vae_params), "var": (var_params, vqvae_params),
+               "hart": (hart_params, hybrid_params)}
+
+
 def write_workdir(config: ml_collections.ConfigDict, workdir: str, flowar_state_dict: dict[str, np.ndarray] | None,
                   vae_state_dict: dict[str, np.ndarray] | None = None) -> list[str]:
   """Converts and saves the given state dicts into `workdir`; returns the checkpoint directories written.
@@ -101,8 +127,7 @@ def write_workdir(config: ml_collections.ConfigDict, workdir: str, flowar_state_
   Every state dict is converted (and checked) before anything is written.
   """
   config = converted_config(config)
-  flowar = config.model.name == "flowar"
-  model, tokenizer = (flowar_params, vae_params) if flowar else (var_params, vqvae_params)
+  model, tokenizer = _CONVERTERS[config.model.name]
   todo = []
   if flowar_state_dict is not None:
     todo.append((checkpoint_dir(workdir), model(config, flowar_state_dict, f"the {config.model.name} checkpoint")))

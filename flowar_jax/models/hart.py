@@ -44,6 +44,7 @@ from flax import nnx
 
 from flowar_jax.heads.categorical import CategoricalHead, filter_top_k_top_p, sample_from_uniform
 from flowar_jax.heads.residual import ResidualHead, TimeEmbedder
+from flowar_jax.heads.residual_flow import FlowResidualHead
 from flowar_jax.kernels import api as attention_api
 from flowar_jax.kernels.mask import ScaleCausalMask
 from flowar_jax.models import hart_sampling
@@ -228,6 +229,21 @@ class HeadNorm(nnx.Module):
     return self.ln_wo_grad(x) * (mod[:, :, 0] + 1) + mod[:, :, 1]
 
 
+RESIDUAL_HEADS = {"diffusion": ResidualHead, "flow": FlowResidualHead}
+
+
+def build_residual_head(cvae: int, width: int, kwargs: dict, rngs: nnx.Rngs) -> ResidualHead | FlowResidualHead:
+  """The residual head named by kwargs['kind'] ('diffusion', the official head, when absent) with the rest of
+  kwargs (width, depth, num_steps, batch_mul, norm, norm_eps)."""
+  kwargs = dict(kwargs)
+  kind = kwargs.pop("kind", "diffusion")
+  if kind not in RESIDUAL_HEADS:
+    raise ValueError(f"residual_head kind must be one of {tuple(RESIDUAL_HEADS)}, got {kind!r}")
+  if kind == "flow":
+    kwargs["num_steps"] = int(kwargs.get("num_steps", 8))
+  return RESIDUAL_HEADS[kind](cvae, width, **kwargs, rngs=rngs)
+
+
 class HARTTransformer(nnx.Module):
   """HART-d`depth`. Class path: labels `[B]`; context path: context `[B, T, Dctx]` with position ids and mask
   `[B, T]`; both with next-scale inputs `[B, L - pn_0^2, Cvae]` -> logits `[B, L, V]`."""
@@ -290,9 +306,10 @@ class HARTTransformer(nnx.Module):
     self.head = linear(width, vocab_size, kernel_init=_normal(init_std * init_head), rngs=rngs,
                        axes=("embed", "vocab"))
     # The residual head (official `diffloss` and `decoder_norm`), built from its keyword arguments (width,
-    # depth, num_steps, batch_mul); its condition's norm is an RMSNorm as in the llama transformer.
-    self.residual_head = None if residual_head is None else ResidualHead(
-        cvae, width, **dict(dict(norm="rms", norm_eps=norm_eps), **residual_head), rngs=rngs)
+    # depth, num_steps, batch_mul, and kind: 'diffusion' or 'flow'); its condition's norm is an RMSNorm as in
+    # the llama transformer.
+    self.residual_head = None if residual_head is None else build_residual_head(
+        cvae, width, dict(dict(norm="rms", norm_eps=norm_eps), **residual_head), rngs)
 
   @property
   def num_tokens(self) -> int:

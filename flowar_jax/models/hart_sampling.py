@@ -11,6 +11,8 @@ As the official sampler:
   decoder_norm(h + word_embed(embed(idx))) of both row halves with the sampled codes idx, and guided with
   eps = (1 + g) eps_c - g eps_u at g = residual_cfg * (K - 2) / (K - 1) (no guidance when g == 1);
 - the last scale's code map plus the residual is added to f_hat as is (no phi).
+With `config.model.residual.kind = 'flow'` the residual comes from `FlowResidualHead` instead, at the same
+guidance weight (`head_settings`).
 
 Differences: the official sampler hard-codes top-k 600 (300 from the 8th scale on) and top-p 0; here they
 are settings. Its several-iteration MaskGIT option (`num_maskgit_iters > 1`) is not implemented.
@@ -26,7 +28,9 @@ import jax.numpy as jnp
 
 from flowar_jax.heads.categorical import CategoricalHead, CategoricalSampling
 from flowar_jax.heads.diffusion_schedule import TRAIN_STEPS
+from flowar_jax.heads.flow_sampling import SamplingSettings
 from flowar_jax.heads.residual import ResidualHead, ResidualSampling
+from flowar_jax.heads.residual_flow import FlowResidualHead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +41,8 @@ class HARTSampling:
     defaults are cfg 1.5 (its script: 4.5), top-k 600 and top-p 0.
   residual_cfg: the residual head's guidance scale (None: the categorical cfg, as the official sampler);
   residual_temperature: of the head's per-step noise (official 1.0);
-  residual_steps: respaced denoising steps (None: the head's own, HART's 8).
+  residual_steps: the residual head's sampling steps, respaced diffusion or flow Euler steps (None: the head's
+    own, HART's 8).
   """
   categorical: CategoricalSampling = CategoricalSampling(cfg=1.5, top_k=600, top_p=0.0)
   residual_cfg: float | None = None
@@ -73,14 +78,31 @@ class HARTSample(typing.NamedTuple):
   hidden: jax.Array  # [2B, pn_last^2, C]: the last scale's final hidden states
 
 
-def residual_head_for(head: ResidualHead, steps: int | None) -> ResidualHead:
-  """The head itself, or a view of it that samples with `steps` respaced steps (same parameters)."""
-  if steps is None or steps == head.sample_schedule.num_steps:
+def residual_head_for(head: ResidualHead | FlowResidualHead, steps: int | None) -> ResidualHead | FlowResidualHead:
+  """The head itself, or a view of it that samples with `steps` steps (same parameters): respaced diffusion
+  steps, or the flow head's Euler steps."""
+  own = head.num_steps if isinstance(head, FlowResidualHead) else head.sample_schedule.num_steps
+  if steps is None or steps == own:
     return head
   view = object.__new__(type(head))
   view.__dict__.update(head.__dict__)
-  object.__setattr__(view, "sample_steps", str(steps))
+  if isinstance(head, FlowResidualHead):
+    object.__setattr__(view, "num_steps", int(steps))
+  else:
+    object.__setattr__(view, "sample_steps", str(steps))
   return view
+
+
+def head_settings(head: ResidualHead | FlowResidualHead, settings: HARTSampling) -> ResidualSampling | SamplingSettings:
+  """The residual head's own settings. The flow head gets the diffusion head's guidance weight: its velocity
+  v_u + c (v_c - v_u) with c = 1 + g equals (1 + g) v_c - g v_u at HART's g = residual_cfg * ratio, so its
+  per-scale cfg is 1 + residual_cfg; Euler steps, no per-step noise (temperature must be 1)."""
+  r = settings.residual()
+  if not isinstance(head, FlowResidualHead):
+    return r
+  if r.temperature != 1.0:
+    raise ValueError(f"residual_temperature {r.temperature}: the flow residual head has no per-step noise; use 1.0")
+  return SamplingSettings(cfg=r.cfg + 1.0, num_steps=head.num_steps, solver="euler")
 
 
 def draws(model, keys: jax.Array, settings: HARTSampling):
@@ -141,7 +163,7 @@ def sample(model, tokenizer, labels: jax.Array, settings: HARTSampling, token_dr
       codes = tokenizer.quantize.embedding(idx)  # [B, n, Cvae]
       discrete = model.word_embed(codes)
       z = head.condition(x, jnp.concatenate([discrete, discrete]))
-      residual = head.sample(z[:b], z[b:], residual_noise, settings.residual(), ramp, num)
+      residual = head.sample(z[:b], z[b:], residual_noise, head_settings(head, settings), ramp, num)
       f_hat, _ = tokenizer.next_input(si, f_hat, (idx, residual))
       return HARTSample(tokens, residual, f_hat, all_logits, x)
     f_hat, nxt = tokenizer.next_input(si, f_hat, idx if soft is None else soft)

@@ -120,7 +120,7 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str, *, num_sa
 # The sampling overrides (command-line flags) each family's head understands.
 _VAR_SETTINGS = ("cfg", "top_k", "top_p", "more_smooth", "compute_dtype")
 # HART: the categorical part's, then the residual head's; `num_steps` (the CLI's --num_steps) is the head's
-# sampling steps, the same value as `residual_steps`.
+# sampling steps (diffusion steps, or the flow head's Euler steps), the same value as `residual_steps`.
 _HART_SETTINGS = _VAR_SETTINGS + ("residual_steps", "residual_cfg", "residual_temperature", "num_steps")
 _HEADS = {"flowar": "the flow head", "var": "a categorical head",
           "hart": "a categorical head and the residual head"}
@@ -160,6 +160,9 @@ def hart_settings(config: ml_collections.ConfigDict, categorical: CategoricalSam
   steps = next((v for v in (residual_steps, num_steps) if v is not None), s.residual_steps or None)
   cfg = s.residual_cfg if residual_cfg is None else residual_cfg
   temperature = s.residual_temperature if residual_temperature is None else residual_temperature
+  if config.model.residual.get("kind", "diffusion") == "flow" and temperature != 1.0:
+    raise ValueError(f"--residual_temperature {temperature}: the flow residual head (config.model.residual.kind "
+                     "'flow') has no per-step noise; leave it at 1.0")
   return HARTSampling(categorical=categorical, residual_steps=steps, residual_cfg=None if cfg < 0 else float(cfg),
                       residual_temperature=float(temperature))
 
