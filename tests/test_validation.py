@@ -166,3 +166,26 @@ def test_registry_builds_the_named_model_and_stored_configs_without_a_name_are_f
     registry.build_model(config)
   with pytest.raises(ValueError, match=r"'maskgit' is not a known model; known models: flowar, var, hart"):
     validate_config(config)
+
+
+def test_resume_check_names_a_changed_text_encoder_and_residual_head():
+  """A checkpoint trained with one text encoder (or HART residual head) does not resume under another."""
+  from flowar_jax.config_hart import hart_preset  # pylint: disable=g-import-not-at-top
+  from flowar_jax.config_text import add_text_section  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training import resume_check  # pylint: disable=g-import-not-at-top
+
+  text = add_text_section(tiny_config(), "minilm")
+  stored = text.to_dict()
+  with text.unlocked():
+    text.text.max_length = 8
+  found = resume_check.differences(stored, text, resume_check.FLOWAR_ARCHITECTURE)
+  assert found == [f"config.text.max_length is {stored['text']['max_length']!r} in the checkpoint but 8 now"]
+  # A class-conditional checkpoint has no text section: nothing of it is compared.
+  assert resume_check.differences(tiny_config().to_dict(), tiny_config(), resume_check.FLOWAR_ARCHITECTURE) == []
+
+  hart = hart_preset(2)
+  stored = hart.to_dict()
+  with hart.unlocked():
+    hart.model.residual.kind = "flow"
+  assert resume_check.differences(stored, hart, resume_check.HART_ARCHITECTURE) == [
+      "config.model.residual.kind is 'diffusion' in the checkpoint but 'flow' now"]

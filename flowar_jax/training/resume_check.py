@@ -25,6 +25,9 @@ FLOWAR_ARCHITECTURE: tuple[_Key, ...] = (
     "model.head.variant", "model.head.depth", "model.head.width", "model.head.head_dim", "model.head.mlp_ratio",
     "vae.latent_channels",
     ("optimizer.grad_clip > 0", lambda flat: flat["optimizer.grad_clip"] > 0),  # adds a clipping stage
+    # Text conditioning: the encoder's widths shape the projections, and another encoder (or its weights, or
+    # context length) gives the model different conditions than it was trained on.
+    "model.conditioning", "text.encoder", "text.weights", "text.tokenizer", "text.max_length", "text.clip_size",
 )
 VAE_ARCHITECTURE: tuple[_Key, ...] = (
     "vae.in_channels", "vae.base_channels", "vae.channel_multipliers", "vae.encoder_blocks", "vae.decoder_blocks",
@@ -39,7 +42,7 @@ VAR_ARCHITECTURE: tuple[_Key, ...] = (
 HART_ARCHITECTURE: tuple[_Key, ...] = (
     "model.name", "model.depth", "model.width", "model.num_heads", "model.mlp_ratio", "model.num_classes",
     "model.mlp", "model.adaln", "model.timestep_level", "model.attn_l2_norm", "model.residual.width",
-    "model.residual.depth", "vae.vocab_size", "vae.z_channels", "vae.patch_nums",
+    "model.residual.depth", "model.residual.kind", "vae.vocab_size", "vae.z_channels", "vae.patch_nums",
     ("optimizer.grad_clip > 0", lambda flat: flat["optimizer.grad_clip"] > 0),
 )
 VQVAE_ARCHITECTURE: tuple[_Key, ...] = (
@@ -52,7 +55,7 @@ FLOWAR_TRAJECTORY: tuple[_Key, ...] = (
     "seed", "batch_size", "num_train_steps", *_DATA, "data.cache_latents", "model.label_drop_prob",
     "model.attn_dropout", "model.proj_dropout", "vae.sample_posterior", "optimizer.base_lr", "optimizer.min_lr",
     "optimizer.warmup_steps", "optimizer.b1", "optimizer.b2", "optimizer.weight_decay", "optimizer.grad_clip",
-    "optimizer.ema_decay",
+    "optimizer.ema_decay", "text.drop_prob",
     # A measured scale (0 in the config) is taken from the checkpoint; a given one must agree with it.
     ("vae.latent_scale", lambda flat: flat["vae.latent_scale"] or None),
 )
