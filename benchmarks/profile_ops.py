@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from benchmarks.sample_throughput import add_sampling_flags, compiled_sampler  # noqa: E402
-from benchmarks.throughput_common import add_model_flags  # noqa: E402
+from benchmarks.throughput_common import add_model_flags, apply_malloc  # noqa: E402
 from benchmarks.timing import report  # noqa: E402
 from benchmarks.train_throughput import compiled_train_step  # noqa: E402
 
@@ -166,6 +166,7 @@ def main() -> None:
   parser.add_argument("--json", help="also write the figures to this file")
   parser.set_defaults(repeats=2)
   args = parser.parse_args()
+  heap = apply_malloc(args)
 
   if args.mode == "sample":
     compiled, call, _ = compiled_sampler(args)
@@ -192,6 +193,7 @@ def main() -> None:
   for kind, micros in classes.most_common():
     print(f"{micros / total:6.1%} {micros / 1e6 / args.repeats:7.3f}  {kind}")
   report({"mode": args.mode, "preset": args.preset, "compute_dtype": args.compute_dtype, "batch": args.batch,
+          "malloc": "heap" if heap else "default",
           "wall_s_per_call": round(wall / args.repeats, 4), "op_s_per_call": round(total / 1e6 / args.repeats, 4),
           "classes": {k: round(v / total, 4) for k, v in classes.most_common()},
           "top": [[k, p, round(v / total, 4)] for (k, p), v in rows.most_common(args.top)]}, args.json)

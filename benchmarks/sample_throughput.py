@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.throughput_common import add_model_flags, median_seconds, model_config, peak_flops  # noqa: E402
+from benchmarks.throughput_common import (add_model_flags, apply_malloc, median_seconds, model_config,  # noqa: E402
+                                          peak_flops)
 from benchmarks.timing import report  # noqa: E402
 from flowar_jax.config import validate_config  # noqa: E402
 from flowar_jax.models.flops import sampling_flops_per_image  # noqa: E402
@@ -60,6 +61,7 @@ def main() -> None:
   add_sampling_flags(parser)
   parser.add_argument("--json", help="also write the figures to this file")
   args = parser.parse_args()
+  heap = apply_malloc(args)
 
   _, call, flops = compiled_sampler(args)
   seconds, times = median_seconds(call, args.repeats)
@@ -67,7 +69,8 @@ def main() -> None:
       "device": jax.devices()[0].device_kind, "preset": args.preset, "batch": args.batch,
       "num_steps": args.num_steps, "cfg": args.cfg, "guidance": args.guidance, "solver": args.solver,
       "scale_steps": args.scale_steps,
-      "compute_dtype": args.compute_dtype, "call_s": round(seconds, 4), "call_s_all": [round(t, 4) for t in times],
+      "compute_dtype": args.compute_dtype, "malloc": "heap" if heap else "default",
+      "call_s": round(seconds, 4), "call_s_all": [round(t, 4) for t in times],
       "s_per_img": round(seconds / args.batch, 5), "imgs_per_s": round(args.batch / seconds, 2),
       "model_gflop_per_img": round(flops / args.batch / 1e9, 2), "model_gflops": round(flops / seconds / 1e9, 1),
   }

@@ -41,6 +41,15 @@ def add_model_flags(parser: argparse.ArgumentParser, default_batch: int) -> None
   parser.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--attention_impl", choices=("xla", "pallas", "auto"), default="xla")
   parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the median is reported)")
+  parser.add_argument("--malloc", choices=("heap", "default"), default="heap",
+                      help="heap: large CPU buffers stay on the C heap, as the command line sets it "
+                           "(flowar_jax/host_allocator.py); default: glibc's own rules")
+
+
+def apply_malloc(args: argparse.Namespace) -> bool:
+  """The `--malloc` choice, before anything large is allocated; -> whether the heap setting is on."""
+  from flowar_jax.host_allocator import keep_large_buffers_on_heap_for_cpu  # pylint: disable=g-import-not-at-top
+  return args.malloc == "heap" and keep_large_buffers_on_heap_for_cpu()
 
 
 def model_config(args: argparse.Namespace) -> ml_collections.ConfigDict:

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.throughput_common import (add_model_flags, compiled_flops, matmul_rate, median_seconds,  # noqa: E402
-                                          model_config, peak_flops)
+from benchmarks.throughput_common import (add_model_flags, apply_malloc, compiled_flops,  # noqa: E402
+                                          matmul_rate, median_seconds, model_config, peak_flops)
 from benchmarks.timing import report  # noqa: E402
 from flowar_jax import precision  # noqa: E402
 from flowar_jax.config import validate_config  # noqa: E402
@@ -81,12 +81,14 @@ def main() -> None:
   parser.add_argument("--no_matmul_rate", action="store_true", help="skip measuring the CPU's matrix-product rate")
   parser.add_argument("--json", help="also write the figures to this file")
   args = parser.parse_args()
+  heap = apply_malloc(args)
 
   compiled, one_step, flops, config, num_params = compiled_train_step(args)
   seconds, times = median_seconds(one_step, args.repeats)
   out = {
       "device": jax.devices()[0].device_kind, "preset": args.preset, "params_m": round(num_params / 1e6, 2),
       "batch": args.batch, "tokens": sum(s * s for s in config.model.scales), "compute_dtype": args.compute_dtype,
+      "malloc": "heap" if heap else "default",
       "remat": args.remat, "step_s": round(seconds, 4), "step_s_all": [round(t, 4) for t in times],
       "imgs_per_s": round(args.batch / seconds, 2), "model_gflop_per_step": round(flops / 1e9, 1),
       "xla_gflop_per_step": round(compiled_flops(compiled) / 1e9, 1),

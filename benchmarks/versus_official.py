@@ -28,9 +28,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PRECISIONS = ("float32", "bfloat16")
 
 
-def run_json(command: list[str]) -> dict:
+# glibc's malloc with large blocks kept on the heap: the setting flowar_jax's command line makes for itself
+# (flowar_jax/host_allocator.py), given to the official process from outside with --official_malloc heap.
+HEAP_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+
+
+def run_json(command: list[str], extra_env: dict[str, str] | None = None) -> dict:
   """Runs a benchmark process and returns the JSON object of its last line of output."""
-  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), **(extra_env or {}))
   done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
   lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
   if done.returncode != 0 or not lines:
@@ -53,6 +58,12 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5, help="timed repetitions within each process")
   parser.add_argument("--precisions", default="float32,bfloat16",
                       help="matched precisions to compare, from " + ",".join(PRECISIONS))
+  parser.add_argument("--malloc", choices=("heap", "default"), default="heap",
+                      help="flowar_jax's processes: large CPU buffers on the heap, as its command line runs "
+                           "(heap), or glibc's own rules (default)")
+  parser.add_argument("--official_malloc", choices=("default", "heap"), default="default",
+                      help="the official process: as it ships (default), or with the same heap setting, through "
+                           "GLIBC_TUNABLES")
   parser.add_argument("--json", help="also write the summary to this file")
   args = parser.parse_args()
   precisions = args.precisions.split(",")
@@ -73,7 +84,8 @@ def main() -> None:
       def official():
         out = run_json([args.official_python, os.path.join(HERE, "official_throughput.py"), "--official",
                         args.official, *sizes, "--batch", str(args.batch), "--sample_batch", str(args.sample_batch),
-                        "--repeats", str(args.repeats), "--autocast", precision, *sampling])
+                        "--repeats", str(args.repeats), "--autocast", precision, *sampling],
+                       {"GLIBC_TUNABLES": HEAP_TUNABLES} if args.official_malloc == "heap" else None)
         train_s["official", precision].append(out["step_s"])
         sample_s["official", precision].append(out["sample_s_per_img"])
         rss["official", precision].append(out["peak_rss_mb"])
@@ -81,7 +93,7 @@ def main() -> None:
 
       def ours():
         nonlocal device
-        common = [*sizes, "--compute_dtype", precision, "--repeats", str(args.repeats)]
+        common = [*sizes, "--compute_dtype", precision, "--repeats", str(args.repeats), "--malloc", args.malloc]
         train = run_json([sys.executable, os.path.join(HERE, "train_throughput.py"), *common, "--batch",
                           str(args.batch), "--no_matmul_rate"])
         sample = run_json([sys.executable, os.path.join(HERE, "sample_throughput.py"), *common, "--batch",
@@ -98,6 +110,7 @@ def main() -> None:
   median = statistics.median
   summary = {"device": device, "preset": args.preset, "batch": args.batch, "sample_batch": args.sample_batch,
              "num_steps": args.num_steps, "cfg": args.cfg, "rounds": args.rounds, "repeats": args.repeats,
+             "malloc": args.malloc, "official_malloc": args.official_malloc,
              "cpus": os.cpu_count(), "load_1m_median": median(loads), "load_1m_max": max(loads)}
   print(f"\n{'':>30} {'train s/step':>12} {'imgs/s':>8} {'vs official':>11} {'sample s/img':>13} "
         f"{'vs official':>11} {'peak RSS MB':>11}")
