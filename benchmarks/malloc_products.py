@@ -2,10 +2,12 @@
 heap (flowar_jax/host_allocator.py), each in a fresh process:
 
   python benchmarks/malloc_products.py [--shapes 8192x256x1024,8192x256x768] [--repeats 15]
+      [--torch_python /path/to/torch-venv/bin/python]
 
 An [M, K] x [K, N] product with bf16 operands and float32 output (as `compute_dtype=bfloat16` runs) allocates
 its M * N * 4 byte output on every call; at 32 MiB and above glibc maps fresh pages for it. Prints the median
-milliseconds and GFLOP/s of each shape under each setting.
+milliseconds and GFLOP/s of each shape under each setting; with --torch_python, also PyTorch's `nn.Linear`
+of the same shape under `torch.autocast("cpu", torch.bfloat16)` (2 threads), as the official code runs it.
 """
 from __future__ import annotations
 
@@ -43,11 +45,30 @@ def measure(shape: tuple[int, int, int], repeats: int, heap: bool) -> float:
   return float(np.median(times))
 
 
+_TORCH_CHILD = """
+import sys, time
+import numpy as np
+import torch
+torch.set_num_threads(2)
+m, k, n = map(int, sys.argv[1].split("x"))
+x, layer = torch.randn(m, k), torch.nn.Linear(k, n)
+times = []
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+  layer(x)
+  for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    layer(x)
+    times.append(time.perf_counter() - start)
+print(float(np.median(times)))
+"""
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shapes", default="8192x256x1024,8192x256x768,4096x256x1024",
                       help="comma-separated MxKxN")
   parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--torch_python", help="a Python with torch: also time nn.Linear under bf16 autocast")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # 'MxKxN,heap|default': measure in this process
   args = parser.parse_args()
   if args.child:
@@ -58,10 +79,15 @@ def main() -> None:
   print(f"{'M x K x N':>16} {'output MiB':>10} {'malloc':>8} {'ms':>8} {'GFLOP/s':>8}")
   for shape in args.shapes.split(","):
     m, k, n = map(int, shape.split("x"))
-    for malloc in ("default", "heap"):
-      done = subprocess.run([sys.executable, __file__, "--child", f"{shape},{malloc}", "--repeats", str(args.repeats)],
-                            capture_output=True, text=True, env=env, check=True)
-      seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    for malloc in ("default", "heap") + (("torch",) if args.torch_python else ()):
+      if malloc == "torch":
+        done = subprocess.run([args.torch_python, "-c", _TORCH_CHILD, shape, str(args.repeats)],
+                              capture_output=True, text=True, check=True)
+        seconds = float(done.stdout.strip().splitlines()[-1])
+      else:
+        done = subprocess.run([sys.executable, __file__, "--child", f"{shape},{malloc}", "--repeats",
+                               str(args.repeats)], capture_output=True, text=True, env=env, check=True)
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
       rate = 2 * m * k * n / seconds / 1e9
       print(f"{shape:>16} {m * n * 4 / 2**20:10.0f} {malloc:>8} {seconds * 1e3:8.2f} {rate:8.0f}", flush=True)
 
