@@ -81,9 +81,9 @@ _FEATHER = flags.DEFINE_integer("feather", 2, "edit: fade into the original over
                                 "the mask (0: paste it back exactly; -1: keep the decode as it is)")
 _RESAMPLE = flags.DEFINE_integer("resample", None, "edit, FlowAR: resampling rounds per scale inside the ODE (the "
                                  "generated tokens noised back to --resample_from and denoised again next to the "
-                                 "kept ones; 0 = none; default: EditSettings().resample)")
+                                 "kept ones; default: 0, none)")
 _RESAMPLE_FROM = flags.DEFINE_float("resample_from", None, "edit, FlowAR: the flow time in (0, 1] each resampling "
-                                    "round starts from (default: EditSettings().resample_from, 0.5)")
+                                    "round starts from (default: 0.5)")
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
 
 _METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...", "prompt": "TEXT",
