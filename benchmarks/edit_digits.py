@@ -2,7 +2,7 @@
 
   python benchmarks/edit_digits.py --workdir runs/digits [--num_steps 25] [--cfg 3] [--seed 0] [--json FILE]
                                    [--mask_rule hybrid] [--fit_steps 0] [--default_only]
-                                   [--resample 0 --resample_from 0.5]
+                                   [--resample R[,R2,...] --resample_from T[,T2,...]]
   python benchmarks/edit_digits.py --workdir runs/var_digits [--cfg 3] [--top_k 0] [--seed 0]   # a VAR run
 
 For each held-out digit (the digits metric's eval split, which neither network saw), the right half and,
@@ -23,7 +23,8 @@ for these methods, all with the same noise (sample i draws from (seed, i)):
   after_scale     kept tokens reset only at each scale's end, with the default blend
   paste           a fresh sample of the label with the kept half of the original pasted back
   path_resample   (with --resample R) R RePaint-style resampling rounds inside each scale's ODE from t <=
-                  --resample_from, with the default blend
+                  --resample_from, with the default blend; several rounds or times (paired in order; one
+                  time serves every R) give one row each, path_resample_R_T
   path_fit        (with --fit_steps N) the generated tokens fitted to the kept pixels for N steps before
                   decoding (`fit_generated_tokens`), no blend
 `plain_samples.accuracy` is the class-conditional sampler's accuracy on the same labels and seeds, the target
@@ -70,6 +71,21 @@ def other_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return ((labels + shift) % num_classes).astype(np.int32)
 
 
+def resample_variants(rounds: str, starts: str) -> list[tuple[int, float]]:
+  """`--resample 2,1 --resample_from 0.5,0.7` -> [(2, 0.5), (1, 0.7)]; one start serves every round count;
+  0 rounds are left out."""
+  try:
+    counts, times = [int(r) for r in rounds.split(",")], [float(t) for t in starts.split(",")]
+  except ValueError:
+    raise SystemExit(f"--resample takes round counts and --resample_from times, comma-separated, got {rounds!r} "
+                     f"and {starts!r}") from None
+  if len(times) == 1:
+    times *= len(counts)
+  if len(times) != len(counts):
+    raise SystemExit(f"--resample_from gives {len(times)} times for {len(counts)} --resample counts")
+  return [(r, t) for r, t in zip(counts, times) if r]
+
+
 def scores(classifier, masks, originals, true_labels, other, edits_true, edits_other, roundtrip, margin,
            readable) -> dict:
   """The figures of one method on one region (see the module docstring)."""
@@ -97,15 +113,18 @@ def main() -> None:
   parser.add_argument("--fit_steps", type=int, default=0, help="also measure path_fit with this many steps")
   parser.add_argument("--default_only", action="store_true",
                       help="leave out after_scale (the blends and the paste baseline cost no extra edit)")
-  parser.add_argument("--resample", type=int, default=0, help="also measure path_resample with this many rounds")
-  parser.add_argument("--resample_from", type=float, default=0.5)
+  parser.add_argument("--resample", default="0", help="also measure path_resample with this many rounds (a comma "
+                      "list: one row each)")
+  parser.add_argument("--resample_from", default="0.5", help="the time each round starts from (a comma list: "
+                      "paired with --resample's)")
   parser.add_argument("--json", help="also write the figures to this file")
   args = parser.parse_args()
+  resample = resample_variants(args.resample, args.resample_from)
 
   config = stored_config(args.workdir)
   settings = settings_from(config, num_steps=args.num_steps, cfg=args.cfg, top_k=args.top_k)
   flowar = config.model.name == "flowar"
-  if not flowar and (args.fit_steps or args.resample):
+  if not flowar and (args.fit_steps or resample):
     raise SystemExit("--fit_steps and --resample act on the flow head's continuous latents: FlowAR runs only")
   size, fraction = config.data.image_size, config.data.eval_fraction
   originals, labels = split_images("eval", size, fraction)
@@ -114,9 +133,9 @@ def main() -> None:
   classifier = digit_classifier(size, fraction)
   readable = classifier._run(originals)[0].argmax(axis=1) == labels  # pylint: disable=protected-access
   default_feather = EditSettings().feather
-  figures = {"workdir": args.workdir, "model": config.model.name, "num_images": n, "settings": dataclasses.asdict(settings),
-             "mask_rule": args.mask_rule, "default_feather": default_feather, "seed": args.seed,
-             "device": jax.devices()[0].platform,
+  figures = {"workdir": args.workdir, "model": config.model.name, "num_images": n,
+             "settings": dataclasses.asdict(settings), "mask_rule": args.mask_rule, "default_feather": default_feather,
+             "resample": resample, "seed": args.seed, "device": jax.devices()[0].platform,
              "real_heldout_accuracy": classifier.metrics(originals, labels)["digits_accuracy"],
              "real_readable": int(readable.sum())}
 
@@ -133,9 +152,9 @@ def main() -> None:
   editors = {base: EditSettings(args.mask_rule, "path", feather=None)}
   if flowar and not args.default_only:
     editors["after_scale"] = EditSettings(args.mask_rule, "after_scale", feather=None)
-  if args.resample:
-    editors["path_resample"] = EditSettings(args.mask_rule, "path", feather=None, resample=args.resample,
-                                            resample_from=args.resample_from)
+  for rounds, from_t in resample:
+    name = "path_resample" if len(resample) == 1 else f"path_resample_{rounds}_{from_t:g}"
+    editors[name] = EditSettings(args.mask_rule, "path", feather=None, resample=rounds, resample_from=from_t)
   if args.fit_steps:
     editors["path_fit"] = EditSettings(args.mask_rule, "path", feather=None, fit_steps=args.fit_steps)
   editors = {name: load_editor(config, args.workdir, settings, edit) for name, edit in editors.items()}

@@ -79,6 +79,11 @@ _OUT = flags.DEFINE_string("out", None, "output directory (default: WORKDIR/edit
 _BLEND = flags.DEFINE_boolean("blend", False, "paste the original's pixels back outside the mask")
 _FEATHER = flags.DEFINE_integer("feather", 2, "edit: fade into the original over this many kept pixels next to "
                                 "the mask (0: paste it back exactly; -1: keep the decode as it is)")
+_RESAMPLE = flags.DEFINE_integer("resample", None, "edit, FlowAR: resampling rounds per scale inside the ODE (the "
+                                 "generated tokens noised back to --resample_from and denoised again next to the "
+                                 "kept ones; default: 0, none)")
+_RESAMPLE_FROM = flags.DEFINE_float("resample_from", None, "edit, FlowAR: the flow time in (0, 1] each resampling "
+                                    "round starts from (default: 0.5)")
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "library logs, and a traceback with an error (as -v 0)")
 
 _METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "labels": "L1,L2,...", "prompt": "TEXT",
@@ -86,7 +91,8 @@ _METAVARS = {"config": "CONFIG[:ARG]", "workdir": "DIR", "num_samples": "N", "la
              "metrics": "M1,M2,...", "from_torch": "FILE|URL|HF_ID", "vae_torch": "FILE|URL|HF_ID",
              "inception_weights": "FILE", "topology": "GEN:AxB[xC]", "reference": "REF", "cfg_choices": "C1,C2,...",
              "host": "ADDR", "port": "PORT", "max_samples": "N", "image": "FILE", "mask": "FILE",
-             "box": "Y0,X0,Y1,X1", "outpaint": "L,R,T,B", "label": "L", "out": "DIR"}
+             "box": "Y0,X0,Y1,X1", "outpaint": "L,R,T,B", "label": "L", "out": "DIR", "resample": "R",
+             "resample_from": "T"}
 _SAMPLING = ("cfg", "num_steps", "scale_steps", "guidance", "solver", "top_k", "top_p", "compute_dtype", "batch_size",
              "use_ema")
 _STORED_CONFIG = "config file (default: the config stored with WORKDIR's checkpoint)"
@@ -120,7 +126,8 @@ COMMANDS = {
         "Keeps the image's tokens outside the mask at every scale and generates the rest (docs/editing.md). "
         "Give exactly one of --mask, --box or --outpaint; writes edits.npz, edit_###.png and grid.png.",
         required=("workdir", "image"),
-        optional=("mask", "box", "outpaint", "label", "out", "blend", "feather", "config", "num_samples", "seed") + _SAMPLING,
+        optional=("mask", "box", "outpaint", "label", "out", "blend", "feather", "resample", "resample_from",
+                  "config", "num_samples", "seed") + _SAMPLING,
         notes={"config": _STORED_CONFIG, "num_samples": "number of edits (default: 8)",
                "workdir": "run directory holding the FlowAR or VAR checkpoint (trained or converted)"}),
     "summary": Command(
@@ -320,13 +327,14 @@ def _run(command: str) -> None:
                  reference=_REFERENCE.value, inception_weights=_INCEPTION.value)
   elif command == "edit":
     from flowar_jax.commands import edit
-    from flowar_jax.sampling.editing import EditSettings
+    edit_settings = edit.edit_settings(feather=_FEATHER.value, resample=_RESAMPLE.value,
+                                       resample_from=_RESAMPLE_FROM.value)  # flag errors before the checkpoint's
     workdir, config, settings = _stored_run()
     edit.run(config, workdir, image=_IMAGE.value, mask=_MASK.value, box=_BOX.value, outpaint=_OUTPAINT.value,
              label=_LABEL.value, out=_OUT.value, num_samples=_default(_NUM_SAMPLES.value, 8), seed=_SEED.value,
              settings=settings, batch_size=_default(_BATCH.value, config.sampling.batch_size),
              use_ema=_default(_USE_EMA.value, True), blend_original=_BLEND.value,
-             edit=EditSettings(feather=None if _FEATHER.value < 0 else _FEATHER.value))
+             edit=edit_settings)
   else:
     from flowar_jax.commands import sample
     workdir, config, settings = _stored_run()

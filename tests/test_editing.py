@@ -373,8 +373,36 @@ def test_cli_edit_help_lists_its_flags():
   from test_cli import cli  # pylint: disable=g-import-not-at-top
   out = " ".join(cli("edit", "--help").stdout.split())
   for flag in ("--image FILE (required)", "--mask FILE", "--box Y0,X0,Y1,X1", "--outpaint L,R,T,B", "--label L",
-               "--out DIR", "--[no]blend", "--num_samples N number of edits (default: 8)"):
+               "--out DIR", "--[no]blend", "--num_samples N number of edits (default: 8)", "--resample R",
+               "--resample_from T"):
     assert flag in out, flag
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(resample=-1), r"--resample must be >= 0 \(resampling rounds per scale; 0 = none\), got -1"),
+    (dict(resample=1, resample_from=0.0), r"--resample_from must be in \(0, 1\] .*, got 0.0"),
+    (dict(resample=1, resample_from=1.5), r"--resample_from must be in \(0, 1\] .*, got 1.5"),
+    (dict(resample=0, resample_from=0.7), "--resample_from has no effect without resampling rounds"),
+    (dict(feather=-2), r"--feather must be >= 0 .* or -1 \(the decode as it is\), got -2"),
+])
+def test_edit_flags_are_checked(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    edit_command.edit_settings(**kwargs)
+
+
+def test_edit_flags_build_the_settings():
+  assert edit_command.edit_settings() == editing.EditSettings()
+  got = edit_command.edit_settings(feather=-1, resample=2, resample_from=0.7)
+  assert got == editing.EditSettings(feather=None, resample=2, resample_from=0.7)
+
+
+def test_cli_edit_names_a_bad_resampling_flag_before_reading_anything(tmp_path):
+  from test_cli import cli  # pylint: disable=g-import-not-at-top
+  # No checkpoint and no image: the flag is checked first.
+  proc = cli("edit", "--workdir", str(tmp_path), "--image", str(tmp_path / "none.png"), "--box", "0,0.5,1,1",
+             "--resample", "1", "--resample_from", "2", check_ok=False)
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+  assert "flowar-jax edit: error: --resample_from must be in (0, 1]" in proc.stderr and "got 2.0" in proc.stderr
 
 
 def test_cli_edit_writes_edits_and_names_bad_input(trained, tmp_path):

@@ -106,6 +106,13 @@ def test_editor_checks(modules, settings, editor):
       editing.Editor(model, vq, 1.0, settings, edit)
 
 
+def test_the_command_refuses_flowar_settings_for_var_before_loading(tmp_path):
+  # No checkpoint, no image: the refusal comes first, as the editor's own.
+  with pytest.raises(ValueError, match="known=.after_scale., fit_steps and resample are FlowAR.s"):
+    edit_command.run(CONFIG, str(tmp_path), image=str(tmp_path / "none.png"), box="0,0.5,1,1", settings=None,
+                     edit=edit_command.edit_settings(resample=1))
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   """A workdir converted from official-format state dicts of a randomly initialised digits VAR."""

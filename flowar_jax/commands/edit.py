@@ -181,6 +181,26 @@ def load_editor(config: ml_collections.ConfigDict, workdir: str, settings,
   return Editor(model, tokenizer, latent_scale, settings, edit, plan)
 
 
+def edit_settings(*, feather: int = 2, resample: int | None = None, resample_from: float | None = None
+                  ) -> EditSettings:
+  """The command line's `--feather`, `--resample` and `--resample_from` -> `EditSettings`; None keeps
+  `EditSettings`' default. Errors name the flag."""
+  default = EditSettings()
+  if feather < -1:
+    raise ValueError(f"--feather must be >= 0 (kept pixels to fade over) or -1 (the decode as it is), got {feather}")
+  if resample is not None and resample < 0:
+    raise ValueError(f"--resample must be >= 0 (resampling rounds per scale; 0 = none), got {resample}")
+  rounds = default.resample if resample is None else resample
+  if resample_from is not None:
+    if not 0 < resample_from <= 1:
+      raise ValueError(f"--resample_from must be in (0, 1] (the flow time the generated tokens are noised back to, "
+                       f"1 = pure noise), got {resample_from}")
+    if not rounds:
+      raise ValueError("--resample_from has no effect without resampling rounds: give --resample R > 0 with it")
+  return EditSettings(feather=None if feather == -1 else feather, resample=rounds,
+                      resample_from=default.resample_from if resample_from is None else resample_from)
+
+
 def check_label(label: int | None, num_classes: int) -> int:
   """The label to generate under; None -> num_classes (no class: unconditional, needs label dropout)."""
   if label is None:
@@ -249,6 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, image: str, mask: st
   """The command: checks every input, then edits and writes to `out` (default WORKDIR/edits). Returns the edits."""
   if config.model.name not in EDITABLE:
     raise ValueError(f"the edit command edits {' and '.join(EDITABLE)} runs; this run is {config.model.name}")
+  edit.check_family(config.model.name)  # before any file is read or weights are loaded
   prepared = prepare(image, config.data.image_size, mask_path=mask, box=box, outpaint=outpaint)
   label_id = check_label(label, config.model.num_classes)
   no_guidance = 1.0 if config.model.name == "flowar" else 0.0  # FlowAR's cfg is a weight, VAR's a ramp's slope

@@ -276,6 +276,14 @@ class EditSettings:
     if not 0 < self.resample_from <= 1:
       raise ValueError(f"resample_from must be in (0, 1], got {self.resample_from}")
 
+  def check_family(self, family: str) -> None:
+    """Refuses, for a VAR model (`family` 'var', as `config.model.name`), the settings that act on FlowAR's flow
+    head: there is no ODE and no continuous latent to act on."""
+    if family == "var" and (self.known != "path" or self.fit_steps or self.resample):
+      raise ValueError("known='after_scale', fit_steps and resample are FlowAR's (its flow head's ODE, its "
+                       "continuous latents); VAR draws each code in one step and keeps the image's codes after "
+                       "the draw: leave them out for a VAR run (edit --resample 0)")
+
 
 class Editor:
   """Compiled editor: `editor(images, masks, labels, seed, first_index)` -> uint8 images `[B, H, W, 3]`.
@@ -293,10 +301,7 @@ class Editor:
   def __init__(self, model: FlowAR | VAR, tokenizer: AutoencoderKL | MultiScaleVQVAE, latent_scale: float,
                settings, edit: EditSettings = EditSettings(), plan: ShardingPlan | None = None):
     if isinstance(model, VAR):
-      if edit.known != "path" or edit.fit_steps or edit.resample:
-        raise ValueError("known='after_scale', fit_steps and resample are FlowAR's (its flow head's ODE, its "
-                         "continuous latents); VAR draws each code in one step and keeps the image's codes after "
-                         "the draw")
+      edit.check_family("var")
     elif not isinstance(model, FlowAR):
       raise ValueError(f"editing supports FlowAR and VAR, got {type(model).__name__}")
     self.settings, self.edit = settings, edit
