@@ -19,7 +19,7 @@ def get_config():
   c.seed = 0
   c.stage = "both"
   c.batch_size = 64
-  c.num_train_steps = 600
+  c.num_train_steps = 800
   c.checkpoint_every_steps = 200
   c.log_every_steps = 100
 
