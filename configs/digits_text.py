@@ -1,6 +1,6 @@
 """The bundled text-to-image default: a small VAE + text-conditional FlowAR on composed scikit-learn digits
 ("a 3 to the left of a 7", "a 5 above a 2", "two 4s", with paraphrases), prompts encoded by the bundled,
-frozen all-MiniLM-L6-v2; trained end to end on a CPU.
+frozen all-MiniLM-L6-v2; trained end to end on a 2-core CPU in about 10 minutes (docs/text.md).
 
   make digits-text   # = python -m flowar_jax train --config configs/digits_text.py --workdir runs/digits_text
   python -m flowar_jax sample --workdir runs/digits_text --prompt "a 4 to the left of a 9"
