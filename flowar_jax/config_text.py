@@ -86,9 +86,8 @@ def validate_text_section(config: ml_collections.ConfigDict) -> None:
                      f"special tokens included), got {t.max_length}")
   if not 0.0 <= t.drop_prob < 1.0:
     raise ValueError(f"config.text.drop_prob must lie in [0, 1), got {t.drop_prob}")
-  # What reads class labels or uncaptioned latents has no text path.
-  for key, value, why in (("data.cache_latents", config.data.cache_latents, "the latent cache holds no captions"),
-                          ("sample_every_steps", config.sample_every_steps, "sample grids are drawn by class"),
+  # What reads class labels has no text path.
+  for key, value, why in (("sample_every_steps", config.sample_every_steps, "sample grids are drawn by class"),
                           ("eval.every_steps", config.eval.every_steps, "evaluation in training samples by class")):
     if value:
       raise ValueError(f"config.{key} must be off for a text-conditional run ({why}); got {value!r}")

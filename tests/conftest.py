@@ -121,20 +121,21 @@ def trained(tmp_path_factory, compilation_cache_dir):
 
 def tiny_text_config():
   """The tiny config made text-conditional: composed digits at 16x16 with captions, a randomly initialised
-  MiniLM (the bundled tokenizer), 3 VAE and 4 FlowAR steps."""
+  MiniLM (the bundled tokenizer), 3 VAE and 4 FlowAR steps on cached latents (as configs/digits_text.py)."""
   from flowar_jax.config_text import add_text_section  # pylint: disable=g-import-not-at-top
   c = add_text_section(tiny_config(), "minilm")
   c.text.weights = "random"
   c.text.max_length = 16
   c.data.name = "digits_text"
+  c.data.cache_latents = True
   c.sampling.num_samples = c.sampling.batch_size = 8
   return c
 
 
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory):
-  """`tiny_text_config()` trained end to end by `train` (VAE, text cache, FlowAR, samples from captions), once
-  per session. Returns (config, workdir); tests must not modify the workdir."""
+  """`tiny_text_config()` trained end to end by `train` (VAE, latent and text caches, FlowAR, samples from
+  captions), once per session. Returns (config, workdir); tests must not modify the workdir."""
   from flowar_jax.commands import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("text_run"))
   config = tiny_text_config()

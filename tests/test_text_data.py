@@ -2,6 +2,7 @@
 batches and the alignment metric (CPU, tiny sizes; the text encoder is a small deterministic stand-in)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,10 +18,12 @@ from flowar_jax import config_files
 from flowar_jax import data
 from flowar_jax.data import captioned_folder
 from flowar_jax.data import compositions
+from flowar_jax.data import preprocess
 from flowar_jax.data import text_batches
 from flowar_jax.data import text_cache
 from flowar_jax.evaluation import alignment
 from flowar_jax.text.base import TextEncoding, TokenizedPrompts
+from flowar_jax.training import latent_cache
 
 try:
   from test_gcs_run import BUCKET, storage  # the GCS emulator fixture  # pylint: disable=unused-import
@@ -263,6 +266,74 @@ def test_text_train_iterator_gives_encoded_batches_and_checkpoints(tmp_path):
   np.testing.assert_array_equal(next(iterator)["text_states"], batch["text_states"])
   with pytest.raises(ValueError, match="need a captioned dataset"):
     text_batches.load_or_encode(_text_config("digits"), encoder, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- text batches of cached latents
+
+class PoolingEncoder:
+  """A stand-in for the VAE encoder (`latent_cache.LocalEncoder`): moments `[b, S/4, S/4, 6]` are each 4x4
+  block's mean colour (mean) and zeros (logvar), a function of the image alone."""
+
+  batch_size = 32
+
+  def __call__(self, images):
+    b, h, w, _ = images.shape
+    mean = np.asarray(images, np.float32).reshape(b, h // 4, 4, w // 4, 4, 3).mean(axis=(2, 4))
+    return np.concatenate([mean, np.zeros_like(mean)], axis=-1)
+
+
+def test_cached_latent_batches_carry_their_own_examples_caption_encodings(tmp_path):
+  """Each row of a text batch read from the latent cache holds the latent of some train example and the caption
+  encodings of exactly that example (both recomputed from the example directly); the latents and their order
+  are the class path's, the processes' shares are disjoint, and a restored iterator state gives the same
+  batches."""
+  config = _text_config()
+  config.vae.latent_channels = 3
+  source = compositions.CompositionSource("train", num_examples=96)
+  manifest = latent_cache.expected_manifest(config, 4, len(source), 32, source.captions)
+  assert manifest != latent_cache.expected_manifest(config, 4, len(source), 32, source.captions[::-1])
+  latents, _ = latent_cache.build(str(tmp_path / "latents"), manifest, PoolingEncoder, source, config.data)
+  encoder = WordEncoder(context_length=12)
+  cache, _ = text_cache.build(str(tmp_path / "text"), encoder, _identity(max_length=12), source.captions)
+  batch_map = functools.partial(text_batches.with_example_encodings, cache=cache, rows=cache.rows(source.captions))
+  direct = PoolingEncoder()(np.stack([preprocess.to_float(source[i]["image"]) for i in range(len(source))]))
+
+  batch, seed, shard_count, steps = 16, 5, 2, 8  # 6 batches of 8 per process and epoch: into the second epoch
+  shares = []
+  for shard_index in range(shard_count):
+    texts = latents.train_iterator(batch, seed, shard_index, shard_count, batch_map=batch_map)
+    plain = latents.train_iterator(batch, seed, shard_index, shard_count)
+    share = []
+    for step in range(steps):
+      if step == 3:
+        state = texts.get_state()
+        after = [next(texts) for _ in range(3)]
+        resumed = latents.train_iterator(batch, seed, shard_index, shard_count, batch_map=batch_map)
+        resumed.set_state(state)
+        for want in after:
+          got = next(resumed)
+          for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        texts = latents.train_iterator(batch, seed, shard_index, shard_count, batch_map=batch_map)
+        texts.set_state(state)
+      got, reference = next(texts), next(plain)
+      assert sorted(got) == ["label", "moments", "text_mask", "text_pooled", "text_states"]
+      np.testing.assert_array_equal(got["moments"], reference["moments"])  # the class path's latents, in order
+      for row, moments in enumerate(got["moments"]):
+        matches = np.flatnonzero((direct == moments).all(axis=(1, 2, 3)))
+        assert len(matches) == 1, f"step {step} row {row}: latent matches examples {matches}"
+        tokens = encoder.tokenize([source.captions[matches[0]]])
+        want = encoder(tokens.ids, tokens.mask)
+        np.testing.assert_array_equal(got["text_states"][row], want.states[0])
+        np.testing.assert_array_equal(got["text_mask"][row], want.mask[0])
+        np.testing.assert_array_equal(got["text_pooled"][row], want.pooled[0])
+        if step < 6:
+          share.append(int(matches[0]))
+    assert len(set(share)) == len(share) == 48
+    shares.append(set(share))
+  assert not shares[0] & shares[1]
+  with pytest.raises(ValueError, match="indices under 'index'"):
+    batch_map({"moments": direct[:2]})
 
 
 # ----------------------------------------------------------------------------- alignment

@@ -224,8 +224,7 @@ def test_text_config_round_trips_and_errors_name_the_key():
   restored = config_from_dict(config.to_dict())
   assert restored.text.to_dict() == config.text.to_dict()
   for key, value, match in (("text.encoder", "bert", "text.encoder"), ("text.max_length", 600, "text.max_length"),
-                            ("text.drop_prob", 1.0, "text.drop_prob"),
-                            ("data.cache_latents", True, "data.cache_latents")):
+                            ("text.drop_prob", 1.0, "text.drop_prob"), ("eval.every_steps", 10, "eval.every_steps")):
     bad = text_config()
     section, name = key.split(".")
     bad[section][name] = value

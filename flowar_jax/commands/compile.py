@@ -234,14 +234,13 @@ def _train_programs(config: ml_collections.ConfigDict, plan: ShardingPlan) -> li
   if trains_generator(config):
     vae_graphdef, vae_params = split_params(nnx.eval_shape(functools.partial(build_vae, config)))
     tx, schedule = flowar_optimizer(config.optimizer, config.batch_size, config.num_train_steps)
+    text = _text_batch_shapes(config) if is_text(config) else {}
     if flowar and config.data.cache_latents:
       side = latent_side(config)
       batch = batch_of(config.batch_size, moments=((side, side, 2 * config.vae.latent_channels), jnp.float32),
-                       label=labels)
-    elif is_text(config):
-      batch = batch_of(config.batch_size, image=images, label=labels, **_text_batch_shapes(config))
+                       label=labels, **text)
     else:
-      batch = batch_of(config.batch_size, image=images, label=labels)
+      batch = batch_of(config.batch_size, image=images, label=labels, **text)
     loss_fn = generator_stage.generator_loss_fn(vae_graphdef, config, _text_null(config) if is_text(config) else None)
     programs.append(step_program(
         f"{config.model.name} train step", "--config.batch_size", functools.partial(build_model, config, config.seed),

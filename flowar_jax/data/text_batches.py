@@ -1,7 +1,11 @@
-"""Text training batches: a captioned dataset's images with their captions' cached encodings.
+"""Text training batches: a captioned dataset's images (or their cached VAE latents) with their captions'
+cached encodings.
 
-  {'image': float32 [B, S, S, 3], 'text_states': float32 [B, T, D], 'text_mask': bool [B, T],
-   'text_pooled': float32 [B, P], 'label': int32 [B] (-1, unused), ...}
+  {'image': float32 [B, S, S, 3] or 'moments': float32 [B, h, w, 2C], 'text_states': float32 [B, T, D],
+   'text_mask': bool [B, T], 'text_pooled': float32 [B, P], 'label': int32 [B] (-1, unused)}
+
+Image batches carry their captions (`with_encodings`); latent-cache batches carry their examples' indices into
+the train split, which `with_example_encodings` maps to the split's captions and so to their rows.
 
 The captions of a split are encoded once, by the frozen encoder, into WORKDIR/text_cache/<split>/
 (`data.text_cache`); batches then read only their rows. The cache records the encoder settings
@@ -78,6 +82,33 @@ def with_encodings(batch: dict[str, np.ndarray], cache: text_cache.TextCache) ->
   out = {key: value for key, value in batch.items() if key != "text"}
   out.update(cache.encodings(batch["text"]))
   return out
+
+
+def with_example_encodings(batch: dict[str, np.ndarray], cache: text_cache.TextCache, rows: np.ndarray
+                           ) -> dict[str, np.ndarray]:
+  """A batch with its examples' indices into the split, `'index'` int `[B]` (a latent cache's batches) -> the
+  same batch with those examples' caption encodings instead (`text_states` `[B, T, D]`, `text_mask` `[B, T]`,
+  `text_pooled` `[B, P]`). `rows` int64 `[N]`: example i's caption's row in `cache` (`cache.rows(captions)`)."""
+  if "index" not in batch:
+    raise ValueError(f"a batch of cached latents needs its examples' indices under 'index', got keys {sorted(batch)}")
+  index = np.asarray(batch["index"], np.int64)
+  if index.size and (index.min() < 0 or index.max() >= len(rows)):
+    raise IndexError(f"example indices must lie in [0, {len(rows)}) (the split's captions), got "
+                     f"{index.min()}..{index.max()}")
+  out = {key: value for key, value in batch.items() if key != "index"}
+  out.update(cache.read(rows[index]))
+  return out
+
+
+def example_encodings(config: ml_collections.ConfigDict, encoder: TextEncoder, workdir: str,
+                      shard_index: int = 0, shard_count: int = 1
+                      ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+  """The `batch_map` that gives a latent cache's train batches (`{'moments', 'label', 'index'}`, record i being
+  train example i) their captions' encodings, as `with_example_encodings`; the train split's text cache is
+  completed first."""
+  cache = load_or_encode(config, encoder, workdir, "train", shard_index, shard_count)
+  rows = cache.rows(source_lib.build_source(config.data, "train").captions)
+  return functools.partial(with_example_encodings, cache=cache, rows=rows)
 
 
 def text_batches(config: ml_collections.ConfigDict, encoder: TextEncoder, split: str,

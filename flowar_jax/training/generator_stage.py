@@ -96,15 +96,23 @@ def tokens_per_image(config: ml_collections.ConfigDict) -> int:
   return sum(side * side for side in sides)
 
 
-def text_train_iterator(config: ml_collections.ConfigDict, workdir: str) -> tuple[object, TextEncoding]:
-  """A text run's training batches (images with their captions' cached encodings, WORKDIR/text_cache/) and the
-  empty prompt's encoding (the null condition), from the frozen encoder of `config.text`."""
+def text_train_iterator(config: ml_collections.ConfigDict, vae: AutoencoderKL, workdir: str
+                        ) -> tuple[object, TextEncoding]:
+  """A text run's training batches and the empty prompt's encoding (the null condition), from the frozen encoder
+  of `config.text`. Each batch carries its captions' cached encodings (WORKDIR/text_cache/) beside the images,
+  or, with `data.cache_latents`, beside the cached latents (WORKDIR/latent_cache/), each record's caption found
+  by its example index."""
   from flowar_jax.data import text_batches  # pylint: disable=g-import-not-at-top
   from flowar_jax.text.registry import build_text_encoder  # pylint: disable=g-import-not-at-top
   encoder = build_text_encoder(config.text)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   null = text_batches.load_or_encode(config, encoder, workdir, "train", **shard).null()
-  iterator = text_batches.make_text_train_iterator(config, encoder, workdir, **shard)
+  if config.data.cache_latents:
+    latents = latent_cache.load_or_encode(vae, config, workdir)
+    iterator = latents.train_iterator(config.batch_size, config.seed, batch_map=text_batches.example_encodings(
+        config, encoder, workdir, **shard), **shard)
+  else:
+    iterator = text_batches.make_text_train_iterator(config, encoder, workdir, **shard)
   return iterator, TextEncoding(*(jnp.asarray(null[k]) for k in ("text_states", "text_mask", "text_pooled")))
 
 
@@ -121,7 +129,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> tuple[nn
     config = resolve_latent_scale(config, vae, workdir)
   null = None
   if is_text(config):
-    iterator, null = text_train_iterator(config, workdir)
+    iterator, null = text_train_iterator(config, vae, workdir)
   elif config.data.cache_latents:
     iterator = latent_cache.make_latent_iterator(vae, config, workdir)
   else:

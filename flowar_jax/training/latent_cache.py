@@ -5,7 +5,8 @@ posterior sample every step, exactly as when encoding on the fly without augment
 
 Layout, under WORKDIR/latent_cache/ (any `fs` path, `gs://` included):
 
-  manifest.json             count, shard size, record shape and dtypes, the data it was encoded from
+  manifest.json             count, shard size, record shape and dtypes, the data it was encoded from (for a
+                            captioned split, a hash of its captions in example order)
   shard_00000-<id>.npy      examples [0, S): a 1-D structured array, one record per example:
                             'moments' float32 [h, w, 2C] (mean | logvar) and 'label' int32
   shard_00000-<id>.json     that shard's count and the spread of its posterior means (for the latent scale)
@@ -18,6 +19,9 @@ complete when its .npy exists, and a killed caching job re-encodes only the shar
 Process p of P encodes shards p, p + P, ... on its own devices and writes them; training then reads, for
 each batch, exactly the records of that batch with ranged reads (`fs.read_ranges`), so host memory holds
 one shard while encoding and one batch while training, whatever the dataset size.
+
+Record i is example i of the train split; a text run's batches carry each record's index (`read_indexed`),
+which `flowar_jax.data.text_batches` maps to that example's caption encodings.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import functools
 import hashlib
 import io
 import json
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -138,11 +142,19 @@ class Manifest:
 
 
 def expected_manifest(config: ml_collections.ConfigDict, vae_stride: int, count: int,
-                      shard_size: int = SHARD_SIZE) -> Manifest:
-  """The manifest of `config`'s train split (`count` examples) encoded by a VAE of stride `vae_stride`."""
+                      shard_size: int = SHARD_SIZE, captions: Sequence[str] | None = None) -> Manifest:
+  """The manifest of `config`'s train split (`count` examples) encoded by a VAE of stride `vae_stride`.
+
+  A captioned split's `captions` (`[count]`, example i's at i) are recorded by their hash: a text run pairs
+  record i with caption i, so a cache encoded from other or reordered captions is re-encoded, not misread.
+  """
   side = config.data.image_size // vae_stride
   described = {"name": config.data.name, "image_size": config.data.image_size,
                "resize_size": source_lib.resize_size(config.data)}
+  if captions is not None:
+    if len(captions) != count:
+      raise ValueError(f"{len(captions)} captions for a latent cache of {count} examples")
+    described["captions_sha256"] = hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest()
   return Manifest(count, shard_size, (side, side, 2 * config.vae.latent_channels), tuple(sorted(described.items())))
 
 
@@ -189,7 +201,13 @@ class LatentCache:
     spreads = [Spread(int(s["count"]), float(s["mean"]), float(s["m2"])) for s in stored]
     return functools.reduce(Spread.merge, spreads)  # in shard order, whoever reads them
 
-  def train_iterator(self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
+  def read_indexed(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """As `read`, plus `'index'`: int64 `[B]`, each record's example index in the split it was encoded from."""
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    return {**self.read(indices), "index": indices}
+
+  def train_iterator(self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
+                     batch_map: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
                      ) -> grain.DatasetIterator:
     """Infinite, shuffled, checkpointable batches `{'moments': [B, h, w, 2C], 'label': [B]}` of process
     `shard_index` of `shard_count`, B = batch_size // shard_count.
@@ -197,6 +215,10 @@ class LatentCache:
     One global permutation per epoch (grain reshuffles each repeat), then this process's strided share cut
     to whole batches: the order of the in-memory cache this one replaces. Only indices go through grain;
     each batch's records are read in one `read` call, so the iterator state is the position alone.
+
+    `batch_map`, when given, receives each batch with its examples' indices added (`read_indexed`) and returns
+    the batch to yield; it runs inside the grain iterator, so the state is still the position alone (text runs
+    add each example's caption encodings this way).
     """
     if batch_size % shard_count:
       raise ValueError(f"batch_size {batch_size} is not divisible by the {shard_count} processes")
@@ -209,7 +231,7 @@ class LatentCache:
                .repeat())
     dataset = (indices.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
                .batch(local_batch, drop_remainder=True)
-               .map(self.read))
+               .map(self.read if batch_map is None else lambda indices: batch_map(self.read_indexed(indices))))
     return iter(dataset)
 
 
@@ -385,7 +407,7 @@ def load_or_encode(vae: AutoencoderKL, config: ml_collections.ConfigDict, workdi
     logging.warning("%s (a single-file cache) is no longer read; the cache is %s. Delete it to free space.",
                     legacy, directory)
   source = data.build_source(config.data, "train")
-  manifest = expected_manifest(config, vae.stride, len(source), shard_size)
+  manifest = expected_manifest(config, vae.stride, len(source), shard_size, getattr(source, "captions", None))
   cache, encoded = build(directory, manifest, functools.partial(LocalEncoder, vae), source, config.data,
                          shard_index=jax.process_index(), shard_count=jax.process_count())
   logging.info("latent cache %s: %d latents of shape %s in %d shards, %d encoded by this process now",
