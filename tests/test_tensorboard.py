@@ -167,3 +167,14 @@ def test_a_tensorboard_that_does_not_import_is_a_warning_not_an_info_line(tmp_pa
       writer.write_scalars(1, {"loss": 0.5})
   assert any(r.levelname == "WARNING" and "TensorBoard logging off" in r.getMessage() for r in caplog.records)
   assert not (tmp_path / "tensorboard").exists() and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_writers_past_the_tenth_in_one_process_are_read_in_order(tmp_path):
+  """Writers opened one after another in one process (a long-lived worker, resumed runs) are read in the order
+  they were opened, past the tenth as well."""
+  logdir = str(tmp_path / "tb")
+  for step in range(1, 13):
+    writer = TensorBoardWriter(logdir)
+    writer.write_scalars(step, {"loss": float(step)})
+    writer.close()
+  assert [e.step for e in _events(logdir).Scalars("loss")] == list(range(1, 13))

@@ -79,7 +79,7 @@ class _EventFiles:
   def __init__(self, logdir: str, flush_secs: float, file_bytes: int):
     self._logdir, self._flush_secs, self._file_bytes = logdir, flush_secs, file_bytes
     self._prefix = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
-                    f"{next(_WRITERS)}")
+                    f"{next(_WRITERS):04d}")  # zero-padded: TensorBoard reads the files in name order
     self._part = 0
     self._open()
 
