@@ -243,8 +243,9 @@ def test_serve_command_line(converted, compilation_cache_dir):
     assert status == 400 and b"at most 4 per request" in text
   finally:
     process.send_signal(2)  # Ctrl-C
-    process.wait(60)
-  assert process.returncode == 0
+    # Read what it prints on the way out: a full pipe would block its exit.
+    output, _ = process.communicate(timeout=60)
+  assert process.returncode == 0, "".join(lines) + output
 
 
 def test_serve_flag_mistakes_are_one_line(converted):
