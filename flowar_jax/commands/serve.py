@@ -7,6 +7,8 @@ behind a single worker thread (`flowar_jax.serving.worker`).
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 
 import ml_collections
 
@@ -56,6 +58,10 @@ def make_server(config: ml_collections.ConfigDict, workdir: str, *, settings: Sa
 def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> None:
   """`make_server`, then serve until interrupted."""
   server = make_server(config, workdir, **kwargs)
+  if threading.current_thread() is threading.main_thread():
+    # A process started in the background by a shell (`serve ... &` in a script) inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt: Ctrl-C (or kill -INT) must stop the server all the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   print(f"serving {workdir} on {server.url}/ (Ctrl-C stops)", flush=True)
   try:
     server.serve_forever()
