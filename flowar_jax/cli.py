@@ -293,7 +293,7 @@ def _run(command: str) -> None:
   if command in ("train", "sample", "evaluate", "edit"):
     from flowar_jax.parallel.distributed import initialize_from_environment
     initialize_from_environment()
-  if command in ("train", "sample", "evaluate", "edit"):
+  if command in ("train", "sample", "evaluate", "edit", "serve"):
     from flowar_jax.host_allocator import keep_large_buffers_on_heap_for_cpu
     keep_large_buffers_on_heap_for_cpu()
   if command == "summary":
