@@ -100,13 +100,11 @@ def with_example_encodings(batch: dict[str, np.ndarray], cache: text_cache.TextC
   return out
 
 
-def example_encodings(config: ml_collections.ConfigDict, encoder: TextEncoder, workdir: str,
-                      shard_index: int = 0, shard_count: int = 1
+def example_encodings(config: ml_collections.ConfigDict, cache: text_cache.TextCache
                       ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
   """The `batch_map` that gives a latent cache's train batches (`{'moments', 'label', 'index'}`, record i being
-  train example i) their captions' encodings, as `with_example_encodings`; the train split's text cache is
-  completed first."""
-  cache = load_or_encode(config, encoder, workdir, "train", shard_index, shard_count)
+  train example i) their captions' encodings from the train split's complete text `cache`
+  (`load_or_encode`), as `with_example_encodings`."""
   rows = cache.rows(source_lib.build_source(config.data, "train").captions)
   return functools.partial(with_example_encodings, cache=cache, rows=rows)
 
