@@ -30,7 +30,8 @@ for these methods, all with the same noise (sample i draws from (seed, i)):
 `plain_samples.accuracy` is the class-conditional sampler's accuracy on the same labels and seeds, the target
 for `accuracy_true`; `accuracy_real_readable` is `accuracy_true` over the digits whose real image the
 classifier reads correctly, and `plain_samples.accuracy_real_readable` the plain samples' on the same digits'
-labels. --mask_rule any / most compare the token rules; --default_only measures the default alone (with
+labels. `confidence*` gives the 2nd, 5th and 10th percentiles of the classifier's probability of the
+intended label (`real_confidence`: the real held-out digits'). --mask_rule any / most compare the token rules; --default_only measures the default alone (with
 the blends, which reuse its decodes), for more seeds in less time. after_scale and path_fit are FlowAR's.
 """
 from __future__ import annotations
@@ -86,6 +87,13 @@ def resample_variants(rounds: str, starts: str) -> list[tuple[int, float]]:
   return [(r, t) for r, t in zip(counts, times) if r]
 
 
+def confidence(classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """The low percentiles of the classifier's probability of the intended label: how plainly the least clear
+  images show their digit (a miss is an image whose probability falls below another class's)."""
+  p = classifier.label_probability(images, labels)
+  return {f"p{q:02d}": float(np.percentile(p, q)) for q in (2, 5, 10)}
+
+
 def scores(classifier, masks, originals, true_labels, other, edits_true, edits_other, roundtrip, margin,
            readable) -> dict:
   """The figures of one method on one region (see the module docstring)."""
@@ -93,6 +101,7 @@ def scores(classifier, masks, originals, true_labels, other, edits_true, edits_o
   keep = kept_change(edits_true, originals, masks)
   far = kept_change(edits_true, originals, masks, margin)
   return {"accuracy_true": classifier.metrics(edits_true, true_labels)["digits_accuracy"],
+          "confidence_true": confidence(classifier, edits_true, true_labels),
           "accuracy_real_readable": classifier.metrics(edits_true[readable], true_labels[readable])[
               "digits_accuracy"],
           "success_other": classifier.metrics(edits_other, other)["digits_accuracy"],
@@ -131,13 +140,14 @@ def main() -> None:
   n, num_classes = len(labels), config.model.num_classes
   other = other_labels(labels, num_classes)
   classifier = digit_classifier(size, fraction)
-  readable = classifier._run(originals)[0].argmax(axis=1) == labels  # pylint: disable=protected-access
+  readable = classifier.predict(originals) == labels
   default_feather = EditSettings().feather
   figures = {"workdir": args.workdir, "model": config.model.name, "num_images": n,
              "settings": dataclasses.asdict(settings), "mask_rule": args.mask_rule, "default_feather": default_feather,
              "resample": resample, "seed": args.seed, "device": jax.devices()[0].platform,
              "real_heldout_accuracy": classifier.metrics(originals, labels)["digits_accuracy"],
-             "real_readable": int(readable.sum())}
+             "real_readable": int(readable.sum()),
+             "real_confidence": confidence(classifier, originals, labels)}
 
   start = time.perf_counter()
   sampler = load_image_sampler(config, args.workdir, settings)
@@ -146,7 +156,8 @@ def main() -> None:
   figures["plain_samples"] = {"accuracy": classifier.metrics(fresh_true, labels)["digits_accuracy"],
                               "accuracy_real_readable": classifier.metrics(fresh_true[readable], labels[readable])[
                                   "digits_accuracy"],
-                              "accuracy_other_labels": classifier.metrics(fresh_other, other)["digits_accuracy"]}
+                              "accuracy_other_labels": classifier.metrics(fresh_other, other)["digits_accuracy"],
+                              "confidence": confidence(classifier, fresh_true, labels)}
   # Edits decoded as they are; every blend is then computed from the same decodes on the host.
   base = "path" if flowar else "codes"
   editors = {base: EditSettings(args.mask_rule, "path", feather=None)}

@@ -677,6 +677,21 @@ def test_digits_metric_ranks_real_above_samples_above_noise(evaluated):
   assert real["digits_accuracy"] > 0.9 > 0.3 > max(samples["digits_accuracy"], noise["digits_accuracy"])
 
 
+def test_digit_label_probability_agrees_with_the_classifiers_reads():
+  from flowar_jax.evaluation.digits import digit_classifier, split_images  # pylint: disable=g-import-not-at-top
+  images, labels = split_images("eval", 16, 0.1)
+  classifier = digit_classifier(16, 0.1)
+  reads = classifier.predict(images)
+  own = classifier.label_probability(images, labels)
+  assert own.shape == labels.shape and np.all((own >= 0) & (own <= 1))
+  every = np.stack([classifier.label_probability(images, np.full_like(labels, c)) for c in range(10)], axis=1)
+  np.testing.assert_allclose(every.sum(axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(every.argmax(axis=1), reads)
+  # A digit read as its label has the largest probability there; one misread has at most 1/2.
+  assert np.all(own[reads == labels] >= every.max(axis=1)[reads == labels])
+  assert np.all(own[reads != labels] <= 0.5)
+
+
 def test_evaluate_checks_weights_before_sampling(trained, tmp_path, monkeypatch):
   _, workdir, _ = trained
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

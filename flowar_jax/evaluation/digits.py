@@ -128,6 +128,14 @@ class DigitClassifier:
     """uint8 images `[N, S, S, C]` -> the digit each shows, int64 `[N]`."""
     return self._run(images)[0].argmax(axis=1)
 
+  def label_probability(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """uint8 images `[N, S, S, C]` and labels `[N]` -> the classifier's softmax probability of each label,
+    float64 `[N]`: how plainly each image shows its digit."""
+    logits = self._run(images)[0].astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return probabilities[np.arange(len(probabilities)), np.asarray(labels)]
+
   def metrics(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """uint8 images `[N, S, S, C]` (N >= 2) and their intended labels `[N]` -> accuracy and FD."""
     labels = np.asarray(labels)
