@@ -31,8 +31,9 @@ for these methods, all with the same noise (sample i draws from (seed, i)):
 for `accuracy_true`; `accuracy_real_readable` is `accuracy_true` over the digits whose real image the
 classifier reads correctly, and `plain_samples.accuracy_real_readable` the plain samples' on the same digits'
 labels. `confidence*` gives the 2nd, 5th and 10th percentiles of the classifier's probability of the
-intended label (`real_confidence`: the real held-out digits'). --mask_rule any / most compare the token rules; --default_only measures the default alone (with
-the blends, which reuse its decodes), for more seeds in less time. after_scale and path_fit are FlowAR's.
+intended label (`real_confidence`: the real held-out digits'). --mask_rule any / most compare the token
+rules; --default_only measures the default alone (with the blends, which reuse its decodes), for more seeds
+in less time. after_scale and path_fit are FlowAR's.
 """
 from __future__ import annotations
 

@@ -132,9 +132,8 @@ class DigitClassifier:
     """uint8 images `[N, S, S, C]` and labels `[N]` -> the classifier's softmax probability of each label,
     float64 `[N]`: how plainly each image shows its digit."""
     logits = self._run(images)[0].astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    return probabilities[np.arange(len(probabilities)), np.asarray(labels)]
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return weights[np.arange(len(weights)), np.asarray(labels)] / weights.sum(axis=1)
 
   def metrics(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """uint8 images `[N, S, S, C]` (N >= 2) and their intended labels `[N]` -> accuracy and FD."""
