@@ -1,6 +1,7 @@
 """Zero-shot editing measured on the held-out real digits (docs/editing.md has the figures).
 
-  python benchmarks/edit_digits.py --workdir runs/digits [--num_steps 25] [--cfg 3] [--seed 0] [--json FILE]
+  python benchmarks/edit_digits.py --workdir runs/digits [--num_steps 25] [--cfg 3] [--guidance 0.9]
+                                   [--solver euler] [--seed 0] [--json FILE]
                                    [--mask_rule hybrid] [--fit_steps 0] [--default_only]
                                    [--resample R[,R2,...] --resample_from T[,T2,...]]
   python benchmarks/edit_digits.py --workdir runs/var_digits [--cfg 3] [--top_k 0] [--seed 0]   # a VAR run
@@ -117,6 +118,8 @@ def main() -> None:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--num_steps", type=int)
   parser.add_argument("--cfg", type=float)
+  parser.add_argument("--guidance", type=float, help="FlowAR runs only: CFG applies where t <= this")
+  parser.add_argument("--solver", choices=("euler", "heun"), help="FlowAR runs only")
   parser.add_argument("--top_k", type=int, help="VAR runs only")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--mask_rule", choices=("hybrid", "any", "most"), default="hybrid")
@@ -132,7 +135,11 @@ def main() -> None:
   resample = resample_variants(args.resample, args.resample_from)
 
   config = stored_config(args.workdir)
-  settings = settings_from(config, num_steps=args.num_steps, cfg=args.cfg, top_k=args.top_k)
+  try:
+    settings = settings_from(config, num_steps=args.num_steps, cfg=args.cfg, top_k=args.top_k,
+                             guidance=args.guidance, solver=args.solver)
+  except ValueError as error:  # a flag the run's head has no use for
+    raise SystemExit(str(error)) from None
   flowar = config.model.name == "flowar"
   if not flowar and (args.fit_steps or resample):
     raise SystemExit("--fit_steps and --resample act on the flow head's continuous latents: FlowAR runs only")
