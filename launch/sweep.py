@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
       runner.run_commands(runs, config_path)
     else:
       runner.run_local(runs, config_path, parallel=args.parallel, env=POINT_ENV)
-  print(runner.write_summary(args.workdir, runner.summarize(runs)))
+  print(runner.write_summary(args.workdir, runner.summarize(runs), readable=all(run.readable for run in runs)))
   return 1 if any(run.status.startswith(("failed", "launch failed")) for run in runs) else 0
 
 

@@ -114,9 +114,26 @@ def test_invalid_value_fails_before_anything_runs(tmp_path):
   assert not (tmp_path / "runs").exists()
 
 
-def test_dry_run_prints_local_and_pod_commands(tmp_path, capsys):
+def _offline_gcs(monkeypatch) -> list[str]:
+  """Makes every gs:// probe answer 'unreadable from here', as gcsfs does offline after half a minute of
+  retries; -> the gs:// paths probed."""
+  probed = []
+  real_exists = runner._exists
+
+  def exists(path):
+    if str(path).startswith("gs://"):
+      probed.append(str(path))
+      return None
+    return real_exists(path)
+
+  monkeypatch.setattr(runner, "_exists", exists)
+  return probed
+
+
+def test_dry_run_prints_local_and_pod_commands(tmp_path, capsys, monkeypatch):
   sweep = os.path.join(ROOT, "configs", "sweeps", "digits_lr.py")
   main = _sweep_cli()
+  probed = _offline_gcs(monkeypatch)
   assert main([sweep, "--workdir", str(tmp_path / "local"), "--dry_run", "--set", "num_train_steps=10"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].startswith("6 points of")
@@ -127,11 +144,36 @@ def test_dry_run_prints_local_and_pod_commands(tmp_path, capsys):
                "--pod_args=--zone us-west4-a"]) == 0
   pod_lines = capsys.readouterr().out.splitlines()[1:]
   assert len(pod_lines) == 6
+  assert all(line.strip().startswith(f"[{runner.UNREADABLE}]") for line in pod_lines)
+  assert probed == ["gs://bucket/lr/00_base_lr=0.002_width=64/report.json"]  # the first point only
   config = runner.resolve_config(load_sweep(sweep), sweep)
   assert pod_lines[5].split("] ", 1)[1] == (
       f"launch/tpu_pod.sh --name v5e-64 --zone us-west4-a {config} gs://bucket/lr/05_base_lr=0.008_width=128 -- "
       "--config.sample_every_steps=0 --config.optimizer.base_lr=0.008 --config.model.width=128")
   assert not (tmp_path / "local").exists()
+
+
+def test_a_pod_sweep_into_an_unreadable_bucket_launches_every_point_after_one_probe(tmp_path, capfd,
+                                                                                     monkeypatch):
+  """Where this machine cannot read the bucket, the points are launched anyway (training skips finished work
+  itself), without a probe per point or file, and the summary says it was not written."""
+  launcher = tmp_path / "launcher.sh"
+  launcher.write_text('#!/bin/sh\necho "launching $*"\n')
+  launcher.chmod(0o755)
+  monkeypatch.setattr(runner, "POD_LAUNCHER", str(launcher))
+  probed = _offline_gcs(monkeypatch)
+  sweep = _write_sweep(tmp_path, """
+      from flowar_jax.sweeps import Sweep
+      def get_sweep():
+        return Sweep(config="configs/digits.py", points=[{"seed": 0}, {"seed": 1}])
+  """)
+  assert _sweep_cli()([sweep, "--workdir", "gs://bucket/seeds", "--pod", "v5e-8"]) == 0
+  out = capfd.readouterr().out  # the launcher's output included
+  assert probed == ["gs://bucket/seeds/00_seed=0/report.json"]
+  assert out.count("launching anyway") == 2
+  assert "launching --name v5e-8 " in out and out.count("gs://bucket/seeds/01_seed=1 -- --config.seed=1") == 2
+  assert out.count("| launched |") == 2
+  assert "(not written to gs://bucket/seeds: its file system is unreadable from here)" in out
 
 
 def test_a_workdir_of_other_settings_is_refused(tmp_path):

@@ -40,6 +40,7 @@ class PointRun:
   workdir: str
   command: list[str]
   status: str = "pending"
+  readable: bool = True  # whether this machine can read the workdir's file system
 
 
 def resolve_config(sweep: Sweep, sweep_file: str) -> str:
@@ -80,7 +81,7 @@ def check_records(runs: Sequence[PointRun]) -> None:
   """Refuses to reuse a point's workdir that an earlier sweep with other settings wrote."""
   for run in runs:
     record = epath.Path(run.workdir) / POINT_FILE
-    if _exists(record):
+    if run.readable and _exists(record):
       stored = json.loads(record.read_text())
       if stored.get("overrides") != _jsonable(run.point.overrides):
         raise ValueError(f"{run.workdir} holds sweep point {stored.get('name')!r} with overrides "
@@ -111,8 +112,12 @@ def plan(points: Sequence[Point], root: str, config_path: str, pod: str | None =
     command = (pod_command(pod, pod_args, config_path, workdir, point.overrides) if pod
                else train_command(config_path, workdir, point.overrides))
     runs.append(PointRun(point, workdir, command))
+  # The points share ROOT's file system: once it proves unreadable from here (gs:// offline or without gcsfs,
+  # where each probe can spend half a minute in retries), the others are not probed.
+  readable = True
   for run in runs:
-    done = _exists(epath.Path(run.workdir) / REPORT_FILE)
+    done = _exists(epath.Path(run.workdir) / REPORT_FILE) if readable else None
+    readable = run.readable = done is not None
     run.status = UNREADABLE if done is None else "done (earlier)" if done else "pending"
   return runs
 
@@ -120,6 +125,10 @@ def plan(points: Sequence[Point], root: str, config_path: str, pod: str | None =
 def _start(run: PointRun, config_path: str) -> None:
   """Records what the point is in its workdir (best effort where this machine cannot write there)."""
   workdir = epath.Path(run.workdir)
+  if not run.readable:
+    print(f"cannot write {workdir / POINT_FILE} from here (its file system is unreadable); launching anyway",
+          flush=True)
+    return
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except (ImportError, OSError) as error:
@@ -203,10 +212,11 @@ def summarize(runs: Sequence[PointRun]) -> list[dict[str, Any]]:
   rows = []
   for run in runs:
     status = run.status
-    if status == "pending" and _exists(epath.Path(run.workdir) / "checkpoints"):
+    if status == "pending" and run.readable and _exists(epath.Path(run.workdir) / "checkpoints"):
       status = "incomplete"
     values = ", ".join(f"{k}={v}" for k, v in run.point.values.items())
-    rows.append({"point": run.point.name, "overrides": values, "status": status, **_final_metrics(run.workdir)})
+    metrics = _final_metrics(run.workdir) if run.readable else {}
+    rows.append({"point": run.point.name, "overrides": values, "status": status, **metrics})
   return rows
 
 
@@ -225,9 +235,12 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def write_summary(root: str, rows: Sequence[Mapping[str, Any]]) -> str:
-  """Writes ROOT/summary.md and ROOT/summary.json; returns the table."""
+def write_summary(root: str, rows: Sequence[Mapping[str, Any]], readable: bool = True) -> str:
+  """Writes ROOT/summary.md and ROOT/summary.json; returns the table. Where ROOT is not `readable` from
+  here, it only returns the table, with a line saying so."""
   table = format_table(rows)
+  if not readable:
+    return table + f"\n(not written to {root}: its file system is unreadable from here)"
   directory = epath.Path(root)
   directory.mkdir(parents=True, exist_ok=True)
   (directory / "summary.md").write_text(table + "\n")
