@@ -107,8 +107,7 @@ def main():
   encoder = build_text_encoder(config.text)
   cache = text_batches.load_or_encode(config, encoder, args.workdir, "train")
   null = TextEncoding(*(jnp.asarray(cache.null()[k]) for k in ("text_states", "text_mask", "text_pooled")))
-  train_iter = text_batches.make_text_train_iterator(
-      dict_config(config, batch_size=args.batch_size), encoder, args.workdir)
+  train_iter = text_batches.make_text_train_iterator(dict_config(config, batch_size=args.batch_size), cache)
   batches = [next(train_iter) for _ in range(args.steps)]
   eval_batch = next(text_batches.text_batches(config, encoder, "eval",
                                               data.make_eval_batches(config.data, 256, "eval"), args.workdir))

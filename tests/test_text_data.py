@@ -252,7 +252,8 @@ def test_text_train_iterator_gives_encoded_batches_and_checkpoints(tmp_path):
   config = _text_config()
   encoder = WordEncoder(context_length=12)
   config.text.max_length = 12
-  iterator = text_batches.make_text_train_iterator(config, encoder, str(tmp_path))
+  cache = text_batches.load_or_encode(config, encoder, str(tmp_path))
+  iterator = text_batches.make_text_train_iterator(config, cache)
   assert encoder.encoded == len(set(compositions.CompositionSource("train").captions))
   plain = data.make_train_iterator(config.data, config.batch_size, config.seed)
   state = iterator.get_state()
@@ -266,6 +267,35 @@ def test_text_train_iterator_gives_encoded_batches_and_checkpoints(tmp_path):
   np.testing.assert_array_equal(next(iterator)["text_states"], batch["text_states"])
   with pytest.raises(ValueError, match="need a captioned dataset"):
     text_batches.load_or_encode(_text_config("digits"), encoder, str(tmp_path))
+
+
+def test_a_text_runs_batches_list_the_train_split_once_with_cached_latents(tmp_path, monkeypatch):
+  """generator_stage.text_train_iterator: the text cache, the latent cache and the caption rows all use one
+  listing of the train split (a large dataset is slow to list); without cached latents the image pipeline
+  lists it a second time, for its images."""
+  from conftest import tiny_text_config  # pylint: disable=g-import-not-at-top
+  from flowar_jax.models.registry import build_vae  # pylint: disable=g-import-not-at-top
+  from flowar_jax.training import generator_stage  # pylint: disable=g-import-not-at-top
+  built = []
+
+  def build_source(data_config, split):
+    built.append(split)
+    return compositions.CompositionSource(split, num_examples=24)
+
+  monkeypatch.setattr(data, "build_source", build_source)
+  monkeypatch.setattr(data.source, "build_source", build_source)
+  config = tiny_text_config()
+  config.batch_size = 8
+  iterator, null = generator_stage.text_train_iterator(config, build_vae(config), str(tmp_path / "cached"))
+  batch = next(iterator)
+  assert built == ["train"]
+  assert sorted(batch) == ["label", "moments", "text_mask", "text_pooled", "text_states"]
+  assert batch["text_states"].shape == (8, *null.states.shape[1:])
+  built.clear()
+  config.data.cache_latents = False
+  iterator, _ = generator_stage.text_train_iterator(config, build_vae(config), str(tmp_path / "images"))
+  assert sorted(next(iterator)) == ["image", "label", "text_mask", "text_pooled", "text_states"]
+  assert built == ["train", "train"]
 
 
 # ----------------------------------------------------------------------------- text batches of cached latents

@@ -16,7 +16,7 @@ is the training step's business, not the data's.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import grain
 import ml_collections
@@ -58,8 +58,10 @@ def _origins(source: source_lib.ImageSource) -> Callable[[str], str] | None:
 
 
 def load_or_encode(config: ml_collections.ConfigDict, encoder: TextEncoder, workdir: str, split: str = "train",
-                   shard_index: int = 0, shard_count: int = 1) -> text_cache.TextCache:
+                   shard_index: int = 0, shard_count: int = 1, source: source_lib.ImageSource | None = None
+                   ) -> text_cache.TextCache:
   """The text cache of `split`'s captions in WORKDIR, encoding whatever it lacks (split over the processes).
+  `source`: the split's source where the caller has built it already (listing a large dataset is not free).
 
   Raises:
     ValueError when config.data names a dataset without captions, when the cache there was built with another
@@ -68,7 +70,8 @@ def load_or_encode(config: ml_collections.ConfigDict, encoder: TextEncoder, work
   if config.data.name not in source_lib.TEXT_DATASET_NAMES:
     raise ValueError(f"text batches need a captioned dataset (config.data.name in "
                      f"{source_lib.TEXT_DATASET_NAMES}), got {config.data.name!r}")
-  source = source_lib.build_source(config.data, split)
+  if source is None:
+    source = source_lib.build_source(config.data, split)
   cache, _ = text_cache.build(cache_dir(workdir, split), encoder, encoder_identity(config.text), source.captions,
                               origins=_origins(source), shard_index=shard_index, shard_count=shard_count)
   return cache
@@ -100,13 +103,12 @@ def with_example_encodings(batch: dict[str, np.ndarray], cache: text_cache.TextC
   return out
 
 
-def example_encodings(config: ml_collections.ConfigDict, cache: text_cache.TextCache
+def example_encodings(cache: text_cache.TextCache, captions: Sequence[str]
                       ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
   """The `batch_map` that gives a latent cache's train batches (`{'moments', 'label', 'index'}`, record i being
   train example i) their captions' encodings from the train split's complete text `cache`
-  (`load_or_encode`), as `with_example_encodings`."""
-  rows = cache.rows(source_lib.build_source(config.data, "train").captions)
-  return functools.partial(with_example_encodings, cache=cache, rows=rows)
+  (`load_or_encode`), as `with_example_encodings`. `captions`: the train split's, example i's at i."""
+  return functools.partial(with_example_encodings, cache=cache, rows=cache.rows(captions))
 
 
 def text_batches(config: ml_collections.ConfigDict, encoder: TextEncoder, split: str,
@@ -117,10 +119,10 @@ def text_batches(config: ml_collections.ConfigDict, encoder: TextEncoder, split:
   return (with_encodings(batch, cache) for batch in examples)
 
 
-def make_text_train_iterator(config: ml_collections.ConfigDict, encoder: TextEncoder, workdir: str,
+def make_text_train_iterator(config: ml_collections.ConfigDict, cache: text_cache.TextCache,
                              shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
   """Infinite, shuffled, checkpointable text training batches of process `shard_index` of `shard_count`
-  (`data.make_train_iterator`'s order and augmentation, B = config.batch_size // shard_count)."""
-  cache = load_or_encode(config, encoder, workdir, "train", shard_index, shard_count)
+  (`data.make_train_iterator`'s order and augmentation, B = config.batch_size // shard_count), their captions
+  encoded from the train split's complete text `cache` (`load_or_encode`)."""
   return pipeline.make_train_iterator(config.data, config.batch_size, config.seed, shard_index=shard_index,
                                       shard_count=shard_count, batch_map=functools.partial(with_encodings, cache=cache))

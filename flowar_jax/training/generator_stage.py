@@ -106,14 +106,15 @@ def text_train_iterator(config: ml_collections.ConfigDict, vae: AutoencoderKL, w
   from flowar_jax.text.registry import build_text_encoder  # pylint: disable=g-import-not-at-top
   encoder = build_text_encoder(config.text)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  texts = text_batches.load_or_encode(config, encoder, workdir, "train", **shard)
+  source = data.build_source(config.data, "train")  # once: its captions serve both caches
+  texts = text_batches.load_or_encode(config, encoder, workdir, "train", source=source, **shard)
   null = texts.null()
   if config.data.cache_latents:
-    latents = latent_cache.load_or_encode(vae, config, workdir)
+    latents = latent_cache.load_or_encode(vae, config, workdir, source=source)
     iterator = latents.train_iterator(config.batch_size, config.seed,
-                                      batch_map=text_batches.example_encodings(config, texts), **shard)
+                                      batch_map=text_batches.example_encodings(texts, source.captions), **shard)
   else:
-    iterator = text_batches.make_text_train_iterator(config, encoder, workdir, **shard)
+    iterator = text_batches.make_text_train_iterator(config, texts, **shard)
   return iterator, TextEncoding(*(jnp.asarray(null[k]) for k in ("text_states", "text_mask", "text_pooled")))
 
 

@@ -398,15 +398,17 @@ def build(directory: str, manifest: Manifest, make_encoder: Callable[[], LocalEn
 
 
 def load_or_encode(vae: AutoencoderKL, config: ml_collections.ConfigDict, workdir: str,
-                   shard_size: int = SHARD_SIZE) -> LatentCache:
+                   shard_size: int = SHARD_SIZE, source: data.ImageSource | None = None) -> LatentCache:
   """The latent cache of WORKDIR, encoding (split over the processes) whatever shards it lacks; a cache of
-  another latent shape or dataset is re-encoded with a warning."""
+  another latent shape or dataset is re-encoded with a warning. `source`: the train split's source where the
+  caller has built it already."""
   directory = cache_dir(workdir)
   legacy = fs.join(workdir, "latent_cache.npz")
   if fs.exists(legacy):
     logging.warning("%s (a single-file cache) is no longer read; the cache is %s. Delete it to free space.",
                     legacy, directory)
-  source = data.build_source(config.data, "train")
+  if source is None:
+    source = data.build_source(config.data, "train")
   manifest = expected_manifest(config, vae.stride, len(source), shard_size, getattr(source, "captions", None))
   cache, encoded = build(directory, manifest, functools.partial(LocalEncoder, vae), source, config.data,
                          shard_index=jax.process_index(), shard_count=jax.process_count())
