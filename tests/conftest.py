@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -132,12 +133,30 @@ def tiny_text_config():
   return c
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """The directory NAME that `build(directory)` fills once per test session: under pytest-xdist the first
+  worker to ask builds it while the others wait, then all read it (a session fixture is otherwise built once
+  per worker)."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    directory = str(tmp_path_factory.mktemp(name))
+    build(directory)
+    return directory
+  root = tmp_path_factory.getbasetemp().parent  # the workers' base directories sit side by side in it
+  directory, done = root / name, root / f"{name}.done"
+  with filelock.FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(directory, ignore_errors=True)  # what a failed build left
+      build(str(directory))
+      done.touch()
+  return str(directory)
+
+
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory):
   """`tiny_text_config()` trained end to end by `train` (VAE, latent and text caches, FlowAR, samples from
   captions), once per session. Returns (config, workdir); tests must not modify the workdir."""
   from flowar_jax.commands import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("text_run"))
   config = tiny_text_config()
-  train.run(config, workdir)
+  workdir = built_once(tmp_path_factory, "text_run", lambda directory: train.run(config, directory))
   return config, workdir
