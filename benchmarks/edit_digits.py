@@ -55,6 +55,7 @@ from flowar_jax.runs.stored_config import stored_config  # noqa: E402
 from flowar_jax.sampling.generate import load_image_sampler, settings_from  # noqa: E402
 from flowar_jax.evaluation.digits import digit_classifier, split_images  # noqa: E402
 from flowar_jax.evaluation.edit_metrics import kept_change, seam_energy  # noqa: E402
+from flowar_jax.models.time_grid import SOLVERS  # noqa: E402
 from flowar_jax.sampling.editing import EditSettings, blend  # noqa: E402
 
 
@@ -119,7 +120,7 @@ def main() -> None:
   parser.add_argument("--num_steps", type=int)
   parser.add_argument("--cfg", type=float)
   parser.add_argument("--guidance", type=float, help="FlowAR runs only: CFG applies where t <= this")
-  parser.add_argument("--solver", choices=("euler", "heun"), help="FlowAR runs only")
+  parser.add_argument("--solver", choices=SOLVERS, help="FlowAR runs only")
   parser.add_argument("--top_k", type=int, help="VAR runs only")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--mask_rule", choices=("hybrid", "any", "most"), default="hybrid")

@@ -26,6 +26,7 @@ from benchmarks.timing import report  # noqa: E402
 from flowar_jax.config import validate_config  # noqa: E402
 from flowar_jax.models.flops import sampling_flops_per_image  # noqa: E402
 from flowar_jax.models.registry import build_model  # noqa: E402
+from flowar_jax.models.time_grid import SOLVERS  # noqa: E402
 from flowar_jax.sampling.sampler import Sampler, SamplingSettings  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--num_steps", type=int, default=25)
   parser.add_argument("--cfg", type=float, default=4.0)
   parser.add_argument("--guidance", type=float, default=0.9)
-  parser.add_argument("--solver", choices=("euler", "heun"), default="euler")
+  parser.add_argument("--solver", choices=SOLVERS, default="euler")
   parser.add_argument("--scale_steps", default="", help="ODE steps per scale, coarsest first (e.g. 4,4,8,8,16)")
   parser.add_argument("--latent_channels", type=int, default=16)
 

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from flowar_jax.commands.flag_errors import USAGE_EXIT_CODE, parse_flags
 from flowar_jax.commands.help_text import Command, closest, command_help, command_list
+from flowar_jax.models.time_grid import SOLVERS
 from flowar_jax.runs.fs import use_storage_emulator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/digits.py (a preset) or "
@@ -34,7 +35,7 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "FlowAR: ODE steps per scal
                                  "config.model.residual.num_steps)")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "guidance applies where t <= this (default: "
                                "config.sampling.guidance)")
-_SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: config.sampling.solver)")
+_SOLVER = flags.DEFINE_enum("solver", None, list(SOLVERS), "ODE solver (default: config.sampling.solver)")
 _SCALE_STEPS = flags.DEFINE_list("scale_steps", None, "ODE steps at each scale, coarsest first, in place of "
                                   "--num_steps (default: config.sampling.scale_steps)")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from flowar_jax.models.time_grid import SOLVERS
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
@@ -200,7 +202,7 @@ _CHOICES = {
 }
 _FLOWAR_CHOICES = {
     "model.head.variant": ("v1", "v2"),
-    "sampling.solver": ("euler", "heun"),
+    "sampling.solver": SOLVERS,
 }
 _EVAL_METRICS = ("fid", "sfid", "is", "precision", "recall", "digits", "alignment")  # alignment: text runs
 

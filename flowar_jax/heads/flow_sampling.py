@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from flowar_jax import precision
-from flowar_jax.models.time_grid import time_grid
+from flowar_jax.models.time_grid import SOLVERS, time_grid
 
 # (x [B,N,C], t [B], z) -> [B,N,C]; z is the condition: an array [B,N,D] or a pytree of them (e.g. the
 # head's `conditioning`, computed once per scale).
@@ -48,8 +48,8 @@ class SamplingSettings:
     object.__setattr__(self, "scale_steps", tuple(self.scale_steps))  # a list from a config or a flag
     if not all(isinstance(n, (int, np.integer)) and n >= 1 for n in self.scale_steps):
       raise ValueError(f"scale_steps must be positive whole step counts, one per scale, got {self.scale_steps}")
-    if self.solver not in ("euler", "heun"):
-      raise ValueError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
+    if self.solver not in SOLVERS:
+      raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
     if self.compute_dtype not in precision.COMPUTE_DTYPES:
       raise ValueError(f"compute_dtype must be one of {sorted(precision.COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
 
@@ -103,8 +103,8 @@ def integrate(head: Velocity, noise: jax.Array, z_cond: Any, z_uncond: Any | Non
   Guidance (needs z_uncond) applies on steps whose start time is <= `guidance`. Heun uses a second
   evaluation at t_next, except on a step that ends at t = 0 (Euler there, as usual for flow samplers).
   """
-  if solver not in ("euler", "heun"):
-    raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+  if solver not in SOLVERS:
+    raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
   steps = []
   for t_cur, t_next in zip(grid[:-1], grid[1:]):
     guided = z_uncond is not None and t_cur <= guidance

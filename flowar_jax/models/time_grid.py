@@ -1,7 +1,10 @@
-"""The ODE time grid of the official sampler (t = 1 is noise, t = 0 is data)."""
+"""The ODE time grid of the official sampler (t = 1 is noise, t = 0 is data), and the solvers that step along it."""
 from __future__ import annotations
 
 import numpy as np
+
+# Kept beside the grid, free of jax, so that the CLI and the config schema name them without importing the sampler.
+SOLVERS = ("euler", "heun")
 
 
 def time_grid(num_steps: int) -> np.ndarray:
